@@ -1,0 +1,140 @@
+"""The `adapt` command line: one typer application for both stages.
+
+A user mistake (:class:`extract.errors.UserError`) prints one line on stderr and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from extract.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Multi-modal domain adaptation for fine-grained action recognition on cached features.")
+_WIDTH = None if sys.stdout.isatty() else 160
+console = Console(width=_WIDTH)
+err_console = Console(stderr=True, width=_WIDTH)
+
+
+def command(*args, **kwargs):
+    """``app.command`` that turns a UserError into one line on stderr and exit code 2."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*a, **kw):
+            try:
+                return fn(*a, **kw)
+            except UserError as e:
+                err_console.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
+                raise typer.Exit(e.exit_code) from None
+        return app.command(*args, **kwargs)(inner)
+    return wrap
+
+
+# ------------------------------------------------------------------------------------------------------------
+# manifests
+
+
+@command("convert-manifests")
+def convert_manifests(
+    src: Path = typer.Argument(Path("../shared/data/manifests"), help="Folder with mmsada/, epic100/, epic55/."),
+    out: Path = typer.Option(None, help="Output folder (default: the project's manifests/)."),
+):
+    """Convert the original MM-SADA and EPIC-100 UDA pickles into the project's CSV manifests and registry."""
+    from extract import manifests as M
+    registry = M.convert_originals(src, out or M.MANIFEST_DIR)
+    n = sum(1 for e in registry["splits"].values() if e["dataset"] != "demo")
+    console.print(f"wrote {n} split manifests and registry.json to {out or M.MANIFEST_DIR}")
+
+
+@command("manifests")
+def manifests_cmd(
+    path: Optional[Path] = typer.Argument(None, help="A manifest file (CSV or EPIC pickle) to validate."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    verb_classes: Optional[int] = typer.Option(None, help="Class-space size to check verb_class against."),
+    noun_classes: Optional[int] = typer.Option(None, help="Class-space size to check noun_class against."),
+):
+    """List the known splits, or validate a manifest file and summarise it."""
+    from extract import manifests as M
+    rows = []
+    if path is not None:
+        split = M.resolve_split(path)
+        if verb_classes is not None:
+            split.verb_classes = verb_classes
+        if noun_classes is not None:
+            split.noun_classes = noun_classes
+        rows.append(M.summarise(split))
+    else:
+        registry = M.load_registry()
+        for name, entry in registry["splits"].items():
+            split = M.resolve_split(name)
+            if entry["dataset"] == "demo" and not split.path.is_file():
+                rows.append({"name": name, "dataset": "demo", "domain": entry["domain"], "clips": None,
+                             "videos": None, "labelled": True, "verb_classes": None, "noun_classes": 0,
+                             "classes_present": None, "file": str(split.path) + " (run `adapt demo-data`)"})
+                continue
+            rows.append(M.summarise(split))
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    table = Table(title="splits" if path is None else str(path))
+    for col in ("name", "dataset", "domain", "clips", "videos", "labelled", "verb_classes", "noun_classes"):
+        table.add_column(col, justify="right" if col in ("clips", "videos") else "left")
+    for r in rows:
+        table.add_row(*["-" if r[c] is None else str(r[c]) for c in
+                        ("name", "dataset", "domain", "clips", "videos", "labelled", "verb_classes", "noun_classes")])
+    console.print(table)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# stores
+
+
+@command("inspect")
+def inspect_cmd(
+    store: Path = typer.Argument(..., help="A feature store (.zarr folder)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """Print what a feature store holds: modalities, shapes, clips done / failed, attributes."""
+    from extract.store import FeatureStore
+    st = FeatureStore.open(store)
+    info = st.info()
+    summary = {
+        "path": str(store), "clips": info.clips, "done": info.done, "failed": info.failed,
+        "pending": info.clips - info.done - info.failed,
+        "arrays": {m: {"shape": list(st.array(m).shape), "dtype": str(st.array(m).dtype),
+                       "dims": list(st.array(m).metadata.dimension_names or []),
+                       "chunks": list(st.array(m).chunks)} for m in st.modalities},
+        "attrs": {k: v for k, v in st.attrs.items() if k != "failed"},
+        "failed_clips": st.failed(),
+    }
+    if as_json:
+        print(json.dumps(summary, indent=1))
+        return
+    console.print(f"[bold]{store}[/bold]: {info.clips} clips, {info.done} done, {info.failed} failed, "
+                  f"{summary['pending']} pending")
+    table = Table("modality", "shape", "dims", "chunks", "dtype")
+    for m, a in summary["arrays"].items():
+        table.add_row(m, str(tuple(a["shape"])), ",".join(a["dims"]), str(tuple(a["chunks"])), a["dtype"])
+    console.print(table)
+    attrs = Table("attribute", "value")
+    for k, v in summary["attrs"].items():
+        attrs.add_row(k, json.dumps(v) if not isinstance(v, str) else v)
+    console.print(attrs)
+    for clip, reason in list(summary["failed_clips"].items())[:20]:
+        console.print(f"  failed {clip}: {reason}")
+
+
+def main():  # pragma: no cover - console entry for `python cli.py`
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""The feature store: the one contract between extraction and adaptation.
+
+A store is a Zarr v3 group, by default ``features/<backbone>/<split>.zarr``, holding (README, "Feature store"):
+
+* one float16 array per modality, ``rgb`` / ``flow`` / ``audio``, with dimension names
+  ``(clip, window, channel, height, width)`` for spatial maps or ``(clip, window, channel)`` for vectors;
+* per-clip arrays: ``id``, ``video_id`` (str), ``verb_class``, ``noun_class`` (int32, -1 unknown),
+  ``start_frame``, ``stop_frame`` (int64), ``done`` (bool) and ``error`` (str, empty unless the clip failed);
+* group attributes: schema version, backbone, modalities with their per-window shapes, checkpoint sha256 per
+  modality, sampling and preprocessing settings, manifest name and sha256, class counts, package version.
+
+Every array is chunked along ``clip`` with the same ``chunk_clips``, so a chunk index names the same clips in
+every array.  Writers may fill rows in any order and from several processes at once: each write takes an
+exclusive byte-range lock (``fcntl.lockf``) for each chunk it touches, writes the features, and only then sets
+``done``.  Chunk files are replaced atomically by Zarr's local store, so a writer killed at any moment leaves
+every chunk either old or new, and the ``done`` mask says exactly which clips hold features.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from extract.errors import UserError
+
+SCHEMA_VERSION = 1
+MODALITIES = ("rgb", "flow", "audio")
+CLIP_ARRAYS = {
+    "id": str, "video_id": str, "verb_class": "int32", "noun_class": "int32",
+    "start_frame": "int64", "stop_frame": "int64", "done": "bool", "error": str,
+}
+DEFAULT_CHUNK_BYTES = 8 << 20  # aim for ~8 MiB (uncompressed) chunks of the feature arrays
+LOCK_FILE = "done/write.lock"  # inside an array folder, where Zarr's group listing does not look
+
+
+def default_codec():
+    """Blosc-LZ4 with byte shuffle: measured in bench/bench_store.py as the best read speed for float16 maps."""
+    return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("adapt-epic")
+    except Exception:  # noqa: BLE001 - running from a checkout without installing
+        return "0+unknown"
+
+
+def chunk_clips_for(window_shapes: dict[str, tuple[int, ...]], target_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Clips per chunk so that the largest modality's chunk is about ``target_bytes`` of float16."""
+    per_clip = max(int(np.prod(s)) * 2 for s in window_shapes.values())
+    return int(max(1, min(1024, target_bytes // per_clip)))
+
+
+@dataclass
+class StoreInfo:
+    path: Path
+    attrs: dict
+    clips: int
+    done: int
+    failed: int
+
+
+class FeatureStore:
+    """A feature store opened for reading (``mode='r'``) or writing (``mode='r+'``); see the module docstring."""
+
+    def __init__(self, path: str | Path, group: zarr.Group, mode: str):
+        self.path = Path(path)
+        self.group = group
+        self.mode = mode
+        self.attrs = dict(group.attrs)
+        self.modalities: list[str] = list(self.attrs["modalities"])
+        self.num_clips = int(self.attrs["num_clips"])
+        self.chunk_clips = int(self.attrs["chunk_clips"])
+
+    # ------------------------------------------------------------------------------------------------------
+    # creation and opening
+
+    @classmethod
+    def create(cls, path: str | Path, manifest, window_shapes: dict[str, tuple[int, ...]], attrs: dict,
+               chunk_clips: int | None = None, overwrite: bool = False) -> "FeatureStore":
+        """Create an empty store for the clips of ``manifest`` (a normalised manifest DataFrame).
+
+        ``window_shapes`` maps each modality to the shape of one window's features, e.g.
+        ``{"rgb": (5, 1024, 7, 7)}`` (windows first).  ``attrs`` must hold ``backbone``, ``manifest_sha256`` and
+        may hold anything else that describes how the features are made.
+        """
+        path = Path(path)
+        for m in window_shapes:
+            if m not in MODALITIES:
+                raise UserError(f"{path}: unknown modality {m!r} (one of {', '.join(MODALITIES)})")
+        if path.exists() and not overwrite:
+            raise UserError(f"{path}: already exists (open it to resume, or pass overwrite)")
+        n = len(manifest)
+        chunk = chunk_clips or chunk_clips_for(window_shapes)
+        chunk = max(1, min(chunk, max(n, 1)))
+        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        codec = default_codec()
+        for m, shape in window_shapes.items():
+            dims = ["clip", "window", "channel", "height", "width"][: 1 + len(shape)]
+            group.create_array(m, shape=(n, *shape), chunks=(chunk, *shape), dtype="float16", fill_value=0,
+                               compressors=codec, dimension_names=dims)
+        for name, dtype in CLIP_ARRAYS.items():
+            fill = "" if dtype is str else (False if dtype == "bool" else 0)
+            group.create_array(name, shape=(n,), chunks=(chunk,), dtype=dtype, fill_value=fill,
+                               dimension_names=["clip"])
+        group["id"][:] = manifest["id"].astype(str).to_numpy()
+        group["video_id"][:] = manifest["video_id"].astype(str).to_numpy()
+        for name in ("verb_class", "noun_class", "start_frame", "stop_frame"):
+            group[name][:] = manifest[name].to_numpy()
+        meta = {
+            "schema_version": SCHEMA_VERSION, "num_clips": n, "chunk_clips": chunk,
+            "modalities": list(window_shapes), "window_shapes": {m: list(s) for m, s in window_shapes.items()},
+            "package_version": _package_version(), "failed": {},
+            **attrs,
+        }
+        for key in ("backbone", "manifest_sha256"):
+            if key not in meta:
+                raise ValueError(f"store attrs need {key!r}")
+        group.attrs.update(json.loads(json.dumps(meta)))
+        (path / LOCK_FILE).touch()
+        return cls(path, group, "r+")
+
+    @classmethod
+    def open(cls, path: str | Path, mode: str = "r", require_complete: bool = False) -> "FeatureStore":
+        """Open and validate a store; every check that fails is a one-line :class:`UserError` naming the store."""
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise UserError(f"{path}: not a feature store (no zarr.json); extract one with `adapt extract`")
+        try:
+            group = zarr.open_group(str(path), mode=mode, zarr_format=3)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"{path}: cannot open as a Zarr v3 group ({type(e).__name__}: {e})") from None
+        attrs = dict(group.attrs)
+        version = attrs.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise UserError(f"{path}: schema version {version!r}, this tool reads version {SCHEMA_VERSION}")
+        for key in ("backbone", "modalities", "num_clips", "chunk_clips", "manifest_sha256", "window_shapes"):
+            if key not in attrs:
+                raise UserError(f"{path}: attribute {key!r} missing; the store is not one this tool wrote")
+        n = int(attrs["num_clips"])
+        arrays = set(group.array_keys())
+        for name in (*attrs["modalities"], *CLIP_ARRAYS):
+            if name not in arrays:
+                raise UserError(f"{path}: array {name!r} missing")
+        for m in attrs["modalities"]:
+            arr = group[m]
+            expected = (n, *attrs["window_shapes"][m])
+            if tuple(arr.shape) != expected or arr.dtype != np.float16:
+                raise UserError(f"{path}: array {m!r} is {arr.dtype}{tuple(arr.shape)}, expected float16{expected}")
+        for name in CLIP_ARRAYS:
+            if group[name].shape != (n,):
+                raise UserError(f"{path}: array {name!r} has shape {group[name].shape}, expected ({n},)")
+        store = cls(path, group, mode)
+        if require_complete:
+            store.check_complete()
+        return store
+
+    # ------------------------------------------------------------------------------------------------------
+    # status
+
+    def done_mask(self) -> np.ndarray:
+        return np.asarray(self.group["done"][:], dtype=bool)
+
+    def errors(self) -> np.ndarray:
+        return np.asarray(self.group["error"][:], dtype=object)
+
+    def pending_rows(self) -> np.ndarray:
+        """Rows neither done nor failed: what an extraction still has to do."""
+        return np.flatnonzero(~self.done_mask() & (self.errors() == ""))
+
+    def failed(self) -> dict[str, str]:
+        errors = self.errors()
+        ids = self.group["id"][:]
+        return {str(ids[i]): str(errors[i]) for i in np.flatnonzero(errors != "")}
+
+    def check_complete(self) -> None:
+        """Every clip must be done or recorded as failed, otherwise the extraction did not finish."""
+        pending = self.pending_rows()
+        if len(pending):
+            ids = self.group["id"][pending[:3]]
+            raise UserError(f"{self.path}: {len(pending)} of {self.num_clips} clips not extracted yet "
+                            f"(e.g. {', '.join(map(str, ids))}); re-run `adapt extract` to resume")
+
+    def info(self) -> StoreInfo:
+        done = self.done_mask()
+        return StoreInfo(self.path, self.attrs, self.num_clips, int(done.sum()), int((self.errors() != "").sum()))
+
+    def meta(self, name: str) -> np.ndarray:
+        """A per-clip array (``id``, ``verb_class``, ...) as numpy."""
+        return np.asarray(self.group[name][:])
+
+    # ------------------------------------------------------------------------------------------------------
+    # reading
+
+    def array(self, modality: str) -> zarr.Array:
+        """The lazy Zarr array of a modality (read chunk by chunk)."""
+        if modality not in self.modalities:
+            raise UserError(f"{self.path}: no {modality!r} features (has {', '.join(self.modalities)})")
+        return self.group[modality]
+
+    def load(self, modality: str, rows: np.ndarray | slice | None = None) -> np.ndarray:
+        """Read a modality wholly (or the given rows) into memory as float16 numpy."""
+        arr = self.array(modality)
+        if rows is None:
+            return arr[:]
+        if isinstance(rows, slice):
+            return arr[rows]
+        return arr.oindex[np.asarray(rows)]
+
+    # ------------------------------------------------------------------------------------------------------
+    # writing
+
+    @contextlib.contextmanager
+    def _locked(self, chunk: int):
+        """Exclusive lock on one chunk (a byte of the lock file), shared by every process writing this store."""
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX, 1, chunk)
+            yield
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, chunk)
+            os.close(fd)
+
+    def write(self, rows, features: dict[str, np.ndarray]) -> None:
+        """Write the features of clips ``rows`` (any order) and mark them done.
+
+        ``features[m]`` has shape ``(len(rows), *window_shape)``; every modality of the store must be given.
+        Non-finite values are refused: a clip is written whole and correct, or not at all.
+        """
+        if self.mode == "r":
+            raise UserError(f"{self.path}: opened read-only")
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        missing = [m for m in self.modalities if m not in features]
+        if missing:
+            raise ValueError(f"{self.path}: write needs every modality, missing {missing}")
+        data = {}
+        for m in self.modalities:
+            arr = np.asarray(features[m])
+            want = (len(rows), *self.attrs["window_shapes"][m])
+            if arr.shape != want:
+                raise ValueError(f"{self.path}: {m} features have shape {arr.shape}, expected {want}")
+            arr16 = arr.astype(np.float16)
+            if not np.isfinite(arr16).all():
+                raise ValueError(f"{self.path}: non-finite {m} features for rows {rows.tolist()[:5]}")
+            data[m] = arr16
+        self._write_chunks(rows, lambda sel, r: self._put_features(r, {m: a[sel] for m, a in data.items()}))
+
+    def mark_failed(self, rows, reasons: list[str]) -> None:
+        """Record clips that could not be extracted, with their reasons; they stay not done."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        reasons = np.asarray([r.replace("\n", " ") or "failed" for r in reasons], dtype=object)
+        self._write_chunks(rows, lambda sel, r: self._put_failed(r, reasons[sel]))
+
+    def _write_chunks(self, rows: np.ndarray, put) -> None:
+        if len(rows) == 0:
+            return
+        if rows.min() < 0 or rows.max() >= self.num_clips:
+            raise IndexError(f"{self.path}: rows out of range 0..{self.num_clips - 1}")
+        chunks = rows // self.chunk_clips
+        for c in np.unique(chunks):
+            sel = np.flatnonzero(chunks == c)
+            order = sel[np.argsort(rows[sel])]
+            with self._locked(int(c)):
+                put(order, rows[order])
+
+    def _put_features(self, rows: np.ndarray, data: dict[str, np.ndarray]) -> None:
+        contiguous = rows[-1] - rows[0] + 1 == len(rows)
+        index = slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else rows
+        for m, arr in data.items():
+            if contiguous:
+                self.group[m][index] = arr
+            else:
+                self.group[m].oindex[index] = arr
+        self._set(index, contiguous, "error", np.array([""] * len(rows)))
+        self._set(index, contiguous, "done", np.ones(len(rows), dtype=bool))  # last: the commit
+
+    def _put_failed(self, rows: np.ndarray, reasons: np.ndarray) -> None:
+        self._set(rows, False, "done", np.zeros(len(rows), dtype=bool))
+        self._set(rows, False, "error", reasons.astype(str))
+
+    def _set(self, index, contiguous: bool, name: str, values) -> None:
+        if contiguous:
+            self.group[name][index] = values
+        else:
+            self.group[name].oindex[index] = values
+
+    def reset_failed(self) -> int:
+        """Clear the failure records so that a new run retries those clips; returns how many."""
+        errors = self.errors()
+        rows = np.flatnonzero(errors != "")
+        self._write_chunks(rows, lambda sel, r: self._set(r, False, "error", np.array([""] * len(r))))
+        return len(rows)
+
+    def update_attrs(self, **kw) -> None:
+        """Update group attributes (call from one process, e.g. rank 0 after all ranks finished)."""
+        self.group.attrs.update(json.loads(json.dumps(kw)))
+        self.attrs.update(kw)
+
+    def finalise(self) -> dict[str, str]:
+        """Copy the per-clip failures into the group attributes for readers of plain Zarr; returns them."""
+        failed = self.failed()
+        self.update_attrs(failed=failed, num_done=int(self.done_mask().sum()))
+        return failed
+
+
+# ----------------------------------------------------------------------------------------------------------
+# compatibility between stores (the trainer refuses stores that do not fit together)
+
+COMPAT_KEYS = ("backbone", "checkpoints", "sampling", "preprocessing", "verb_classes", "noun_classes")
+
+
+def check_compatible(stores: dict[str, FeatureStore], modalities: list[str] | None = None) -> None:
+    """Refuse stores made differently: another backbone, checkpoint, sampling, preprocessing or class space,
+    or a modality missing from one of them.  ``stores`` maps a role ('source', 'target', 'eval') to a store."""
+    items = list(stores.items())
+    ref_role, ref = items[0]
+    for role, st in items[1:]:
+        for key in COMPAT_KEYS:
+            a, b = ref.attrs.get(key), st.attrs.get(key)
+            if key == "sampling" and isinstance(a, dict) and isinstance(b, dict):
+                # train and test splits may differ in the number of windows; the rest must agree
+                a = {k: v for k, v in a.items() if k not in ("windows", "split_kind")}
+                b = {k: v for k, v in b.items() if k not in ("windows", "split_kind")}
+            if key == "checkpoints" and modalities and isinstance(a, dict) and isinstance(b, dict):
+                a = {m: a.get(m) for m in modalities}
+                b = {m: b.get(m) for m in modalities}
+            if a != b:
+                raise UserError(f"stores do not fit together: {key} of {role} store {st.path} is {b!r}, "
+                                f"but {ref_role} store {ref.path} has {a!r}")
+    for m in modalities or []:
+        for role, st in items:
+            if m not in st.modalities:
+                raise UserError(f"{role} store {st.path} has no {m!r} features (has {', '.join(st.modalities)})")
+    for role, st in items:
+        shapes = {m: tuple(st.attrs["window_shapes"][m][1:]) for m in (modalities or st.modalities)}
+        ref_shapes = {m: tuple(ref.attrs["window_shapes"][m][1:]) for m in (modalities or ref.modalities)}
+        if shapes != ref_shapes:
+            raise UserError(f"stores do not fit together: feature shapes {shapes} of {st.path} vs {ref_shapes}")
