@@ -132,6 +132,24 @@ def inspect_cmd(
         console.print(f"  failed {clip}: {reason}")
 
 
+# ------------------------------------------------------------------------------------------------------------
+# the stages' own commands live beside their code and register themselves here
+
+def _register_stage_commands() -> None:
+    import importlib
+    for module in ("extract.commands", "adapt.commands"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        mod.register(command, console)
+
+
+_register_stage_commands()
+
+
 def main():  # pragma: no cover - console entry for `python cli.py`
     app()
 
