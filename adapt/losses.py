@@ -1,0 +1,296 @@
+"""Loss functions for stage 2 ("adapt").
+
+All functions are pure (no module state, no in-place updates, no ``.item()``, no boolean
+indexing), so they run unchanged under ``torch.func.vmap`` over K stacked runs.  Selections
+(confident pseudo-labels, valid memory-bank slots, positives) are masks combined with
+``torch.where`` and masked means.
+
+Papers: DAN (Long et al., ICML 2015) for MK-MMD; MCD (Saito et al., CVPR 2018); Kim et al.,
+"Learning cross-modal contrastive features for video domain adaptation", ICCV 2021 (eqs. 1-8,
+text in ``shared/papers``); InfoNCE (van den Oord et al. 2018; CMC, Tian et al. 2020);
+instance-discrimination memory bank (Wu et al., CVPR 2018).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "mk_mmd",
+    "multi_gaussian_kernel",
+    "mcd_discrepancy",
+    "info_nce",
+    "cross_modal_contrastive",
+    "cross_domain_contrastive",
+    "update_memory_bank",
+    "update_memory_labels",
+    "entropy",
+    "pseudo_label_ce",
+]
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum(values * mask) / max(sum(mask), 1); shapes (...), (...) -> ()."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+# --------------------------------------------------------------------------------------
+# MK-MMD (DAN)
+# --------------------------------------------------------------------------------------
+def _sq_dists(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Pairwise squared Euclidean distances; x (n, d), y (m, d) -> (n, m), clamped at 0."""
+    xx = (x * x).sum(-1)
+    yy = (y * y).sum(-1)
+    return (xx[:, None] + yy[None, :] - 2.0 * x @ y.transpose(-1, -2)).clamp_min(0.0)
+
+
+def multi_gaussian_kernel(x: torch.Tensor, kernel_mul: float = 2.0, kernel_num: int = 5,
+                        fix_sigma: Optional[float] = None) -> torch.Tensor:
+    """Multi-kernel Gram matrix of DAN (Long et al. 2015, eq. 3 family of Gaussian kernels).
+
+    ``K_ij = (1/m) sum_u exp(-||x_i - x_j||^2 / sigma_u)``, ``sigma_u = sigma_0 * kernel_mul^(u - m//2)``,
+    u = 0..m-1 (m = kernel_num), and ``sigma_0`` the mean squared distance over the distinct
+    pairs of the pooled sample (detached; or ``fix_sigma``).  Uniform weights beta_u = 1/m
+    (DAN constrains sum beta_u = 1; the public DAN code sums the kernels, i.e. m times this).
+
+    Shapes: x (n, d) -> (n, n).
+    """
+    n = x.shape[0]
+    d2 = _sq_dists(x, x)
+    if fix_sigma is None:
+        sigma0 = d2.detach().sum() / (n * n - n)
+    else:
+        sigma0 = torch.as_tensor(fix_sigma, dtype=x.dtype, device=x.device)
+    sigma0 = sigma0.clamp_min(1e-12)
+    mults = kernel_mul ** (torch.arange(kernel_num, dtype=x.dtype, device=x.device) - kernel_num // 2)
+    sigmas = sigma0 * mults  # (m,)
+    return torch.exp(-d2[None, :, :] / sigmas[:, None, None]).mean(0)
+
+
+def mk_mmd(x_s: torch.Tensor, x_t: torch.Tensor, kernel_mul: float = 2.0, kernel_num: int = 5,
+           fix_sigma: Optional[float] = None, unbiased: bool = False) -> torch.Tensor:
+    """Multi-kernel MMD^2 between source and target features (DAN, Long et al. 2015, eq. 2-3).
+
+    ``MMD^2 = mean(K_ss) + mean(K_tt) - 2 mean(K_st)`` with the kernel of
+    :func:`multi_gaussian_kernel` computed on the pooled sample (bandwidth from all pooled pairs).
+    Default: the biased (V-statistic) estimator, block means including the diagonals (>= 0).
+    ``unbiased=True``: the U-statistic, the K_ss and K_tt means exclude the diagonal
+    (needs n_s, n_t >= 2).  Works with unequal batch sizes n_s != n_t.
+
+    Shapes: x_s (n_s, d), x_t (n_t, d) -> scalar.
+    """
+    ns, nt = x_s.shape[0], x_t.shape[0]
+    K = multi_gaussian_kernel(torch.cat([x_s, x_t], dim=0), kernel_mul, kernel_num, fix_sigma)
+    k_ss, k_tt, k_st = K[:ns, :ns], K[ns:, ns:], K[:ns, ns:]
+    if unbiased:
+        m_ss = (k_ss.sum() - k_ss.diagonal().sum()) / (ns * (ns - 1))
+        m_tt = (k_tt.sum() - k_tt.diagonal().sum()) / (nt * (nt - 1))
+    else:
+        m_ss, m_tt = k_ss.mean(), k_tt.mean()
+    return m_ss + m_tt - 2.0 * k_st.mean()
+
+
+# --------------------------------------------------------------------------------------
+# MCD
+# --------------------------------------------------------------------------------------
+def mcd_discrepancy(p1_logits: torch.Tensor, p2_logits: torch.Tensor) -> torch.Tensor:
+    """Classifier discrepancy of MCD (Saito et al. 2018, eq. 1): ``d = mean |softmax(p1) - softmax(p2)|``.
+
+    The mean runs over the batch and the K classes (the public MCD code; the paper's d(p1, p2)
+    is (1/K) sum_k |p1k - p2k| averaged over samples - the same number).
+
+    Shapes: p1_logits, p2_logits (B, K) -> scalar.
+    """
+    return (F.softmax(p1_logits, dim=-1) - F.softmax(p2_logits, dim=-1)).abs().mean()
+
+
+# --------------------------------------------------------------------------------------
+# Contrastive losses (Kim et al. ICCV 2021)
+# --------------------------------------------------------------------------------------
+def info_nce(query: torch.Tensor, key: torch.Tensor, tau: float = 0.1, negatives: Optional[torch.Tensor] = None,
+             neg_mask: Optional[torch.Tensor] = None, in_batch: bool = True, normalize: bool = True,
+             reduction: str = "mean") -> torch.Tensor:
+    """InfoNCE (van den Oord et al. 2018; CMC, Tian et al. 2020), the per-anchor form of Kim et al. eq. 2.
+
+    For anchor i: ``l_i = -log( exp(q_i.k_i/tau) / (exp(q_i.k_i/tau) + sum_{n in N_i} exp(q_i.n/tau)) )``
+    where ``N_i`` = the other rows of ``key`` (``in_batch=True``) plus the rows of ``negatives``
+    allowed by ``neg_mask``.  With ``normalize`` the vectors are L2-normalised first (cosine /
+    tau).
+
+    Shapes: query (N, d), key (N, d) (row i is the positive of query i); negatives (M, d) shared
+    or (N, M, d) per query; neg_mask (N, M) or (M,) bool (True = use).  Returns a scalar
+    (``reduction='mean'``) or (N,) (``'none'``).
+    """
+    if normalize:
+        query = F.normalize(query, dim=-1)
+        key = F.normalize(key, dim=-1)
+    pos = (query * key).sum(-1) / tau  # (N,)
+    cols = [pos[:, None]]
+    if in_batch:
+        sim = query @ key.transpose(-1, -2) / tau  # (N, N)
+        eye = torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
+        cols.append(torch.where(eye, torch.full_like(sim, float("-inf")), sim))
+    if negatives is not None:
+        if normalize:
+            negatives = F.normalize(negatives, dim=-1)
+        if negatives.dim() == 2:
+            neg = query @ negatives.transpose(-1, -2) / tau  # (N, M)
+        else:
+            neg = torch.einsum("nd,nmd->nm", query, negatives) / tau
+        if neg_mask is not None:
+            neg = torch.where(neg_mask.expand_as(neg), neg, torch.full_like(neg, float("-inf")))
+        cols.append(neg)
+    logits = torch.cat(cols, dim=1)
+    loss = torch.logsumexp(logits, dim=1) - pos
+    if reduction == "none":
+        return loss
+    return loss.mean()
+
+
+def cross_modal_contrastive(z_a: torch.Tensor, z_b: torch.Tensor, tau: float = 0.1,
+                            negatives_a: Optional[torch.Tensor] = None, negatives_b: Optional[torch.Tensor] = None,
+                            neg_mask: Optional[torch.Tensor] = None, normalize: bool = True) -> torch.Tensor:
+    """Cross-modal contrastive loss of Kim et al. (ICCV 2021, eqs. 1-3), one domain at a time.
+
+    Reading of eq. 2: each clip's feature in modality k is an anchor; its positive is the other
+    modality l != k of the *same* clip, its negatives the other modality of every other clip of
+    the same domain's batch (regardless of label); only cross-modal pairs are contrasted.  The
+    ``sum_{s_i}`` of eq. 2 is read as the average of per-anchor InfoNCE terms (the CMC form the
+    paper follows) and both directions (k, l) = (a, m) and (m, a) are averaged:
+    ``L_mo = 0.5 * (InfoNCE(z_a -> z_b) + InfoNCE(z_b -> z_a))``.  The similarity is eq. 1,
+    ``exp(h(F_i)^T h(F_j) / tau)``; the caller applies the shared projection head h
+    (:class:`adapt.parts.ProjectionHead`), and the vectors are L2-normalised here if
+    ``normalize``.  Call once per domain (L_mo^s, L_mo^t; never mix domains).
+
+    Optional memory-bank negatives (Kim et al. "Leveraging memory banks"): ``negatives_b``
+    (M, d) are extra modality-b negatives for the a-anchors, ``negatives_a`` for the b-anchors,
+    ``neg_mask`` (N, M) or (M,) marks usable slots (e.g. False at the batch clips' own slots).
+
+    Shapes: z_a, z_b (N, d) -> scalar.
+    """
+    l_ab = info_nce(z_a, z_b, tau, negatives=negatives_b, neg_mask=neg_mask, normalize=normalize)
+    l_ba = info_nce(z_b, z_a, tau, negatives=negatives_a, neg_mask=neg_mask, normalize=normalize)
+    return 0.5 * (l_ab + l_ba)
+
+
+def cross_domain_contrastive(f_s: torch.Tensor, y_s: torch.Tensor, f_t: torch.Tensor, pseudo_t: torch.Tensor,
+                             conf_t: torch.Tensor, bank_feats: Optional[torch.Tensor] = None,
+                             bank_labels: Optional[torch.Tensor] = None, threshold: float = 0.8, tau: float = 0.1,
+                             anchor: str = "target", normalize: bool = True) -> torch.Tensor:
+    """Cross-domain contrastive loss of Kim et al. (ICCV 2021, eqs. 4-6), one modality at a time.
+
+    Reading of eq. 5 (``anchor='target'``, default): anchors are the target clips whose
+    pseudo-label confidence ``conf_t`` is strictly above ``threshold`` (0.8; the set V^_t).
+    Candidates are the source clips of the batch (labels ``y_s``) plus the memory-bank entries
+    (``bank_feats``/``bank_labels`` = the *source* bank of this modality; entries with label < 0
+    are empty and ignored).  For anchor i, positives P_i are candidates whose label equals the
+    pseudo-label, the rest are negatives, and with ``phi = exp(f_t_i . f_j / tau)`` (eq. 4, no
+    projection head, features L2-normalised if ``normalize``):
+
+        ``l_i = -log( sum_{j in P_i} phi_ij / sum_{j valid} phi_ij )``.
+
+    The loss is the mean of l_i over confident anchors with at least one positive (0 if none).
+    The ``sum_{t_i}`` inside the log of eq. 5 is read as this per-anchor average.
+
+    ``anchor='source'``: the symmetric direction; anchors are all source clips (label y_s),
+    candidates are the confident target clips (pseudo-labels; unconfident ones ignored) plus the
+    bank, which must then be the *target* bank with pseudo-labels (-1 where not confident).
+
+    Shapes: f_s (B_s, d), y_s (B_s,) int, f_t (B_t, d), pseudo_t (B_t,) int, conf_t (B_t,) float,
+    bank_feats (M, d), bank_labels (M,) int -> scalar.
+    """
+    if normalize:
+        f_s = F.normalize(f_s, dim=-1)
+        f_t = F.normalize(f_t, dim=-1)
+    confident = conf_t > threshold
+    if anchor == "target":
+        anchors, a_lab, a_use = f_t, pseudo_t, confident
+        cands, c_lab = f_s, y_s
+    elif anchor == "source":
+        anchors, a_lab, a_use = f_s, y_s, torch.ones_like(y_s, dtype=torch.bool)
+        cands, c_lab = f_t, torch.where(confident, pseudo_t, torch.full_like(pseudo_t, -1))
+    else:
+        raise ValueError(f"anchor must be 'target' or 'source', got {anchor!r}")
+    if bank_feats is not None:
+        if bank_labels is None:
+            raise ValueError("bank_feats needs bank_labels")
+        bank = F.normalize(bank_feats, dim=-1) if normalize else bank_feats
+        cands = torch.cat([cands, bank.to(cands.dtype)], dim=0)
+        c_lab = torch.cat([c_lab.to(torch.int64), bank_labels.to(torch.int64)], dim=0)
+    c_lab = c_lab.to(torch.int64)
+    a_lab = a_lab.to(torch.int64)
+    sim = anchors @ cands.transpose(-1, -2) / tau  # (A, C)
+    valid = (c_lab >= 0)[None, :].expand_as(sim)
+    pos = valid & (a_lab[:, None] == c_lab[None, :])
+    has_pos = pos.any(dim=1)
+    has_valid = valid.any(dim=1)
+    # Rows without positives (or without candidates) get a dummy finite mask and are masked out
+    # of the mean below; this keeps logsumexp and its gradient finite (no NaN).
+    pos_safe = torch.where(has_pos[:, None], pos, torch.ones_like(pos))
+    valid_safe = torch.where(has_valid[:, None], valid, torch.ones_like(valid))
+    neg_inf = torch.full_like(sim, float("-inf"))
+    lse_pos = torch.logsumexp(torch.where(pos_safe, sim, neg_inf), dim=1)
+    lse_all = torch.logsumexp(torch.where(valid_safe, sim, neg_inf), dim=1)
+    per_anchor = lse_all - lse_pos
+    use = a_use & has_pos
+    return _masked_mean(per_anchor, use)
+
+
+def update_memory_bank(bank: torch.Tensor, idx: torch.Tensor, feats: torch.Tensor, momentum: float = 0.5,
+                       normalize: bool = True) -> torch.Tensor:
+    """Momentum update of a memory bank (Kim et al. eq. 8, following Wu et al. 2018), out of place.
+
+    ``M[idx_b] <- normalize(delta * M[idx_b] + (1 - delta) * F_b)`` with ``delta = momentum``
+    (0.5); other rows are unchanged.  ``feats`` is detached (banks carry no gradient).  A bank
+    initialised with zeros therefore holds the normalised feature after its first update.
+    ``idx`` must not repeat within one call (index_copy keeps an arbitrary one).  Use one bank
+    per domain and modality (M_s^a, M_s^m, M_t^a, M_t^m).
+
+    Shapes: bank (N, d), idx (B,) int64 in [0, N), feats (B, d) -> new bank (N, d).
+    """
+    idx = idx.to(torch.int64)
+    feats = feats.detach().to(bank.dtype)
+    old = bank.index_select(0, idx)
+    new = momentum * old + (1.0 - momentum) * feats
+    if normalize:
+        new = F.normalize(new, dim=-1)
+    return bank.index_copy(0, idx, new)
+
+
+def update_memory_labels(labels: torch.Tensor, idx: torch.Tensor, new_labels: torch.Tensor) -> torch.Tensor:
+    """Write labels (source labels, or target pseudo-labels with -1 = not confident) into bank slots.
+
+    Shapes: labels (N,) int64, idx (B,), new_labels (B,) -> (N,) (out of place).
+    """
+    return labels.index_copy(0, idx.to(torch.int64), new_labels.to(labels.dtype))
+
+
+# --------------------------------------------------------------------------------------
+# Entropy and self-training
+# --------------------------------------------------------------------------------------
+def entropy(logits: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Prediction entropy ``H(p) = -sum_k p_k log p_k``, p = softmax(logits), natural log
+    (entropy minimisation, Grandvalet & Bengio 2005; TA3N's H(y)).
+
+    Shapes: logits (B, K) -> scalar (``reduction='mean'``, batch mean) or (B,) (``'none'``).
+    """
+    logp = F.log_softmax(logits, dim=-1)
+    h = -(logp.exp() * logp).sum(dim=-1)
+    return h.mean() if reduction == "mean" else h
+
+
+def pseudo_label_ce(logits: torch.Tensor, threshold: float = 0.8) -> torch.Tensor:
+    """Confidence-thresholded self-training CE (pseudo-labelling; the baseline of Kim et al. Table 4).
+
+    ``y^_i = argmax_k p_ik``, ``c_i = max_k p_ik`` (p from detached logits);
+    ``L = sum_i 1[c_i > threshold] CE(logits_i, y^_i) / max(sum_i 1[c_i > threshold], 1)``.
+
+    Shapes: logits (B, K) -> scalar (0 when no sample is confident).
+    """
+    probs = F.softmax(logits.detach(), dim=-1)
+    conf, lab = probs.max(dim=-1)
+    ce = F.cross_entropy(logits, lab, reduction="none")
+    return _masked_mean(ce, conf > threshold)

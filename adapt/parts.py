@@ -1,0 +1,683 @@
+"""Adaptation-head building blocks for stage 2 ("adapt").
+
+Every part is a plain ``nn.Module`` (or function) that is safe under
+``torch.func.functional_call`` + ``torch.func.vmap`` over K stacked runs:
+
+* no in-place updates of parameters/buffers in ``forward`` and no BatchNorm running stats;
+* no ``.item()``, no Python control flow on tensor values, no data-dependent shapes;
+* randomness only through :mod:`adapt.rng` keys (``key`` arguments), never the global RNG.
+
+Shape conventions: ``B`` batch, ``n`` segments/windows, ``c`` backbone channels (1024),
+``h, w`` spatial size (7x7 for I3D / TBN RGB and flow), ``d`` feature width.
+
+Papers (text in ``shared/papers``):
+
+* MM-SADA: Munro & Damen, "Multi-modal domain adaptation for fine-grained action
+  recognition", CVPR 2020 (eq. 1 late fusion, eq. 2 per-modality discriminator, eq. 3
+  self-supervised correspondence, GRL of Ganin et al.).
+* Kim et al., "Learning cross-modal contrastive features for video domain adaptation",
+  ICCV 2021 (projection head h of eq. 1/3).
+* M3EM: Yang et al., EPIC-100 UDA 2021 technical report (eqs. 1-4 SMR gating, eq. 5 CMC
+  consensus); the same blocks are called MC / SC in CIA (Yang et al., CVPR 2022).
+* TA3N: Chen et al., "Temporal attentive alignment for large-scale video domain
+  adaptation", ICCV 2019 (TRN multi-scale relation module, domain attention, attentive
+  entropy), built on TRN (Zhou et al., ECCV 2018).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import rng
+
+__all__ = [
+    "GradReverse",
+    "grad_reverse",
+    "grl_coefficient",
+    "Embedding",
+    "DomainDiscriminator",
+    "CorrespondenceHead",
+    "correspondence_pairs",
+    "sync_correspondence_pairs",
+    "ProjectionHead",
+    "GatingUnit",
+    "MutualRefinement",
+    "mutual_refinement_param_count",
+    "correlation_map",
+    "SpatialConsensus",
+    "TemporalAverage",
+    "TRNMultiScale",
+    "softmax_entropy",
+    "DomainAttention",
+    "attentive_entropy",
+    "Classifier",
+    "VerbNounClassifier",
+]
+
+Features = Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
+
+
+# --------------------------------------------------------------------------------------
+# Gradient reversal (Ganin & Lempitsky 2015; MM-SADA sec. 3.3, eq. 2)
+# --------------------------------------------------------------------------------------
+class _GradReverseFn(torch.autograd.Function):
+    """Identity forward, ``-coeff * grad`` backward.
+
+    Uses the ``setup_context`` form with ``generate_vmap_rule = True`` so that it works
+    under ``torch.func.vmap`` / ``torch.func.grad`` with a batched ``coeff``.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, coeff):
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, coeff = inputs
+        ctx.save_for_backward(coeff)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (coeff,) = ctx.saved_tensors
+        return -coeff * grad_out, None
+
+
+def grad_reverse(x: torch.Tensor, coeff: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:
+    """Gradient reversal layer R (Ganin et al. 2016; MM-SADA sec. 3.3).
+
+    Forward ``R(x) = x``; backward ``dR/dx = -coeff * I``.  ``coeff`` may be a Python float
+    or a tensor (e.g. a per-run scalar batched under vmap, from :func:`grl_coefficient`);
+    it receives no gradient.
+
+    Shapes: x (...), coeff () -> (...).
+    """
+    if isinstance(coeff, torch.Tensor):
+        coeff = coeff.detach().to(dtype=x.dtype)
+    else:
+        coeff = torch.tensor(float(coeff), dtype=x.dtype, device=x.device)
+    return _GradReverseFn.apply(x, coeff)
+
+
+class GradReverse(nn.Module):
+    """Module form of :func:`grad_reverse` (MM-SADA sec. 3.3, GRL before each D_m, eq. 2).
+
+    ``forward(x, coeff=None)`` uses ``coeff`` if given, else the constructor's default.
+    Shapes: x (...) -> (...).
+    """
+
+    def __init__(self, coeff: float = 1.0):
+        super().__init__()
+        self.coeff = float(coeff)
+
+    def forward(self, x: torch.Tensor, coeff: Union[None, float, torch.Tensor] = None) -> torch.Tensor:
+        return grad_reverse(x, self.coeff if coeff is None else coeff)
+
+
+def grl_coefficient(step, total_steps, lam: float = 1.0, gamma: float = 10.0):
+    """GRL schedule of DANN (Ganin et al. 2016, sec. 5.2.2) used by MM-SADA.
+
+    ``coeff = (2 / (1 + exp(-gamma * p)) - 1) * lam``, ``p = clamp(step / total_steps, 0, 1)``,
+    ``gamma = 10``.  Values: p=0 -> 0, p=0.5 -> 0.98661 lam, p=1 -> 0.99991 lam.
+    Accepts Python numbers (returns float) or tensors (returns a tensor, usable under vmap).
+    """
+    if isinstance(step, torch.Tensor) or isinstance(total_steps, torch.Tensor) or isinstance(lam, torch.Tensor):
+        step = torch.as_tensor(step, dtype=torch.float32)
+        p = torch.clamp(step / total_steps, 0.0, 1.0)
+        return (2.0 / (1.0 + torch.exp(-gamma * p)) - 1.0) * lam
+    p = min(max(float(step) / float(total_steps), 0.0), 1.0)
+    return (2.0 / (1.0 + math.exp(-gamma * p)) - 1.0) * lam
+
+
+# --------------------------------------------------------------------------------------
+# Shared embedding (TA3N's shared FC layer; MM-SADA dropout on features)
+# --------------------------------------------------------------------------------------
+class Embedding(nn.Module):
+    """Trainable FC + ReLU + dropout: ``e = dropout(relu(W x + b))`` (TA3N shared layer, 1024 -> 512).
+
+    Dropout is :func:`adapt.rng.dropout` driven by ``key`` (required in training mode when
+    ``dropout > 0``).
+
+    * ``spatial=False``: x (..., in_dim) -> (..., out_dim).
+    * ``spatial=True``: a 1x1 convolution, i.e. the same linear map on the channel axis of
+      x (..., in_dim, H, W) -> (..., out_dim, H, W).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.5, spatial: bool = False):
+        super().__init__()
+        self.fc = nn.Linear(in_dim, out_dim)
+        self.p = float(dropout)
+        self.spatial = bool(spatial)
+
+    def forward(self, x: torch.Tensor, key=None) -> torch.Tensor:
+        if self.spatial:
+            x = x.movedim(-3, -1)
+        y = F.relu(self.fc(x))
+        y = rng.dropout(y, self.p, key, self.training)
+        if self.spatial:
+            y = y.movedim(-1, -3)
+        return y
+
+
+# --------------------------------------------------------------------------------------
+# MM-SADA heads
+# --------------------------------------------------------------------------------------
+class DomainDiscriminator(nn.Module):
+    """Per-modality domain discriminator D_m (MM-SADA eq. 2): GRL -> FC(in-hidden) -> ReLU -> FC(hidden-2).
+
+    ``L_d^m = sum_x -d log D_m(F_m(x)) - (1 - d) log(1 - D_m(F_m(x)))`` is the cross-entropy
+    of the returned 2-way logits (computed by the caller).  The GRL (coefficient ``coeff``,
+    a float or per-run tensor) makes the feature extractor maximise it.
+
+    Shapes: x (..., in_dim), coeff () -> logits (..., num_domains).
+    """
+
+    def __init__(self, in_dim: int, hidden: int = 100, num_domains: int = 2):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.fc2 = nn.Linear(hidden, num_domains)
+
+    def forward(self, x: torch.Tensor, coeff: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:
+        x = grad_reverse(x, coeff)
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+def correspondence_pairs(rgb: torch.Tensor, flow: torch.Tensor, neg_fraction: float = 0.5, shift: int = 1):
+    """Build MM-SADA self-supervised correspondence pairs inside one domain's batch (MM-SADA eq. 3).
+
+    The first ``n_neg = floor(neg_fraction * B)`` samples are negatives: RGB of sample i is
+    paired with the flow of sample ``(i + shift) mod B`` (a fixed derangement of the same
+    domain's batch, "roll by one"); the remaining ``B - n_neg`` are positives (RGB and flow of
+    the same sample).  Targets: 1 = corresponding, 0 = not.  Needs ``B >= 2`` (the roll of a
+    single sample is itself).  Call it separately for source and target batches.
+
+    Shapes: rgb (B, d_r), flow (B, d_f) -> (rgb (B, d_r), flow_paired (B, d_f), targets (B,) int64).
+    """
+    B = rgb.shape[0]
+    n_neg = int(math.floor(neg_fraction * B))
+    is_neg = torch.arange(B, device=rgb.device) < n_neg
+    rolled = torch.roll(flow, shifts=-shift, dims=0)  # rolled[i] = flow[(i + shift) % B]
+    mask = is_neg.view((B,) + (1,) * (flow.dim() - 1))
+    flow_paired = torch.where(mask, rolled, flow)
+    targets = (~is_neg).to(torch.int64)
+    return rgb, flow_paired, targets
+
+
+def sync_correspondence_pairs(rgb: torch.Tensor, flow: torch.Tensor, flow_other: torch.Tensor,
+                              neg_fraction: float = 0.5):
+    """Time-synchronised variant of MM-SADA's correspondence (MM-SADA sec. 3.4, "synchronised").
+
+    Negatives pair RGB of window t with flow of *another window* of the same clip
+    (``flow_other``, sampled by the caller); the first ``floor(neg_fraction * B)`` samples are
+    negatives, the rest positives.  Targets: 1 = synchronised, 0 = not.
+
+    Shapes: rgb (B, d_r), flow (B, d_f), flow_other (B, d_f) -> (rgb, flow_paired (B, d_f), targets (B,)).
+    """
+    B = rgb.shape[0]
+    n_neg = int(math.floor(neg_fraction * B))
+    is_neg = torch.arange(B, device=rgb.device) < n_neg
+    mask = is_neg.view((B,) + (1,) * (flow.dim() - 1))
+    flow_paired = torch.where(mask, flow_other, flow)
+    return rgb, flow_paired, (~is_neg).to(torch.int64)
+
+
+class CorrespondenceHead(nn.Module):
+    """MM-SADA self-supervised correspondence classifier C (MM-SADA eq. 3).
+
+    ``C(F_rgb, F_flow) = FC(hidden-2)(ReLU(FC(in_dim-hidden)(concat(F_rgb, F_flow))))``, trained
+    with ``L_c = sum_x -c log C(x) - (1 - c) log(1 - C(x))`` on source and target; ``c`` is 1 when
+    the modalities correspond.  ``in_dim = d_rgb + d_flow`` (2048 for I3D).
+
+    * ``forward(rgb, flow)``: rgb (..., d_r), flow (..., d_f) -> logits (..., 2).
+    * ``pairs(rgb, flow)``: builds pairs with :func:`correspondence_pairs` -> (logits (B, 2), targets (B,)).
+    * ``sync_pairs(rgb, flow, flow_other)``: same with :func:`sync_correspondence_pairs`.
+    """
+
+    def __init__(self, in_dim: int = 2048, hidden: int = 100):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.fc2 = nn.Linear(hidden, 2)
+
+    def forward(self, rgb: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(torch.cat([rgb, flow], dim=-1))))
+
+    def pairs(self, rgb: torch.Tensor, flow: torch.Tensor, neg_fraction: float = 0.5, shift: int = 1):
+        r, f, t = correspondence_pairs(rgb, flow, neg_fraction, shift)
+        return self(r, f), t
+
+    def sync_pairs(self, rgb: torch.Tensor, flow: torch.Tensor, flow_other: torch.Tensor,
+                   neg_fraction: float = 0.5):
+        r, f, t = sync_correspondence_pairs(rgb, flow, flow_other, neg_fraction)
+        return self(r, f), t
+
+
+# --------------------------------------------------------------------------------------
+# Kim et al. projection head
+# --------------------------------------------------------------------------------------
+class ProjectionHead(nn.Module):
+    """Projection head h of Kim et al. (ICCV 2021, eqs. 1 and 3; SimCLR-style MLP).
+
+    ``h(F) = W2 relu(W1 F + b1) + b2`` followed, if ``normalize``, by L2 normalisation so
+    that ``h(F_i)^T h(F_j) / tau`` in eqs. 1/3 is a cosine similarity over a temperature.
+    Shared by both domains (Kim et al. footnote 1); used only for the cross-modal loss.
+
+    Shapes: x (..., in_dim) -> (..., out_dim).  ``hidden`` defaults to ``in_dim``.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 128, hidden: Optional[int] = None, normalize: bool = True):
+        super().__init__()
+        hidden = in_dim if hidden is None else hidden
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.fc2 = nn.Linear(hidden, out_dim)
+        self.normalize = bool(normalize)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.fc2(F.relu(self.fc1(x)))
+        return F.normalize(z, dim=-1) if self.normalize else z
+
+
+# --------------------------------------------------------------------------------------
+# M3EM / CIA: Semantic Mutual Refinement (SMR, "MC" in CIA), eqs. 1-4
+# --------------------------------------------------------------------------------------
+def _as_named(features: Features, names: Sequence[str]) -> Tuple[Dict[str, torch.Tensor], bool]:
+    if isinstance(features, Mapping):
+        return dict(features), True
+    features = list(features)
+    if len(features) != len(names):
+        raise ValueError(f"expected {len(names)} modality tensors ({names}), got {len(features)}")
+    return dict(zip(names, features)), False
+
+
+def _gap(x: torch.Tensor, spatial: bool) -> torch.Tensor:
+    """Global average pooling over (h, w) of (..., c, h, w); identity for (..., c)."""
+    return x.mean(dim=(-2, -1)) if spatial else x
+
+
+class GatingUnit(nn.Module):
+    """Squeeze-and-excitation gate (Hu et al. 2018) used by M3EM eqs. 1 and 3.
+
+    ``t = sigmoid(W2 relu(W1 f + b1) + b2)`` with ``W1 in R^{(c/r) x in_dim}``, ``W2 in R^{c x (c/r)}``.
+    Parameters: ``in_dim*(c/r) + c/r + (c/r)*c + c``.
+
+    Shapes: f (..., in_dim) -> t (..., c) in (0, 1).
+    """
+
+    def __init__(self, in_dim: int, channels: int, reduction: int = 16):
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.fc2(F.relu(self.fc1(f))))
+
+
+def mutual_refinement_param_count(channels: Sequence[int], reduction: int = 16) -> int:
+    """Parameter count of :class:`MutualRefinement` (M3EM sec. 2.1).
+
+    For modality M with c_M channels, bottleneck b_M = c_M // r and c_in = sum of the other
+    modalities' channels: self gate ``c_M*b_M + b_M + b_M*c_M + c_M``, cross gate
+    ``c_in*b_M + b_M + b_M*c_M + c_M``.  With all c_M = c over m modalities this is
+    ``m * ((m + 2) * c * (c/r) + 2 * c/r + 2 * c)``: 528,640 for (RGB, flow), c = 1024, r = 16;
+    989,568 with audio as a third modality.
+    """
+    total = 0
+    channels = list(channels)
+    for i, c in enumerate(channels):
+        b = max(1, c // reduction)
+        c_in = sum(channels) - c
+        total += (c * b + b + b * c + c) + (c_in * b + b + b * c + c)
+    return total
+
+
+class MutualRefinement(nn.Module):
+    """Semantic Mutual Refinement, SMR (M3EM eqs. 1-4; "MC" module in CIA).
+
+    For each modality M with feature ``F_M`` (..., c, h, w) (RGB, flow) or (..., c) (audio):
+
+    * ``f_M = GAP(F_M)`` (..., c);
+    * self gate, eq. 1: ``t_sM = sigmoid(W2^M relu(W1^M f_M))``; eq. 2: ``F_sM = F_M * t_sM``
+      (broadcast over every spatial position (i, j));
+    * cross gate, eq. 3: ``f_in_M = concat_{M' != M} f_M'`` (modality order of ``modalities``),
+      ``t_cM = sigmoid(W2^in relu(W1^in f_in_M))``, ``F_cM = F_M * t_cM``;
+    * eq. 4: ``F_rM = concat(F_sM, F_cM)`` along channels -> (..., 2c, h, w) or (..., 2c).
+
+    Bottleneck ``c/r`` (r = 16).  Parameter count (all gates with bias), see
+    :func:`mutual_refinement_param_count`: for m modalities of c channels,
+    ``m * ((m + 2) * c^2 / r + 2c / r + 2c)`` = 528,640 for RGB+flow at c = 1024, r = 16.
+
+    Input: dict ``{name: tensor}`` (or list in ``modalities`` order); the output has the same
+    container type.  Leading (batch/segment) dims ``...`` must agree across modalities.
+    With a single modality there is no cross gate and F_rM = F_sM (c channels).
+    """
+
+    def __init__(self, modalities: Sequence[str] = ("rgb", "flow"), channels: Union[int, Sequence[int]] = 1024,
+                 reduction: int = 16, spatial: Iterable[str] = ("rgb", "flow")):
+        super().__init__()
+        self.modalities = list(modalities)
+        if isinstance(channels, int):
+            channels = [channels] * len(self.modalities)
+        self.channels = dict(zip(self.modalities, channels))
+        self.spatial = set(spatial)
+        self.reduction = reduction
+        self.self_gates = nn.ModuleDict({m: GatingUnit(c, c, reduction) for m, c in self.channels.items()})
+        if len(self.modalities) > 1:
+            total = sum(self.channels.values())
+            self.cross_gates = nn.ModuleDict(
+                {m: GatingUnit(total - c, c, reduction) for m, c in self.channels.items()})
+        else:
+            self.cross_gates = nn.ModuleDict()
+
+    @staticmethod
+    def _apply_gate(x: torch.Tensor, t: torch.Tensor, spatial: bool) -> torch.Tensor:
+        return x * t[..., None, None] if spatial else x * t
+
+    def forward(self, features: Features):
+        feats, is_dict = _as_named(features, self.modalities)
+        pooled = {m: _gap(feats[m], m in self.spatial) for m in self.modalities}
+        out = {}
+        for m in self.modalities:
+            sp = m in self.spatial
+            x = feats[m]
+            f_s = self._apply_gate(x, self.self_gates[m](pooled[m]), sp)
+            if len(self.modalities) > 1:
+                f_in = torch.cat([pooled[o] for o in self.modalities if o != m], dim=-1)
+                f_c = self._apply_gate(x, self.cross_gates[m](f_in), sp)
+                out[m] = torch.cat([f_s, f_c], dim=-3 if sp else -1)
+            else:
+                out[m] = f_s
+        return out if is_dict else [out[m] for m in self.modalities]
+
+
+# --------------------------------------------------------------------------------------
+# M3EM / CIA: Cross-Modality Consensus (CMC, "SC" in CIA), eq. 5
+# --------------------------------------------------------------------------------------
+def correlation_map(a: torch.Tensor, b: torch.Tensor, centred: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """Per-position correlation over channels (M3EM eq. 5).
+
+    ``C^(i,j) = <a^(i,j), b^(i,j)> / (||a^(i,j)||_2 ||b^(i,j)||_2)``; with ``centred=True``
+    each channel vector is first centred by its mean over channels, which makes this exactly the
+    Pearson correlation coefficient of the c channel values at (i, j) (numpy ``corrcoef``);
+    ``centred=False`` gives the cosine similarity written in eq. 5.  The norm product is clamped
+    below at ``eps`` (so a constant / zero vector gives 0, otherwise the value is exact).
+
+    Shapes: a, b (..., d, h, w) -> (..., h, w) in [-1, 1].
+    """
+    if centred:
+        a = a - a.mean(dim=-3, keepdim=True)
+        b = b - b.mean(dim=-3, keepdim=True)
+    num = (a * b).sum(dim=-3)
+    den = torch.linalg.vector_norm(a, dim=-3) * torch.linalg.vector_norm(b, dim=-3)
+    return num / den.clamp_min(eps)
+
+
+class SpatialConsensus(nn.Module):
+    """Cross-Modality Consensus, CMC (M3EM sec. 2.2, eq. 5; "SC" in CIA).
+
+    For the two spatial modalities (RGB R, flow F) with refined maps ``F_rM`` (B, 2c, h, w):
+
+    1. ``H_rM = Conv1x1_M(F_rM)`` (B, d, h, w): a per-modality 1x1 conv into a shared latent
+       space (``shared_projection=True`` uses one conv for both).
+    2. ``k`` downsamplings by 2 give ``H^0..H^k``: ``avg_pool2d(kernel 2, stride 2,
+       ceil_mode=True)`` by default (7 -> 4 -> 2 -> 1 for k = 3; a border window averages only
+       its in-bounds cells); ``ceil_mode=False`` floors (7 -> 3 -> 1 -> 1).  An axis of size 1
+       is not pooled further.
+    3. Per scale, eq. 5: ``C^s = correlation_map(H_R^s, H_F^s)`` (Pearson, i.e. channel-centred,
+       by default; ``centred=False`` = cosine as literally written in eq. 5).
+    4. Each ``C^s`` is upsampled to (h, w) (``upsample='bilinear'``, align_corners=False, default;
+       or ``'nearest'``) and summed: ``C = sum_s up(C^s)`` in [-(k+1), k+1], returned as the map.
+    5. Weighted average with residual (Wang et al. 2017 residual attention):
+       ``f_rM = sum_ij (1 + C~_ij) F_rM^(i,j) / (h w)`` with ``C~ = C / (k+1)`` (mean of the
+       scale correlations, so the weights lie in [0, 2] and C = 0 gives plain GAP) when
+       ``map_scale='mean'`` (default), or ``C~ = C`` when ``map_scale='sum'`` (literal reading).
+
+    Non-spatial modalities (audio, (B, 2c)) pass through unchanged (and any spatial modality not
+    among the two consensus modalities is plain GAP).  Extra leading dims (B, n, ...) are
+    flattened and restored.
+
+    Parameters: ``2 * (2c * d + d)`` (``c_in * d + d`` if shared); d = ``proj_dim`` (default 256,
+    the papers do not state it).
+
+    Input: dict ``{name: tensor}`` or list in ``modalities`` order.
+    Output: (pooled features in the same container, (B, 2c) each; consensus map C (B, h, w)).
+    """
+
+    def __init__(self, in_channels: int = 2048, proj_dim: int = 256, k: int = 3, centred: bool = True,
+                 ceil_mode: bool = True, upsample: str = "bilinear", map_scale: str = "mean",
+                 shared_projection: bool = False, modalities: Sequence[str] = ("rgb", "flow", "audio"),
+                 consensus: Tuple[str, str] = ("rgb", "flow"), spatial: Iterable[str] = ("rgb", "flow"),
+                 eps: float = 1e-6):
+        super().__init__()
+        if upsample not in ("bilinear", "nearest"):
+            raise ValueError(f"upsample must be 'bilinear' or 'nearest', got {upsample!r}")
+        if map_scale not in ("mean", "sum"):
+            raise ValueError(f"map_scale must be 'mean' or 'sum', got {map_scale!r}")
+        self.modalities = list(modalities)
+        self.consensus = tuple(consensus)
+        self.spatial = set(spatial)
+        self.k = int(k)
+        self.centred = bool(centred)
+        self.ceil_mode = bool(ceil_mode)
+        self.upsample = upsample
+        self.map_scale = map_scale
+        self.eps = eps
+        self.shared_projection = bool(shared_projection)
+        if self.shared_projection:
+            self.proj = nn.ModuleDict({"shared": nn.Conv2d(in_channels, proj_dim, kernel_size=1)})
+        else:
+            self.proj = nn.ModuleDict({m: nn.Conv2d(in_channels, proj_dim, kernel_size=1) for m in self.consensus})
+
+    def _project(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return self.proj["shared" if self.shared_projection else name](x)
+
+    def scale_sizes(self, h: int, w: int) -> List[Tuple[int, int]]:
+        """Spatial sizes of the k+1 scales for an (h, w) input.
+
+        Each halving uses ceil (default) or floor; an axis already of size 1 is not pooled.
+        E.g. 7x7, k = 3: ceil 7 -> 4 -> 2 -> 1, floor 7 -> 3 -> 1 -> 1.
+        """
+        sizes = [(h, w)]
+        for _ in range(self.k):
+            sizes.append(tuple(self._half(v) for v in sizes[-1]))
+        return sizes
+
+    def _half(self, v: int) -> int:
+        if v <= 1:
+            return v
+        return (v + 1) // 2 if self.ceil_mode else v // 2
+
+    def _down(self, x: torch.Tensor) -> torch.Tensor:
+        kh = 2 if x.shape[-2] > 1 else 1
+        kw = 2 if x.shape[-1] > 1 else 1
+        if kh == 1 and kw == 1:
+            return x
+        return F.avg_pool2d(x, kernel_size=(kh, kw), stride=(kh, kw), ceil_mode=self.ceil_mode)
+
+    def consensus_map(self, f_a: torch.Tensor, f_b: torch.Tensor) -> torch.Tensor:
+        """Consensus map C = sum_s up(C^s) (M3EM eq. 5 and text); f_a, f_b (B, 2c, h, w) -> (B, h, w)."""
+        h, w = f_a.shape[-2:]
+        ha = self._project(self.consensus[0], f_a)
+        hb = self._project(self.consensus[1], f_b)
+        total = None
+        for s in range(self.k + 1):
+            if s > 0:
+                ha, hb = self._down(ha), self._down(hb)
+            c = correlation_map(ha, hb, self.centred, self.eps).unsqueeze(1)  # (B, 1, hs, ws)
+            if c.shape[-2:] != (h, w):
+                if self.upsample == "bilinear":
+                    c = F.interpolate(c, size=(h, w), mode="bilinear", align_corners=False)
+                else:
+                    c = F.interpolate(c, size=(h, w), mode="nearest")
+            total = c if total is None else total + c
+        return total.squeeze(1)
+
+    def forward(self, features: Features):
+        feats, is_dict = _as_named(features, self.modalities)
+        a_name, b_name = self.consensus
+        fa, fb = feats[a_name], feats[b_name]
+        lead = fa.shape[:-3]
+        fa4 = fa.reshape((-1,) + tuple(fa.shape[-3:]))
+        fb4 = fb.reshape((-1,) + tuple(fb.shape[-3:]))
+        cmap = self.consensus_map(fa4, fb4)  # (N, h, w)
+        weight = cmap / (self.k + 1) if self.map_scale == "mean" else cmap
+        weight = 1.0 + weight
+        out = {}
+        for m in self.modalities:
+            x = feats[m]
+            if m in self.consensus:
+                x4 = fa4 if m == a_name else fb4
+                pooled = (x4 * weight.unsqueeze(1)).mean(dim=(-2, -1))
+                out[m] = pooled.reshape(tuple(lead) + (pooled.shape[-1],))
+            else:
+                out[m] = _gap(x, m in self.spatial)
+        cmap = cmap.reshape(tuple(lead) + tuple(cmap.shape[-2:]))
+        return (out if is_dict else [out[m] for m in self.modalities]), cmap
+
+
+# --------------------------------------------------------------------------------------
+# Temporal aggregation (TSN average; TRN multi-scale as in TA3N)
+# --------------------------------------------------------------------------------------
+class TemporalAverage(nn.Module):
+    """Temporal average pooling (TSN consensus; TA3N "AvgPool"): ``v = (1/n) sum_t x_t``.
+
+    Shapes: x (B, n, ...) -> (B, ...) (mean over ``dim``, default 1).
+    """
+
+    def __init__(self, dim: int = 1):
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=self.dim)
+
+
+class TRNMultiScale(nn.Module):
+    """Multi-scale temporal relation module (TRN, Zhou et al. 2018, eq. 3; as used by TA3N).
+
+    ``MT_N(V) = sum_{s=2..n} mean_{(t_1<...<t_s)} g_s(concat(x_{t_1}, ..., x_{t_s}))`` with
+    ``g_s = Linear(256 -> out_dim) o ReLU o Linear(s*d -> bottleneck) o ReLU``.
+    Unlike TRN/TA3N, which randomly subsample at most 3 ordered subsets per scale below n
+    during training, this uses **all** C(n, s) time-ordered subsets of every scale, always
+    (deterministic; vmap-safe).  For n = 5: 10 + 10 + 5 + 1 = 26 subsets.
+
+    Shapes: x (B, n, d) -> (B, out_dim); with ``return_scales=True`` also the per-scale relation
+    features (B, n-1, out_dim) ordered by scale 2, 3, ..., n (input to TA3N's relation
+    discriminators).  Parameters: ``sum_s (s*d*bottleneck + bottleneck + bottleneck*out + out)``.
+    """
+
+    def __init__(self, in_dim: int, num_segments: int, out_dim: int = 256, bottleneck: int = 256):
+        super().__init__()
+        if num_segments < 2:
+            raise ValueError("TRN needs at least 2 segments")
+        self.num_segments = num_segments
+        self.scales = list(range(2, num_segments + 1))
+        self.mlps = nn.ModuleList()
+        for s in self.scales:
+            self.mlps.append(nn.Sequential(nn.ReLU(), nn.Linear(s * in_dim, bottleneck), nn.ReLU(),
+                                           nn.Linear(bottleneck, out_dim)))
+            idx = torch.tensor(list(itertools.combinations(range(num_segments), s)), dtype=torch.int64)
+            self.register_buffer(f"subsets_{s}", idx, persistent=False)
+
+    def subsets(self, s: int) -> torch.Tensor:
+        """All time-ordered subsets of size s: (C(n, s), s) int64."""
+        return getattr(self, f"subsets_{s}")
+
+    def forward(self, x: torch.Tensor, return_scales: bool = False):
+        B, n, d = x.shape
+        if n != self.num_segments:
+            raise ValueError(f"expected {self.num_segments} segments, got {n}")
+        per_scale = []
+        for s, mlp in zip(self.scales, self.mlps):
+            idx = self.subsets(s)  # (S, s)
+            g = x[:, idx]  # (B, S, s, d)
+            g = g.reshape(B, idx.shape[0], s * d)
+            per_scale.append(mlp(g).mean(dim=1))  # (B, out)
+        scales = torch.stack(per_scale, dim=1)  # (B, n-1, out)
+        out = scales.sum(dim=1)
+        return (out, scales) if return_scales else out
+
+
+# --------------------------------------------------------------------------------------
+# TA3N domain attention and attentive entropy
+# --------------------------------------------------------------------------------------
+def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy ``H(d) = -sum_k p_k log p_k`` (natural log) of softmax(logits) over the last axis.
+
+    Shapes: logits (..., K) -> (...).
+    """
+    logp = F.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+class DomainAttention(nn.Module):
+    """TA3N domain attention (Chen et al. ICCV 2019, sec. 4.2, "TA2N"/"TA3N" attention).
+
+    Weights ``w = 1 + (1 - H(d))`` (residual attention) where ``H(d)`` is the (natural-log)
+    entropy of the domain discriminator's softmax for that frame/relation; features are
+    re-weighted ``h~ = w * h``.  Binary H <= ln 2, so w in [2 - ln 2, 2].
+    ``detach=True`` stops gradients into the discriminator through the weights.
+
+    * ``weights(domain_logits)``: (..., 2) -> (...).
+    * ``forward(features, domain_logits)``: features (..., d), domain_logits (..., 2) -> (..., d).
+    """
+
+    def __init__(self, detach: bool = False):
+        super().__init__()
+        self.detach = bool(detach)
+
+    def weights(self, domain_logits: torch.Tensor) -> torch.Tensor:
+        if self.detach:
+            domain_logits = domain_logits.detach()
+        return 1.0 + (1.0 - softmax_entropy(domain_logits))
+
+    def forward(self, features: torch.Tensor, domain_logits: torch.Tensor) -> torch.Tensor:
+        return features * self.weights(domain_logits).unsqueeze(-1)
+
+
+def attentive_entropy(logits: torch.Tensor, domain_logits: torch.Tensor) -> torch.Tensor:
+    """TA3N attentive entropy loss (Chen et al. ICCV 2019, eq. 7): ``mean_i (1 + H(d_i)) H(y_i)``.
+
+    ``H(y)`` entropy of the class prediction, ``H(d)`` of the video-level domain prediction
+    (natural log).  The caller weights it by gamma = 0.003.
+
+    Shapes: logits (B, K), domain_logits (B, 2) -> scalar.
+    """
+    return ((1.0 + softmax_entropy(domain_logits)) * softmax_entropy(logits)).mean()
+
+
+# --------------------------------------------------------------------------------------
+# Classifiers
+# --------------------------------------------------------------------------------------
+class Classifier(nn.Module):
+    """Linear action classifier G_m (MM-SADA eq. 1; late fusion sums the logits of modalities).
+
+    Shapes: x (..., in_dim) -> logits (..., num_classes).
+    """
+
+    def __init__(self, in_dim: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(in_dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+class VerbNounClassifier(nn.Module):
+    """Two linear heads for EPIC-100 (97 verbs, 300 nouns; TA3N / TBN EPIC-100 heads).
+
+    Shapes: x (..., in_dim) -> (verb_logits (..., num_verbs), noun_logits (..., num_nouns)).
+    """
+
+    def __init__(self, in_dim: int, num_verbs: int = 97, num_nouns: int = 300):
+        super().__init__()
+        self.verb = nn.Linear(in_dim, num_verbs)
+        self.noun = nn.Linear(in_dim, num_nouns)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.verb(x), self.noun(x)

@@ -1,0 +1,249 @@
+"""Tests for adapt.losses against direct loop computations on small hand-made tensors."""
+import math
+
+import pytest
+import torch
+from torch.func import vmap
+
+from adapt import losses
+
+
+def _norm(x):
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+# --------------------------------------------------------------------------------------
+# MK-MMD
+# --------------------------------------------------------------------------------------
+def _mmd_loop(xs, xt, kernel_mul=2.0, kernel_num=5, unbiased=False):
+    z = torch.cat([xs, xt]).double()
+    n = z.shape[0]
+    d2 = [[float(((z[i] - z[j]) ** 2).sum()) for j in range(n)] for i in range(n)]
+    sigma0 = sum(d2[i][j] for i in range(n) for j in range(n) if i != j) / (n * n - n)
+    sig = [sigma0 * kernel_mul ** (u - kernel_num // 2) for u in range(kernel_num)]
+
+    def k(i, j):
+        return sum(math.exp(-d2[i][j] / s) for s in sig) / kernel_num
+
+    ns, nt = xs.shape[0], xt.shape[0]
+    S, T = range(ns), range(ns, n)
+    if unbiased:
+        kss = sum(k(i, j) for i in S for j in S if i != j) / (ns * (ns - 1))
+        ktt = sum(k(i, j) for i in T for j in T if i != j) / (nt * (nt - 1))
+    else:
+        kss = sum(k(i, j) for i in S for j in S) / ns ** 2
+        ktt = sum(k(i, j) for i in T for j in T) / nt ** 2
+    kst = sum(k(i, j) for i in S for j in T) / (ns * nt)
+    return kss + ktt - 2 * kst
+
+
+def test_mk_mmd_matches_loop_with_unequal_sizes():
+    torch.manual_seed(0)
+    xs, xt = torch.randn(5, 3, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64) + 0.5
+    assert losses.mk_mmd(xs, xt).item() == pytest.approx(_mmd_loop(xs, xt), abs=1e-9)
+    assert losses.mk_mmd(xs, xt, unbiased=True).item() == pytest.approx(_mmd_loop(xs, xt, unbiased=True), abs=1e-9)
+
+
+def test_mk_mmd_near_zero_for_same_distribution_and_larger_when_shifted():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(256, 16, generator=g)
+    b = torch.randn(256, 16, generator=g)
+    shifted = torch.randn(256, 16, generator=g) + 1.0
+    same = losses.mk_mmd(a, b)
+    assert 0 <= same.item() < 0.05
+    assert abs(losses.mk_mmd(a, b, unbiased=True).item()) < 0.01
+    diff = losses.mk_mmd(a, shifted)
+    assert diff.item() > 10 * same.item() and diff.item() > 0.1
+    # unequal batch sizes
+    uneq_same = losses.mk_mmd(a[:100], b)
+    uneq_diff = losses.mk_mmd(a[:100], shifted[:200])
+    assert torch.isfinite(uneq_same) and uneq_same.item() < 0.05 and uneq_diff.item() > 0.1
+
+
+def test_mk_mmd_under_vmap():
+    torch.manual_seed(0)
+    xs, xt = torch.randn(3, 6, 4), torch.randn(3, 9, 4)
+    batched = vmap(losses.mk_mmd)(xs, xt)
+    for i in range(3):
+        assert torch.allclose(batched[i], losses.mk_mmd(xs[i], xt[i]), atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# MCD, entropy, pseudo-labels
+# --------------------------------------------------------------------------------------
+def test_mcd_discrepancy():
+    p1 = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    p2 = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    expect = sum(abs(a - b) for ra, rb in zip(p1.softmax(-1).tolist(), p2.softmax(-1).tolist())
+                 for a, b in zip(ra, rb)) / 6
+    assert losses.mcd_discrepancy(p1, p2).item() == pytest.approx(expect, abs=1e-6)
+    assert losses.mcd_discrepancy(p1, p1).item() == 0.0
+
+
+def test_entropy():
+    logits = torch.tensor([[0.0, 0.0], [0.0, math.log(3.0)]])
+    h = losses.entropy(logits, reduction="none")
+    assert h[0].item() == pytest.approx(math.log(2))
+    assert h[1].item() == pytest.approx(-(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), abs=1e-6)
+    assert losses.entropy(logits).item() == pytest.approx(h.mean().item())
+
+
+def test_pseudo_label_ce():
+    logits = torch.tensor([[5.0, 0.0, 0.0], [0.1, 0.0, 0.2], [0.0, 0.0, 6.0]], requires_grad=True)
+    p = logits.detach().softmax(-1)
+    conf, lab = p.max(-1)
+    mask = conf > 0.8
+    assert mask.tolist() == [True, False, True]
+    expect = sum(-math.log(p[i, lab[i]].item()) for i in range(3) if mask[i]) / 2
+    loss = losses.pseudo_label_ce(logits, 0.8)
+    assert loss.item() == pytest.approx(expect, abs=1e-6)
+    loss.backward()
+    assert torch.all(logits.grad[1] == 0)
+    zero = losses.pseudo_label_ce(torch.zeros(4, 3, requires_grad=True), 0.8)
+    assert zero.item() == 0.0
+
+
+# --------------------------------------------------------------------------------------
+# contrastive losses
+# --------------------------------------------------------------------------------------
+def _nce_loop(q, k, tau, extra=None, mask=None):
+    q, k = _norm(q), _norm(k)
+    extra = None if extra is None else _norm(extra)
+    total = 0.0
+    for i in range(q.shape[0]):
+        pos = math.exp(float(q[i] @ k[i]) / tau)
+        den = pos + sum(math.exp(float(q[i] @ k[j]) / tau) for j in range(k.shape[0]) if j != i)
+        if extra is not None:
+            den += sum(math.exp(float(q[i] @ extra[m]) / tau) for m in range(extra.shape[0])
+                       if mask is None or bool(mask[i, m]))
+        total += -math.log(pos / den)
+    return total / q.shape[0]
+
+
+def test_info_nce_matches_loop():
+    torch.manual_seed(0)
+    q, k, neg = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64), torch.randn(3, 5, dtype=torch.float64)
+    assert losses.info_nce(q, k, 0.1).item() == pytest.approx(_nce_loop(q, k, 0.1), rel=1e-9)
+    mask = torch.tensor([[1, 0, 1], [1, 1, 1], [0, 0, 0], [0, 1, 1]], dtype=torch.bool)
+    got = losses.info_nce(q, k, 0.5, negatives=neg, neg_mask=mask)
+    assert got.item() == pytest.approx(_nce_loop(q, k, 0.5, neg, mask), rel=1e-9)
+    # per-query negatives (N, M, d)
+    got3 = losses.info_nce(q, k, 0.5, negatives=neg.expand(4, 3, 5), neg_mask=mask)
+    assert got3.item() == pytest.approx(got.item(), rel=1e-9)
+
+
+def test_cross_modal_contrastive_matches_loop():
+    torch.manual_seed(1)
+    za, zb = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    expect = 0.5 * (_nce_loop(za, zb, 0.1) + _nce_loop(zb, za, 0.1))
+    assert losses.cross_modal_contrastive(za, zb, 0.1).item() == pytest.approx(expect, rel=1e-9)
+    # with memory-bank negatives, the batch's own slots masked out
+    bank_a, bank_b = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+    mask = torch.ones(5, 6, dtype=torch.bool)
+    mask[torch.arange(5), torch.arange(5)] = False
+    expect_b = 0.5 * (_nce_loop(za, zb, 0.1, bank_b, mask) + _nce_loop(zb, za, 0.1, bank_a, mask))
+    got = losses.cross_modal_contrastive(za, zb, 0.1, negatives_a=bank_a, negatives_b=bank_b, neg_mask=mask)
+    assert got.item() == pytest.approx(expect_b, rel=1e-9)
+
+
+def _cross_domain_loop(fs, ys, ft, pt, ct, bank=None, blab=None, thr=0.8, tau=0.1, anchor="target"):
+    fs, ft = _norm(fs), _norm(ft)
+    if anchor == "target":
+        anchors = [(ft[i], int(pt[i])) for i in range(ft.shape[0]) if ct[i] > thr]
+        cands = [(fs[j], int(ys[j])) for j in range(fs.shape[0])]
+    else:
+        anchors = [(fs[i], int(ys[i])) for i in range(fs.shape[0])]
+        cands = [(ft[j], int(pt[j])) for j in range(ft.shape[0]) if ct[j] > thr]
+    if bank is not None:
+        cands += [(_norm(bank)[m], int(blab[m])) for m in range(bank.shape[0]) if blab[m] >= 0]
+    terms = []
+    for a, la in anchors:
+        num = sum(math.exp(float(a @ c) / tau) for c, lc in cands if lc == la)
+        den = sum(math.exp(float(a @ c) / tau) for c, lc in cands)
+        if num > 0:
+            terms.append(-math.log(num / den))
+    return sum(terms) / len(terms) if terms else 0.0
+
+
+def test_cross_domain_contrastive_matches_loop():
+    torch.manual_seed(2)
+    d = 4
+    fs = torch.randn(6, d, dtype=torch.float64)
+    ys = torch.tensor([0, 1, 2, 0, 1, 1])
+    ft = torch.randn(5, d, dtype=torch.float64)
+    pt = torch.tensor([0, 1, 3, 2, 1])  # class 3 has no source positive
+    ct = torch.tensor([0.9, 0.95, 0.99, 0.5, 0.81], dtype=torch.float64)  # sample 3 not confident
+    bank = torch.randn(4, d, dtype=torch.float64)
+    blab = torch.tensor([2, -1, 0, 1])  # slot 1 empty
+    got = losses.cross_domain_contrastive(fs, ys, ft, pt, ct, threshold=0.8, tau=0.1)
+    assert got.item() == pytest.approx(_cross_domain_loop(fs, ys, ft, pt, ct), rel=1e-9)
+    got_b = losses.cross_domain_contrastive(fs, ys, ft, pt, ct, bank, blab, threshold=0.8, tau=0.1)
+    assert got_b.item() == pytest.approx(_cross_domain_loop(fs, ys, ft, pt, ct, bank, blab), rel=1e-9)
+    got_s = losses.cross_domain_contrastive(fs, ys, ft, pt, ct, bank, blab, anchor="source", tau=0.2)
+    assert got_s.item() == pytest.approx(
+        _cross_domain_loop(fs, ys, ft, pt, ct, bank, blab, tau=0.2, anchor="source"), rel=1e-9)
+
+
+def test_cross_domain_contrastive_no_confident_anchor_is_zero_without_nan():
+    fs = torch.randn(4, 3, requires_grad=True)
+    ft = torch.randn(3, 3, requires_grad=True)
+    loss = losses.cross_domain_contrastive(fs, torch.tensor([0, 1, 0, 1]), ft, torch.tensor([0, 1, 2]),
+                                           torch.tensor([0.1, 0.2, 0.3]))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.all(torch.isfinite(fs.grad)) and torch.all(torch.isfinite(ft.grad))
+    # confident anchor without any positive: masked out, gradients finite
+    ft2 = torch.randn(2, 3, requires_grad=True)
+    loss2 = losses.cross_domain_contrastive(fs, torch.tensor([0, 1, 0, 1]), ft2, torch.tensor([5, 0]),
+                                            torch.tensor([0.99, 0.99]))
+    loss2.backward()
+    assert torch.isfinite(loss2) and torch.all(torch.isfinite(ft2.grad))
+    assert torch.all(ft2.grad[0] == 0)
+
+
+def test_cross_domain_contrastive_under_vmap():
+    torch.manual_seed(3)
+    fs, ft = torch.randn(3, 6, 4), torch.randn(3, 5, 4)
+    ys = torch.randint(0, 3, (3, 6))
+    pt = torch.randint(0, 3, (3, 5))
+    ct = torch.rand(3, 5) * 0.4 + 0.6
+    bank, blab = torch.randn(3, 7, 4), torch.randint(-1, 3, (3, 7))
+    batched = vmap(losses.cross_domain_contrastive)(fs, ys, ft, pt, ct, bank, blab)
+    for i in range(3):
+        assert torch.allclose(batched[i], losses.cross_domain_contrastive(fs[i], ys[i], ft[i], pt[i], ct[i],
+                                                                          bank[i], blab[i]), atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# memory bank
+# --------------------------------------------------------------------------------------
+def test_update_memory_bank():
+    torch.manual_seed(0)
+    bank = _norm(torch.randn(6, 4))
+    idx = torch.tensor([4, 1])
+    feats = torch.randn(2, 4, requires_grad=True)
+    new = losses.update_memory_bank(bank, idx, feats, momentum=0.5)
+    assert not new.requires_grad
+    for row in range(6):
+        if row in (4, 1):
+            f = feats[[4, 1].index(row)].detach()
+            expect = _norm(0.5 * bank[row] + 0.5 * f)
+            assert torch.allclose(new[row], expect, atol=1e-6)
+        else:
+            assert torch.equal(new[row], bank[row])
+    # out of place: the input bank is untouched
+    assert not torch.equal(new, bank)
+    # a zero-initialised bank holds the normalised features after the first write
+    first = losses.update_memory_bank(torch.zeros(6, 4), idx, feats)
+    assert torch.allclose(first[idx], _norm(feats.detach()), atol=1e-6)
+    labels = losses.update_memory_labels(torch.full((6,), -1), idx, torch.tensor([2, 0]))
+    assert labels.tolist() == [-1, 0, -1, -1, 2, -1]
+
+
+def test_update_memory_bank_under_vmap():
+    bank = torch.zeros(3, 5, 2)
+    idx = torch.tensor([[0, 1], [2, 3], [4, 0]])
+    feats = torch.randn(3, 2, 2)
+    batched = vmap(losses.update_memory_bank)(bank, idx, feats)
+    for i in range(3):
+        assert torch.allclose(batched[i], losses.update_memory_bank(bank[i], idx[i], feats[i]))
