@@ -1,0 +1,58 @@
+"""The adaptation stage's commands: train, import-features, sweep, report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+
+def register(command, console):
+    @command("train")
+    def train_cmd(
+        method: str = typer.Option("source_only", help="Method preset: source_only, target_only, adabn, mmd, mcd, "
+                                                       "dann, pseudo_label, mmsada, contrastive, ta3n, m3em, cia."),
+        backbone: str = typer.Option("i3d", help="Backbone of the feature stores: i3d or tbn."),
+        source: str = typer.Option(..., help="Labelled source: a domain (D1), split (D1_train) or store path."),
+        target: str = typer.Option(..., help="Unlabelled target: a domain (D2), split or store path."),
+        eval: Optional[str] = typer.Option(None, "--eval", help="Evaluation store (default: the target's test split)."),
+        seed: int = typer.Option(0, help="Random seed (same seed, same device: same numbers)."),
+        steps: Optional[int] = typer.Option(None, help="Training steps (default: the dataset's schedule)."),
+        features_root: str = typer.Option("features", help="Root of the feature stores."),
+        out: str = typer.Option("runs", help="Folder of the run folders."),
+        device: str = typer.Option("auto", help="auto, cpu or cuda."),
+        modalities: Optional[str] = typer.Option(None, help="Comma-separated subset, e.g. rgb,flow."),
+        challenge: Optional[str] = typer.Option(None, help="EPIC-100: store to predict for the challenge test.json."),
+        set_: List[str] = typer.Option([], "--set", help="Change any setting: --set w_adv=0 --set sc=false."),
+        settings: bool = typer.Option(False, "--settings", help="Print every setting with its resolved value."),
+        quiet: bool = typer.Option(False, help="No progress bar."),
+    ):
+        """Train adaptation heads on cached features and report target accuracy as the papers do."""
+        from adapt import config as C
+        from adapt.data import store_path
+        from adapt.train import train
+        _, dataset = store_path(source, "train", backbone, features_root)
+        given = dict(backbone=backbone, seed=seed, steps=steps, features_root=features_root, out=out, device=device,
+                     eval=eval, challenge=challenge,
+                     modalities=[m for m in (modalities or "").split(",") if m] or None)
+        cfg = C.resolve(method, dataset, C.parse_sets(set_), source=source, target=target, **given)
+        if settings:
+            for k, v in cfg.to_dict().items():
+                console.print(f"{k} = {v!r}")
+            return
+        final = train([cfg], console, progress=not quiet)[0]
+        table = Table(title=f"{method}: {source} -> {target} (seed {seed})")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        table.add_row("target top-1 (mean of last 9 evals)", f"{final['target_top1']:.2f}")
+        table.add_row("final evaluation top-1", f"{final['final_top1']:.2f}")
+        for m, v in final["per_modality"].items():
+            table.add_row(f"  {m} stream top-1", f"{v:.2f}")
+        for k in ("verb_top1", "noun_top1", "action_top1", "verb_top5", "noun_top5", "action_top5"):
+            if k in final:
+                table.add_row(k, f"{final[k]:.2f}")
+        table.add_row("seconds", f"{final['train_seconds']:.1f}")
+        console.print(table)
+        console.print(f"results in {Path(out)}")

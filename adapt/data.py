@@ -1,0 +1,167 @@
+"""Feature stores -> tensors on the training device, and the per-step index sampling.
+
+The fast path: every store is read once into (host or GPU) memory as float16 and each step gathers its batch by
+index on the device, so a step does no Python-side data loading.  ``DomainPair`` holds the labelled source
+training store, the unlabelled target training store (its labels are not loaded unless the method is the
+supervised-target upper bound) and the evaluation store (target test; labels used only for metrics).
+
+Temporal units: an I3D store holds ``W`` windows per clip and the heads see one window (T = 1; training draws one
+at random per clip and step, evaluation averages the softmax over all windows, as MM-SADA).  A TBN store holds
+25 TSN segments; the heads see ``segments`` = 5 of them (training draws one at random from each of 5 equal
+groups, evaluation takes the centre of each group: 2, 7, 12, 17, 22, as TA3N).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from extract import manifests as M
+from extract.errors import UserError
+from extract.store import FeatureStore, check_compatible
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine (use auto or cpu)")
+    return torch.device(device)
+
+
+def store_path(name: str, role: str, backbone: str, features_root: str | Path) -> tuple[Path, str]:
+    """A domain (``D1``), split (``D1_train``) or store path (``x.zarr``) -> (store path, dataset name).
+
+    ``role`` is 'train' or 'test' and picks the split of a domain.
+    """
+    text = str(name)
+    if text.endswith(".zarr") or Path(text).is_dir():
+        return Path(text), "custom"
+    registry = M.load_registry()
+    if text in registry["domains"]:
+        dom = registry["domains"][text]
+        return Path(features_root) / backbone / f"{dom[role]}.zarr", dom["dataset"]
+    if text in registry["splits"]:
+        return Path(features_root) / backbone / f"{text}.zarr", registry["splits"][text]["dataset"]
+    raise UserError(f"unknown domain, split or store {text!r}: one of {', '.join(registry['domains'])}, "
+                    f"a split name, or a path to a .zarr store")
+
+
+@dataclass
+class Domain:
+    """One store in memory: ``feats[m]`` (N, U, C[, H, W]) float16 on the device, labels, ids."""
+
+    name: str
+    path: Path
+    feats: dict
+    verb: torch.Tensor
+    noun: torch.Tensor
+    ids: np.ndarray
+    units: int
+
+    @property
+    def n(self) -> int:
+        return len(self.ids)
+
+
+def load_domain(path: Path, name: str, modalities: list[str], device: torch.device, spatial: bool,
+                labels: bool = True) -> Domain:
+    """Read a complete store into memory (failed clips are left out; the store must be otherwise complete)."""
+    store = FeatureStore.open(path, require_complete=True)
+    keep = np.flatnonzero(store.done_mask())
+    if len(keep) == 0:
+        raise UserError(f"{path}: no extracted clips")
+    feats = {}
+    for m in modalities:
+        arr = store.load(m)[keep] if len(keep) < store.num_clips else store.load(m)
+        t = torch.from_numpy(arr)
+        if not spatial and t.dim() == 5:
+            t = t.float().mean(dim=(-2, -1)).half()  # pooled at load: (N, U, C)
+        if not torch.isfinite(t).all():
+            bad = int(torch.nonzero(~torch.isfinite(t.reshape(t.shape[0], -1)).all(1))[0])
+            raise UserError(f"{path}: non-finite {m} features in clip {store.meta('id')[keep][bad]}")
+        feats[m] = t.to(device)
+    n = len(keep)
+    verb = torch.from_numpy(store.meta("verb_class")[keep].astype(np.int64)) if labels else torch.full((n,), -1)
+    noun = torch.from_numpy(store.meta("noun_class")[keep].astype(np.int64)) if labels else torch.full((n,), -1)
+    units = feats[modalities[0]].shape[1]
+    return Domain(name, Path(path), feats, verb.to(device), noun.to(device), store.meta("id")[keep], units)
+
+
+class DomainPair:
+    """Source (labelled), target (unlabelled) and evaluation stores, checked to fit together."""
+
+    def __init__(self, cfg, device: torch.device):
+        src, ds = store_path(cfg.source, "train", cfg.backbone, cfg.features_root)
+        tgt, dt = store_path(cfg.target, "train", cfg.backbone, cfg.features_root)
+        ev, _ = store_path(cfg.eval or cfg.target, "test", cfg.backbone, cfg.features_root)
+        self.dataset = ds if ds == dt else "custom"
+        stores = {"source": FeatureStore.open(src), "target": FeatureStore.open(tgt), "eval": FeatureStore.open(ev)}
+        shared = [m for m in stores["source"].modalities if all(m in s.modalities for s in stores.values())]
+        modalities = list(cfg.modalities) or shared
+        check_compatible(stores, modalities)
+        if stores["source"].attrs.get("backbone") != cfg.backbone:
+            raise UserError(f"{src}: features of backbone {stores['source'].attrs.get('backbone')!r}, "
+                            f"not {cfg.backbone!r} (--backbone)")
+        self.modalities = modalities
+        self.backbone = cfg.backbone
+        self.source = load_domain(src, cfg.source, modalities, device, cfg.spatial, labels=True)
+        self.target = load_domain(tgt, cfg.target, modalities, device, cfg.spatial,
+                                  labels=cfg.w_target_cls > 0)  # the target's labels are not read otherwise
+        self.eval = load_domain(ev, cfg.eval or cfg.target, modalities, device, cfg.spatial, labels=True)
+        if (self.source.verb < 0).any():
+            raise UserError(f"{src}: the source store has unlabelled clips; the source must be labelled")
+        if cfg.w_target_cls > 0 and (self.target.verb < 0).any():
+            raise UserError(f"{tgt}: supervised target training needs a labelled target store")
+        attrs = stores["source"].attrs
+        self.verb_classes = int(attrs.get("verb_classes") or int(self.source.verb.max()) + 1)
+        self.noun_classes = int(attrs.get("noun_classes") or 0)
+        for role, dom in (("source", self.source), ("eval", self.eval)):
+            if int(dom.verb.max()) >= self.verb_classes:
+                raise UserError(f"{dom.path}: verb class {int(dom.verb.max())} outside the {self.verb_classes} "
+                                f"classes of the source store")
+        self.feature_shapes = {m: tuple(self.source.feats[m].shape[2:]) for m in modalities}
+        self.units_per_clip = self.source.units
+        self.heads_units = 1 if cfg.backbone == "i3d" else min(cfg.segments, self.source.units)
+        self.feature_bytes = sum(t.numel() * t.element_size() for d in (self.source, self.target, self.eval)
+                                 for t in d.feats.values())
+
+    # ------------------------------------------------------------------------------------------------------
+    # index sampling (numpy, per run) and gathering (torch, on the device)
+
+    def sample_units(self, rng: np.random.Generator, batch: int) -> np.ndarray:
+        """(batch, T) stored-unit indices: one random window (I3D), or one random segment per group (TBN)."""
+        U, T = self.units_per_clip, self.heads_units
+        if T == 1:
+            return rng.integers(0, U, size=(batch, 1))
+        bounds = np.linspace(0, U, T + 1).astype(int)
+        return np.stack([rng.integers(bounds[i], bounds[i + 1], size=batch) for i in range(T)], axis=1)
+
+    def eval_views(self) -> list[np.ndarray]:
+        """The unit sets that evaluation averages over: each window (I3D) or the group centres (TBN)."""
+        U, T = self.units_per_clip, self.heads_units
+        if T == 1:
+            return [np.array([w]) for w in range(self.eval.units)]
+        bounds = np.linspace(0, U, T + 1)
+        return [((bounds[:-1] + bounds[1:]) / 2).astype(int)]
+
+
+def gather(dom: Domain, idx: torch.Tensor, units: torch.Tensor) -> dict:
+    """Features of clips ``idx`` (K, B) at units ``units`` (K, B, T) -> {m: (K, B, T, ...)} float32."""
+    return {m: f[idx.unsqueeze(-1), units].float() for m, f in dom.feats.items()}
+
+
+def standardisation(dom: Domain) -> dict:
+    """Per-channel mean and std of a domain's features (AdaBN statistics), {m: (mean, std)} shaped (C, 1, 1)."""
+    out = {}
+    for m, f in dom.feats.items():
+        x = f.float()
+        dims = [0, 1] + list(range(3, x.dim()))
+        mean = x.mean(dim=dims)
+        std = x.var(dim=dims, unbiased=False).add(1e-5).sqrt()
+        shape = (-1,) + (1,) * (x.dim() - 3)
+        out[m] = (mean.reshape(shape), std.reshape(shape))
+    return out

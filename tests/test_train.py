@@ -1,0 +1,195 @@
+"""The trainer end to end on small stores: every method, the protocol, determinism, stacking, bad inputs."""
+
+import errno
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from typer.testing import CliRunner
+
+from adapt import config as C
+from adapt.config import METHODS
+from adapt.train import TrainingError, train
+from cli import app
+from extract.errors import UserError
+from tests.featstores import make_pair, make_store
+
+FAST = dict(steps=12, stage1_steps=4, eval_every=4, batch_source=8, batch_target=8, embed_dim=32, sc_dim=8)
+
+
+@pytest.fixture(scope="module")
+def i3d_root(tmp_path_factory):
+    return make_pair(tmp_path_factory.mktemp("feat"), "i3d", spatial=True, n=24, channels=16)
+
+
+@pytest.fixture(scope="module")
+def tbn_root(tmp_path_factory):
+    return make_pair(tmp_path_factory.mktemp("feat"), "tbn", spatial=True, n=24, units=10, channels=16,
+                     nouns=6, audio=True)
+
+
+def cfg_for(root, method, out, backbone="i3d", dataset="demo", **kw):
+    base = Path(root) / backbone
+    s = {**FAST, "source": str(base / "S_train.zarr"), "target": str(base / "T_train.zarr"),
+         "eval": str(base / "T_test.zarr"), **kw}
+    return C.resolve(method, dataset, None, backbone=backbone, out=str(out), **s)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_each_method_end_to_end_i3d(i3d_root, tmp_path, method):
+    cfg = cfg_for(i3d_root, method, tmp_path)
+    final = train([cfg], progress=False)[0]
+    run = tmp_path / f"{method}_S_train-T_train_s0"
+    saved = json.loads((run / "final.json").read_text())
+    assert saved == json.loads(json.dumps(final))
+    for key in ("method", "source", "target", "seed", "target_top1", "target_top1_per_eval", "per_modality"):
+        assert key in saved
+    assert len(saved["target_top1_per_eval"]) == 3 and 0 <= saved["target_top1"] <= 100
+    assert set(saved["per_modality"]) == {"rgb", "flow"}
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+    assert json.loads((run / "config.json").read_text())["method"] == method
+    assert (run / "heads.pt").is_file()
+
+
+@pytest.mark.parametrize("method", ["source_only", "ta3n", "cia", "m3em", "contrastive"])
+def test_tbn_three_modalities_verb_noun(tbn_root, tmp_path, method):
+    cfg = cfg_for(tbn_root, method, tmp_path, backbone="tbn")
+    assert cfg.temporal == ("trn" if method in ("ta3n", "cia") else "avg")
+    final = train([cfg], progress=False)[0]
+    assert set(final["per_modality"]) == {"rgb", "flow", "audio"}
+    for k in ("verb_top1", "noun_top1", "action_top1", "verb_top5", "noun_top5", "action_top5"):
+        assert 0 <= final[k] <= 100
+    assert final["action_top1"] <= min(final["verb_top1"], final["noun_top1"]) + 1e-9
+    assert final["verb_top5"] >= final["verb_top1"]
+
+
+def test_challenge_json(tbn_root, tmp_path):
+    cfg = cfg_for(tbn_root, "source_only", tmp_path, backbone="tbn",
+                  challenge=str(Path(tbn_root) / "tbn" / "T_test.zarr"))
+    train([cfg], progress=False)
+    doc = json.loads((tmp_path / "source_only_S_train-T_train_s0" / "test.json").read_text())
+    assert doc["challenge"] == "domain_adaptation" and len(doc["results"]) == 12
+    first = next(iter(doc["results"].values()))
+    assert len(first["verb"]) == 4 and len(first["noun"]) == 6
+    assert abs(sum(first["verb"].values()) - 1) < 1e-4
+
+
+def test_last_nine_protocol_and_learning(i3d_root, tmp_path):
+    cfg = cfg_for(i3d_root, "source_only", tmp_path, steps=60, stage1_steps=60, eval_every=5)
+    final = train([cfg], progress=False)[0]
+    per_eval = final["target_top1_per_eval"]
+    assert len(per_eval) == 12 and final["eval_steps"][-1] == 60
+    assert final["target_top1"] == pytest.approx(float(np.mean(per_eval[-9:])))
+    assert final["target_top1"] > 50  # 4 classes: the heads learn the class structure
+
+
+def test_same_seed_same_numbers(i3d_root, tmp_path):
+    a = train([cfg_for(i3d_root, "mmsada", tmp_path / "a")], progress=False)[0]
+    b = train([cfg_for(i3d_root, "mmsada", tmp_path / "b")], progress=False)[0]
+    assert a["target_top1_per_eval"] == b["target_top1_per_eval"] and a["per_class_recall"] == b["per_class_recall"]
+    wa = torch.load(tmp_path / "a" / "mmsada_S_train-T_train_s0" / "heads.pt")
+    wb = torch.load(tmp_path / "b" / "mmsada_S_train-T_train_s0" / "heads.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("method", ["cia", "contrastive", "mcd"])
+def test_stacked_runs_equal_separate_runs(i3d_root, tmp_path, method):
+    cfgs = [cfg_for(i3d_root, method, tmp_path / "stacked", seed=s) for s in (0, 1, 2)]
+    cfgs[2].w_cls = 0.5  # loss weights may differ inside a stack
+    stacked = train(cfgs, progress=False)
+    for c, st in zip(cfgs, stacked):
+        c1 = cfg_for(i3d_root, method, tmp_path / "alone", seed=c.seed)
+        c1.w_cls = c.w_cls
+        alone = train([c1], progress=False)[0]
+        assert alone["target_top1_per_eval"] == st["target_top1_per_eval"]
+        wa = torch.load(tmp_path / "alone" / f"{method}_S_train-T_train_s{c.seed}" / "heads.pt")
+        ws = torch.load(tmp_path / "stacked" / f"{method}_S_train-T_train_s{c.seed}" / "heads.pt")
+        for k in wa:
+            torch.testing.assert_close(wa[k], ws[k], rtol=1e-4, atol=1e-5)
+
+
+def test_refuses_store_of_another_backbone(i3d_root, tbn_root, tmp_path):
+    cfg = cfg_for(i3d_root, "source_only", tmp_path, target=str(Path(tbn_root) / "tbn" / "T_train.zarr"))
+    with pytest.raises(UserError, match="stores do not fit together: backbone"):
+        train([cfg], progress=False)
+
+
+def test_refuses_class_count_mismatch(i3d_root, tmp_path):
+    shape = {"rgb": (16, 3, 3), "flow": (16, 3, 3)}
+    ev = make_store(tmp_path / "E.zarr", 12, 6, 3, shape, 1.0, 5)
+    cfg = cfg_for(i3d_root, "source_only", tmp_path, eval=str(ev))
+    with pytest.raises(UserError, match="verb_classes of eval store"):
+        train([cfg], progress=False)
+
+
+def test_refuses_nan_features(i3d_root, tmp_path):
+    shape = {"rgb": (16, 3, 3), "flow": (16, 3, 3)}
+    bad = make_store(tmp_path / "T_nan.zarr", 24, 4, 3, shape, 1.0, 2)
+    arr = zarr.open_group(str(bad), mode="r+")["flow"]
+    block = arr[5]
+    block[0, 0, 0, 0] = np.nan
+    arr[5] = block
+    cfg = cfg_for(i3d_root, "source_only", tmp_path, target=str(bad))
+    with pytest.raises(UserError, match="non-finite flow features in clip T_nan_5"):
+        train([cfg], progress=False)
+
+
+def test_non_finite_loss_stops_naming_step_and_term(i3d_root, tmp_path):
+    cfg = cfg_for(i3d_root, "source_only", tmp_path, lr=1e38, lr_stage2=1e38, momentum=0.0)
+    with pytest.raises(TrainingError, match=r"loss term 'cls' is not finite at step \d+"):
+        train([cfg], progress=False)
+
+
+def test_full_disk_leaves_no_complete_looking_result(i3d_root, tmp_path, monkeypatch):
+    import adapt.train as T
+
+    real = T._write
+
+    def full(path, text):
+        if path.name == "final.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, text)
+
+    monkeypatch.setattr(T, "_write", full)
+    cfg = cfg_for(i3d_root, "source_only", tmp_path)
+    with pytest.raises(UserError, match="No space left on device.*not marked complete"):
+        train([cfg], progress=False)
+    run = tmp_path / "source_only_S_train-T_train_s0"
+    assert not (run / "final.json").exists() and not (run / "final.json.tmp").exists()
+
+
+def test_failed_clips_are_left_out(tmp_path):
+    shape = {"rgb": (8,), "flow": (8,)}
+    root = tmp_path / "i3d"
+    root.mkdir()
+    s = make_store(root / "S_train.zarr", 20, 4, 2, shape, 0.0, 1, failed=3)
+    t = make_store(root / "T_train.zarr", 20, 4, 2, shape, 1.0, 2)
+    e = make_store(root / "T_test.zarr", 10, 4, 2, shape, 1.0, 3)
+    cfg = C.resolve("source_only", "demo", None, source=str(s), target=str(t), eval=str(e), out=str(tmp_path),
+                    spatial=False, **{k: v for k, v in FAST.items() if k != "sc_dim"})
+    from adapt.data import DomainPair
+    pair = DomainPair(cfg, torch.device("cpu"))
+    assert pair.source.n == 17 and pair.target.verb.eq(-1).all()  # target labels are not loaded
+
+
+def test_cli_train_and_errors(i3d_root, tmp_path):
+    runner = CliRunner()
+    base = Path(i3d_root) / "i3d"
+    args = ["train", "--method", "cia", "--source", str(base / "S_train.zarr"), "--target",
+            str(base / "T_train.zarr"), "--eval", str(base / "T_test.zarr"), "--out", str(tmp_path), "--quiet",
+            "--set", "steps=8", "--set", "eval_every=4", "--set", "batch_source=8", "--set", "batch_target=8",
+            "--set", "sc=false"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "target top-1" in result.output
+    saved = json.loads((tmp_path / "cia_S_train-T_train_s0" / "config.json").read_text())
+    assert saved["sc"] is False and saved["mc"] is True and saved["w_frame_adv"] == 0.5
+    result = runner.invoke(app, args[:-2] + ["--set", "nonsense=1"])
+    assert result.exit_code == 2 and "unknown setting" in result.output
+    result = runner.invoke(app, ["train", "--method", "nope", "--source", "D1", "--target", "D2"])
+    assert result.exit_code == 2 and "unknown method" in result.output
+    result = runner.invoke(app, ["train", "--source", str(tmp_path / "missing.zarr"), "--target", "D2"])
+    assert result.exit_code == 2 and "not a feature store" in result.output
