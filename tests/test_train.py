@@ -97,11 +97,11 @@ def test_same_seed_same_numbers(i3d_root, tmp_path):
 
 @pytest.mark.parametrize("method", ["cia", "contrastive", "mcd"])
 def test_stacked_runs_equal_separate_runs(i3d_root, tmp_path, method):
-    cfgs = [cfg_for(i3d_root, method, tmp_path / "stacked", seed=s) for s in (0, 1, 2)]
-    cfgs[2].w_cls = 0.5  # loss weights may differ inside a stack
+    cfgs = [cfg_for(i3d_root, method, tmp_path / "stacked", seed=s, steps=8) for s in (0, 1)]
+    cfgs[1].w_cls = 0.5  # loss weights may differ inside a stack
     stacked = train(cfgs, progress=False)
     for c, st in zip(cfgs, stacked):
-        c1 = cfg_for(i3d_root, method, tmp_path / "alone", seed=c.seed)
+        c1 = cfg_for(i3d_root, method, tmp_path / "alone", seed=c.seed, steps=8)
         c1.w_cls = c.w_cls
         alone = train([c1], progress=False)[0]
         assert alone["target_top1_per_eval"] == st["target_top1_per_eval"]
