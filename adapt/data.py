@@ -76,10 +76,16 @@ def load_domain(path: Path, name: str, modalities: list[str], device: torch.devi
         raise UserError(f"{path}: no extracted clips")
     feats = {}
     for m in modalities:
-        arr = store.load(m)[keep] if len(keep) < store.num_clips else store.load(m)
-        t = torch.from_numpy(arr)
-        if not spatial and t.dim() == 5:
-            t = t.float().mean(dim=(-2, -1)).half()  # pooled at load: (N, U, C)
+        arr = store.array(m)
+        if not spatial and arr.ndim == 5:  # pooled at load, chunk by chunk: (N, U, C)
+            step = store.chunk_clips
+            parts = [torch.from_numpy(arr[lo:lo + step]).float().mean(dim=(-2, -1)).half()
+                     for lo in range(0, store.num_clips, step)]
+            t = torch.cat(parts)
+        else:
+            t = torch.from_numpy(arr[:])
+        if len(keep) < store.num_clips:
+            t = t[torch.from_numpy(keep)]
         if not torch.isfinite(t).all():
             bad = int(torch.nonzero(~torch.isfinite(t.reshape(t.shape[0], -1)).all(1))[0])
             raise UserError(f"{path}: non-finite {m} features in clip {store.meta('id')[keep][bad]}")

@@ -38,8 +38,12 @@ def run_name(cfg: C.TrainConfig) -> str:
     return name + (f"_{cfg.tag}" if cfg.tag else "")
 
 
-def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: DomainPair | None = None) -> list:
-    """Train the runs ``cfgs`` (one architecture) stacked; returns their ``final.json`` dicts."""
+def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: DomainPair | None = None,
+          timings: dict | None = None) -> list:
+    """Train the runs ``cfgs`` (one architecture) stacked; returns their ``final.json`` dicts.
+
+    ``timings``, when given, receives the seconds spent gathering batches ('data'), in the model's steps
+    ('step') and in evaluation ('eval'), measured with device synchronisation (for benchmarks)."""
     cfg = cfgs[0]
     if any(c.architecture_key() != cfg.architecture_key() for c in cfgs):
         raise ValueError("stacked runs must share stores and architecture (only seeds and weights may differ)")
@@ -96,9 +100,15 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
             total = sum(gate[t] * w[f"w_{t}"] * terms[t] for t in TERMS if t != "mcd")
         return total, torch.stack([terms[t] for t in TERMS]), new_st
 
+    in_dims = (0, 0, 0, 0, 0, 0, 0, 0, 0, None, None, 0, 0)
+
     def step_fn(phase):
-        return vmap(lambda *a: one_run(*a, phase), in_dims=(0, 0, 0, 0, 0, 0, 0, 0, 0, None, None, 0, 0),
-                    randomness="error")
+        if K == 1:  # the same function without vmap's per-call overhead: index run 0, add the run axis back
+            def single(*a):
+                a = [x if d is None else torch.utils._pytree.tree_map(lambda t: t[0], x) for x, d in zip(a, in_dims)]
+                return torch.utils._pytree.tree_map(lambda t: t.unsqueeze(0), one_run(*a, phase))
+            return single
+        return vmap(lambda *a: one_run(*a, phase), in_dims=in_dims, randomness="error")
 
     phases = {ph: step_fn(ph) for ph in (["all", "classifiers", "generator"] if cfg.mcd else ["all"])}
 
@@ -179,6 +189,7 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
     bar = _progress(console, progress)
     task = bar.add_task(f"{cfg.method} {cfg.source}->{cfg.target} x{K}", total=cfg.steps) if bar else None
     last_scores = None
+    clock = _Clock(timings, device)
     try:
         for step in range(cfg.steps):
             stage2 = 1.0 if step >= cfg.stage1_steps else 0.0
@@ -187,7 +198,9 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
                 for g in o.param_groups:
                     g["lr"] = lr
             coeff = parts.grl_coefficient(step, cfg.steps, 1.0)
+            clock.start()
             x, y_s, n_s, y_t, idx_s, idx_t = batch()
+            clock.lap("data")
             keys = vmap(lambda k: rng.fold(k, step))(run_keys)
             args = (x, y_s, n_s, y_t, idx_s, idx_t, keys, coeff, stage2, weights, state)
             if cfg.mcd and stage2:  # MCD: A) all on source, B) classifiers vs discrepancy, C) generator x n
@@ -206,9 +219,11 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
                     state = {k: v.detach() for k, v in new_state.items()}
                     bad = ~torch.isfinite(terms.detach())
                     first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
+            clock.lap("step")
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 check_finite(step)
                 last_scores = record(step + 1)
+                clock.lap("eval")
             if bar:
                 bar.update(task, advance=1)
     finally:
@@ -247,6 +262,30 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
                             f"complete (no final.json)") from None
         finals.append(final)
     return finals
+
+
+class _Clock:
+    """Accumulates wall time per phase when asked to (benchmarks); free otherwise."""
+
+    def __init__(self, timings, device):
+        self.timings, self.cuda = timings, device.type == "cuda"
+        self.t = 0.0
+
+    def start(self):
+        if self.timings is not None:
+            self._sync()
+            self.t = time.perf_counter()
+
+    def lap(self, name):
+        if self.timings is not None:
+            self._sync()
+            now = time.perf_counter()
+            self.timings[name] = self.timings.get(name, 0.0) + now - self.t
+            self.t = now
+
+    def _sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
 
 
 def _scores(out: dict) -> dict:
