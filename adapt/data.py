@@ -75,26 +75,37 @@ def load_domain(path: Path, name: str, modalities: list[str], device: torch.devi
     if len(keep) == 0:
         raise UserError(f"{path}: no extracted clips")
     feats = {}
+    ids = store.meta("id")
+    keep_mask = np.zeros(store.num_clips, dtype=bool)
+    keep_mask[keep] = True
     for m in modalities:
+        # chunk by chunk into one preallocated tensor: the peak is the result plus one chunk
         arr = store.array(m)
-        if not spatial and arr.ndim == 5:  # pooled at load, chunk by chunk: (N, U, C)
-            step = store.chunk_clips
-            parts = [torch.from_numpy(arr[lo:lo + step]).float().mean(dim=(-2, -1)).half()
-                     for lo in range(0, store.num_clips, step)]
-            t = torch.cat(parts)
-        else:
-            t = torch.from_numpy(arr[:])
-        if len(keep) < store.num_clips:
-            t = t[torch.from_numpy(keep)]
-        if not torch.isfinite(t).all():
-            bad = int(torch.nonzero(~torch.isfinite(t.reshape(t.shape[0], -1)).all(1))[0])
-            raise UserError(f"{path}: non-finite {m} features in clip {store.meta('id')[keep][bad]}")
-        feats[m] = t.to(device)
+        pool = not spatial and arr.ndim == 5
+        shape = arr.shape[1:3] if pool else arr.shape[1:]
+        t = torch.empty((len(keep), *shape), dtype=torch.float16, device=device)
+        at = 0
+        for lo in range(0, store.num_clips, store.chunk_clips):
+            hi = min(lo + store.chunk_clips, store.num_clips)
+            sel = keep_mask[lo:hi]
+            if not sel.any():
+                continue
+            block = arr[lo:hi][sel]
+            finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
+            if not finite.all():
+                bad = ids[lo:hi][sel][int(np.flatnonzero(~finite)[0])]
+                raise UserError(f"{path}: non-finite {m} features in clip {bad}")
+            block = torch.from_numpy(block)
+            if pool:  # pooled at load: (N, U, C)
+                block = block.float().mean(dim=(-2, -1)).half()
+            t[at:at + len(block)] = block.to(device)
+            at += len(block)
+        feats[m] = t
     n = len(keep)
     verb = torch.from_numpy(store.meta("verb_class")[keep].astype(np.int64)) if labels else torch.full((n,), -1)
     noun = torch.from_numpy(store.meta("noun_class")[keep].astype(np.int64)) if labels else torch.full((n,), -1)
     units = feats[modalities[0]].shape[1]
-    return Domain(name, Path(path), feats, verb.to(device), noun.to(device), store.meta("id")[keep], units)
+    return Domain(name, Path(path), feats, verb.to(device), noun.to(device), ids[keep], units)
 
 
 class DomainPair:

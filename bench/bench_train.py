@@ -88,11 +88,11 @@ def run(device="cpu", quick=False) -> dict:
         big = make_pair(root, scale=4)
         t1 = steps_per_second("mmsada", pooled, steps, device, str(root / "runs"), False)["steps_per_s"]
         t4 = steps_per_second("mmsada", big, steps, device, str(root / "runs"), False)["steps_per_s"]
-        memory = peak_memory(pooled, device)
+        memory = peak_memory(make_pair(root, (256, 256, 64), spatial=True, scale=2), device, spatial=True)
         return {"methods": rows, "step_time_4x_over_1x": t1 / t4, "memory": memory}
 
 
-def peak_memory(paths, device) -> dict:
+def peak_memory(paths, device, spatial=False) -> dict:
     """Peak RSS of a training process over its RSS just before it loads the stores (sampled every 5 ms from
     /proc/self/status), against the feature bytes it loads."""
     code = f"""
@@ -110,7 +110,8 @@ def watch():
         peak[0] = max(peak[0], rss()); time.sleep(0.005)
 paths = {json.dumps(paths)}
 cfg = C.resolve("mmsada", "mmsada", None, source=paths["source"], target=paths["target"], eval=paths["eval"],
-                out="{tempfile.mkdtemp()}", steps=20, stage1_steps=0, eval_every=20, device="{device}")
+                out="{tempfile.mkdtemp()}", steps=20, stage1_steps=0, eval_every=20, device="{device}",
+                spatial={spatial})
 import adapt.objectives, adapt.model, zarr, torch.optim  # imports before the baseline
 base = rss()
 threading.Thread(target=watch, daemon=True).start()
