@@ -34,6 +34,9 @@ class ExtractConfig:
     frame_stride: int = 2
     test_windows: int = 5
     train_windows: int = 5
+    # window centres (extract/sampling.py): "linspace": linspace(start, stop, W+2)[1:-1] (REFERENCE.md) |
+    # "mmsada_code": the released MM-SADA code's range, shrunk by half a window at each end
+    window_centres: str = "linspace"
     # TBN: TSN segments per clip, flow stack length
     segments: int = 25
     flow_stack: int = 5
@@ -58,7 +61,7 @@ class ExtractConfig:
 
     def sampling(self) -> dict:
         keys = ("backbone", "split_kind", "frames_per_window", "frame_stride", "segments", "flow_stack",
-                "flow_index_rule", "flow_stride", "seed")
+                "flow_index_rule", "flow_stride", "seed", "window_centres")
         s = {k: v for k, v in self.settings().items() if k in keys}
         s["windows"] = self.num_windows()
         return s
