@@ -41,8 +41,9 @@ LOCK_FILE = "done/write.lock"  # inside an array folder, where Zarr's group list
 
 
 def default_codec():
-    """Blosc-LZ4 with byte shuffle: measured in bench/bench_store.py as the best read speed for float16 maps."""
-    return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+    """Zstandard level 3: in bench/bench_store.py on ReLU'd float16 maps it stores 1.7x smaller than raw and reads
+    at ~85% of the uncompressed speed, while Blosc-LZ4 + shuffle barely compresses (1.09x) for 7% faster reads."""
+    return zarr.codecs.ZstdCodec(level=3)
 
 
 def _package_version() -> str:
