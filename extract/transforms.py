@@ -1,0 +1,79 @@
+"""Spatial transforms and input scalings of the backbones (numpy / OpenCV, one call per clip).
+
+Sources (REFERENCE.md, "I3D" and "TBN"):
+
+* Resize: the shorter side to ``cfg.resize`` (256) with bilinear interpolation, the longer side
+  ``int(size * long / short)`` (torchvision ``Resize`` with an int size, as used by pytorch-i3d and TSN/TBN's
+  ``GroupScale``).  Implemented with ``cv2.resize(..., INTER_LINEAR)``; EPIC frames are 456x256 already, so with
+  the default settings the resize is the identity and the OpenCV/PIL difference (PIL antialiases when shrinking)
+  does not arise.
+* Centre crop ``cfg.crop`` (224): top-left corner ``int(round((h - crop) / 2))``, ``int(round((w - crop) / 2))``
+  (torchvision ``CenterCrop``; TSN's ``GroupCenterCrop``).
+* I3D RGB: ``x / 255 * 2 - 1`` in ``[-1, 1]`` (pytorch-i3d; MM-SADA).  I3D flow: :func:`extract.flow.dequantise`.
+* TBN RGB: BGR order, ``0..255`` minus the mean ``[104, 117, 128]`` (B, G, R), no division (TBN / TSN
+  BN-Inception: ``input_mean = [104, 117, 128]``, ``Stack(roll=True)`` turns RGB into BGR,
+  ``ToTorchFormatTensor(div=False)``).  TBN flow: ``x - 128`` (flow mean 128, std 1).
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from extract.errors import UserError
+
+TBN_RGB_MEAN_BGR = np.array([104.0, 117.0, 128.0], dtype=np.float32)
+TBN_FLOW_MEAN = 128.0
+
+
+def resized_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """``(new_h, new_w)`` with the shorter side ``size`` and the longer ``int(size * long / short)``."""
+    if h <= w:
+        return int(size), int(size * w / h)
+    return int(size * h / w), int(size)
+
+
+def resize_shorter(frames: np.ndarray, size: int) -> np.ndarray:
+    """Resize ``(N, H, W)`` or ``(N, H, W, C)`` frames so the shorter side is ``size`` (bilinear, cv2 INTER_LINEAR).
+
+    Returns the input itself when the shorter side already is ``size``.  Works on uint8 or float arrays.
+    """
+    frames = np.asarray(frames)
+    n, h, w = frames.shape[:3]
+    nh, nw = resized_size(h, w, size)
+    if (nh, nw) == (h, w):
+        return frames
+    out = np.empty((n, nh, nw) + frames.shape[3:], dtype=frames.dtype)
+    for i in range(n):
+        out[i] = cv2.resize(frames[i], (nw, nh), interpolation=cv2.INTER_LINEAR).reshape(out.shape[1:])
+    return out
+
+
+def centre_crop(frames: np.ndarray, crop: int) -> np.ndarray:
+    """Centre ``crop x crop`` of ``(N, H, W[, C])`` frames (torchvision ``CenterCrop`` corner rounding)."""
+    h, w = frames.shape[1:3]
+    if h < crop or w < crop:
+        raise UserError(f"crop {crop} is larger than the resized frame {h}x{w} (set resize >= crop)")
+    top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
+    return frames[:, top:top + crop, left:left + crop]
+
+
+def resize_crop(frames: np.ndarray, size: int, crop: int) -> np.ndarray:
+    """:func:`resize_shorter` then :func:`centre_crop` (the test-time transform of I3D and TBN)."""
+    return np.ascontiguousarray(centre_crop(resize_shorter(frames, size), crop))
+
+
+def i3d_rgb(frames: np.ndarray) -> np.ndarray:
+    """uint8 RGB ``(..., 3)`` -> float32 in ``[-1, 1]``: ``x / 255 * 2 - 1``."""
+    return np.asarray(frames, dtype=np.float32) / np.float32(255.0) * np.float32(2.0) - np.float32(1.0)
+
+
+def tbn_rgb(frames: np.ndarray) -> np.ndarray:
+    """uint8 RGB ``(..., 3)`` -> float32 BGR ``0..255`` minus ``[104, 117, 128]``."""
+    bgr = np.asarray(frames)[..., ::-1].astype(np.float32)
+    return bgr - TBN_RGB_MEAN_BGR
+
+
+def tbn_flow(frames: np.ndarray) -> np.ndarray:
+    """uint8 flow JPEG values -> float32 ``x - 128``."""
+    return np.asarray(frames, dtype=np.float32) - np.float32(TBN_FLOW_MEAN)
