@@ -1,0 +1,72 @@
+"""`make bench` (`python -m bench [--device cuda] [--quick]`): every benchmark in one run, then one table of ratios,
+each against its goal, measured on the machine at hand.  The raw figures go to bench/out/bench.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="fewer steps and clips")
+    args = ap.parse_args()
+    console = Console()
+    started = time.time()
+    figures: dict = {"device": args.device, "machine": platform.processor() or platform.machine(),
+                     "cpus": torch.get_num_threads(), "torch": torch.__version__}
+
+    from bench import bench_extract, bench_store, bench_train
+    from adapt.sweep import bench_batched
+
+    console.rule("extraction")
+    figures["extract"] = bench_extract.run(console.print, clips=8 if args.quick else 12, device=args.device)
+    console.rule("store codecs")
+    figures["store"] = bench_store.run(32 if args.quick else 64)
+    console.rule("trainer")
+    figures["train"] = bench_train.run(args.device, quick=args.quick)
+    console.rule("batched sweep")
+    figures["sweep"] = bench_batched(k=8, steps=40 if args.quick else 100, pooled=True, device=args.device)
+
+    ex, tr, sw = figures["extract"], figures["train"], figures["sweep"]
+    table = Table(title=f"benchmarks on {args.device} ({figures['cpus']} threads), {time.time() - started:.0f} s")
+    for col in ("measure", "value", "goal"):
+        table.add_column(col)
+    table.add_row("extraction pipeline / slower stage (decode, backbone)", f"{ex['pipeline_ratio']:.2f}", ">= 0.85")
+    table.add_row("  decode / backbone / pipeline clips/s",
+                  f"{ex['decode_clips_per_s']:.2f} / {ex['backbone_clips_per_s']:.2f} / "
+                  f"{ex['pipeline_clips_per_s']:.2f}", "")
+    table.add_row("extraction peak RSS, 4x clips / 1x clips", f"{ex['rss_growth_4x_over_1x']:.2f}", "~1 (no growth)")
+    table.add_row("  seconds per clip at 1x / 2x / 4x clips",
+                  " / ".join(f"{ex['scale'][k]['seconds_per_clip']:.3f}" for k in ("1x", "2x", "4x")), "flat")
+    shares = [r["data_share"] for r in tr["methods"]]
+    table.add_row("trainer: data path's share of a step (worst method)", f"{max(shares):.1%}", "< 15%")
+    table.add_row("trainer: step time with 4x larger stores / 1x", f"{tr['step_time_4x_over_1x']:.2f}", "~1")
+    table.add_row("trainer peak memory / feature bytes loaded", f"{tr['memory']['ratio']:.2f}", "<= 1.5")
+    table.add_row("batched sweep, K=8 stacked vs one by one", f"{sw['ratio']:.2f}x", ">= 4x (CPU, pooled)")
+    best = max(figures["store"], key=lambda r: r["ratio"])
+    table.add_row("store codec (chosen: zstd-3): compression / read MB/s",
+                  f"{best['ratio']:.2f} / {best['read_MBps']:.0f}", "")
+    console.print(table)
+    steps = Table(title="trainer steps/s (batch 64 + 64)")
+    for col in ("method", "features", "steps/s", "data share"):
+        steps.add_column(col)
+    for r in tr["methods"]:
+        steps.add_row(r["method"], r["features"], f"{r['steps_per_s']:.1f}", f"{r['data_share']:.1%}")
+    console.print(steps)
+    out = Path("bench/out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(figures, indent=1, default=str))
+    console.print(f"figures in {out / 'bench.json'}")
+
+
+if __name__ == "__main__":
+    main()
