@@ -1,0 +1,305 @@
+"""Result tables in the papers' form, from run folders, sweep folders or ``results.jsonl`` files.
+
+* Domain-pair table (MM-SADA Table 1): one row per method, or per ablation setting (method + tag); one column per
+  domain pair (``D2→D1``), ordered by target then source as in the papers, and a ``mean`` column; a cell is the
+  mean ± standard deviation over seeds of ``target_top1`` (or ``--metric``).
+* EPIC-100 table (TA3N / M3EM): runs with verb and noun heads get columns verb / noun / action top-1 (top-5 with
+  ``--metric top5``), mean ± std over seeds.
+
+Arithmetic (tested exactly in tests/test_report.py):
+
+* cell mean = arithmetic mean of the seeds' values;
+* cell std = the **sample** standard deviation over seeds (ddof = 1, divides by n - 1); ``std="population"``
+  (ddof = 0) is the alternative; one seed has no sample std (the cell shows the mean alone);
+* ``mean`` column = mean over the domain pairs of the per-pair means (each pair weighs the same, whatever its
+  number of seeds); shown only for rows that have every pair of the table.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from extract.errors import UserError
+
+EPIC_KEYS = {"top1": ("verb_top1", "noun_top1", "action_top1"), "top5": ("verb_top5", "noun_top5", "action_top5")}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# reading runs
+
+
+def collect(paths: list) -> list[dict]:
+    """Rows (final.json dicts with ``run_dir``) from run folders, folders of run folders (searched recursively)
+    and results.jsonl files; a folder without any final.json falls back to its results.jsonl."""
+    rows, seen = [], set()
+
+    def add(row, run_dir):
+        key = str(Path(run_dir).resolve()) if run_dir else json.dumps(row, sort_keys=True)
+        if key in seen:
+            return
+        seen.add(key)
+        rows.append({**row, "run_dir": str(run_dir) if run_dir else ""})
+
+    for p in paths:
+        p = Path(p)
+        if p.is_file():
+            for row in _read_jsonl(p):
+                add(row, p.parent / row["run"] if row.get("run") else "")
+        elif (p / "final.json").is_file():
+            add(json.loads((p / "final.json").read_text()), p)
+        elif p.is_dir():
+            finals = sorted(p.rglob("final.json"))
+            if finals:
+                for f in finals:
+                    add(json.loads(f.read_text()), f.parent)
+            elif (p / "results.jsonl").is_file():
+                for row in _read_jsonl(p / "results.jsonl"):
+                    add(row, p / row["run"] if row.get("run") else "")
+            else:
+                raise UserError(f"{p}: no runs (no final.json below it and no results.jsonl)")
+        else:
+            raise UserError(f"{p}: no such run folder or results file")
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: not a results.jsonl file ({e})") from None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# arithmetic
+
+
+def mean_std(values: list[float], std: str = "sample") -> tuple[float, float | None]:
+    """(mean, std) of seeds' values; std is the sample std (ddof 1; None for one value) or the population std."""
+    if std not in ("sample", "population"):
+        raise UserError(f"--std {std}: one of sample, population")
+    n = len(values)
+    if n == 0:
+        return float("nan"), None
+    m = math.fsum(values) / n
+    ddof = 1 if std == "sample" else 0
+    if n - ddof <= 0:
+        return m, None
+    return m, math.sqrt(math.fsum((v - m) ** 2 for v in values) / (n - ddof))
+
+
+def _value(row: dict, metric: str) -> float | None:
+    v = row
+    for part in metric.split("."):
+        if not isinstance(v, dict) or part not in v:
+            return None
+        v = v[part]
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def pair_of(row: dict) -> str:
+    from adapt.sweep import pair_label
+    return row.get("pair") or pair_label(row.get("source", "?"), row.get("target", "?"))
+
+
+def _pair_order(label: str):
+    s, _, t = label.partition("→")
+    return (t, s)
+
+
+@dataclass
+class Cell:
+    mean: float
+    std: float | None
+    n: int
+    values: list = field(default_factory=list)
+
+    def text(self, digits: int = 2) -> str:
+        if self.n == 0 or self.mean != self.mean:
+            return "–"
+        return f"{self.mean:.{digits}f}" + (f" ± {self.std:.{digits}f}" if self.std is not None else "")
+
+
+@dataclass
+class ResultTable:
+    title: str
+    columns: list                    # column labels (pairs, or verb / noun / action)
+    rows: list                       # [(label, {column: Cell}, mean or None)]
+    mean_column: bool
+    metric: str
+    std: str
+
+    def row(self, label: str):
+        for r in self.rows:
+            if r[0] == label:
+                return r
+        raise KeyError(label)
+
+
+def _label(row: dict, backbones: int) -> str:
+    label = row.get("method", "?") + (f" [{row['tag']}]" if row.get("tag") else "")
+    return label + (f" ({row.get('backbone')})" if backbones > 1 else "")
+
+
+def _row_order(rows: list[dict], backbones: int) -> list[str]:
+    from adapt.config import METHODS
+    order = list(METHODS)
+    first = {}
+    for i, r in enumerate(rows):
+        rank = order.index(r["method"]) if r.get("method") in order else len(order)
+        first.setdefault(_label(r, backbones), (rank, bool(r.get("tag")), i))  # method, untagged first, seen
+    return sorted(first, key=lambda k: first[k])
+
+
+def build_tables(rows: list[dict], metric: str = "target_top1", std: str = "sample") -> list[ResultTable]:
+    """The domain-pair table of the runs without noun heads and the EPIC-100 table of those with them."""
+    backbones = len({r.get("backbone") for r in rows})
+    epic = [r for r in rows if "action_top1" in r]
+    plain = [r for r in rows if "action_top1" not in r]
+    tables = []
+    if plain:
+        pairs = sorted({pair_of(r) for r in plain}, key=_pair_order)
+        cells: dict = {}
+        for r in plain:
+            v = _value(r, metric)
+            if v is None:
+                raise UserError(f"{r.get('run_dir') or r.get('run')}: no numeric {metric!r} in final.json")
+            cells.setdefault(_label(r, backbones), {}).setdefault(pair_of(r), []).append(v)
+        out_rows = []
+        for label in _row_order(plain, backbones):
+            row_cells = {p: Cell(*mean_std(vs, std), len(vs), vs) for p, vs in cells[label].items()}
+            mean = (math.fsum(row_cells[p].mean for p in pairs) / len(pairs)
+                    if all(p in row_cells for p in pairs) else None)
+            out_rows.append((label, row_cells, mean))
+        tables.append(ResultTable(f"{metric} (%), mean ± {std} std over seeds", pairs, out_rows,
+                                  len(pairs) > 1, metric, std))
+    if epic:
+        keys = EPIC_KEYS["top5" if metric.endswith("top5") else "top1"]
+        pairs = sorted({pair_of(r) for r in epic}, key=_pair_order)
+        names = {k: k.split("_")[0] for k in keys}
+        columns = [names[k] if len(pairs) == 1 else f"{p} {names[k]}" for p in pairs for k in keys]
+        cells = {}
+        for r in epic:
+            for k in keys:
+                col = names[k] if len(pairs) == 1 else f"{pair_of(r)} {names[k]}"
+                cells.setdefault(_label(r, backbones), {}).setdefault(col, []).append(float(r[k]))
+        out_rows = [(label, {c: Cell(*mean_std(vs, std), len(vs), vs) for c, vs in cells[label].items()}, None)
+                    for label in _row_order(epic, backbones)]
+        tables.append(ResultTable(f"EPIC-100 target {keys[0].split('_')[1]} (%), mean ± {std} std over seeds",
+                                  columns, out_rows, False, ",".join(keys), std))
+    return tables
+
+
+# ------------------------------------------------------------------------------------------------------------
+# writing
+
+
+def to_markdown(t: ResultTable, digits: int = 2) -> str:
+    header = ["method", *t.columns] + (["mean"] if t.mean_column else [])
+    lines = [f"**{t.title}**", "", "| " + " | ".join(header) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for label, cells, mean in t.rows:
+        vals = [cells[c].text(digits) if c in cells else "–" for c in t.columns]
+        if t.mean_column:
+            vals.append(f"{mean:.{digits}f}" if mean is not None else "–")
+        lines.append("| " + " | ".join([label, *vals]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(t: ResultTable) -> str:
+    """Machine-readable: method, tag, and per column its mean, std and number of seeds; then the mean column."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["row", *(f"{c} {s}" for c in t.columns for s in ("mean", "std", "n"))]
+               + (["mean"] if t.mean_column else []))
+    for label, cells, mean in t.rows:
+        vals = []
+        for c in t.columns:
+            cell = cells.get(c)
+            vals += ["", "", 0] if cell is None else [repr(cell.mean), "" if cell.std is None else repr(cell.std),
+                                                      cell.n]
+        w.writerow([label, *vals] + ([("" if mean is None else repr(mean))] if t.mean_column else []))
+    return buf.getvalue()
+
+
+def print_table(t: ResultTable, console, digits: int = 2) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+    table = Table(title=escape(t.title))
+    table.add_column("method")
+    for c in t.columns:
+        table.add_column(escape(c), justify="right")
+    if t.mean_column:
+        table.add_column("mean", justify="right", style="bold")
+    for label, cells, mean in t.rows:
+        vals = [cells[c].text(digits) if c in cells else "–" for c in t.columns]
+        if t.mean_column:
+            vals.append(f"{mean:.{digits}f}" if mean is not None else "–")
+        table.add_row(escape(label), *vals)
+    console.print(table)
+
+
+def write_report(paths: list, out: str | Path | None = None, metric: str = "target_top1", std: str = "sample",
+                 console=None, plots: bool = True) -> dict:
+    """Collect the runs, print the tables, write report.md, report.csv (report_epic100.csv for the EPIC-100
+    table) and accuracy.png into ``out`` (default: the first folder of ``paths``); returns the written paths."""
+    rows = collect(paths)
+    if not rows:
+        raise UserError("no complete runs (final.json) in " + ", ".join(map(str, paths)))
+    first = Path(paths[0])
+    out = Path(out) if out else (first.parent if first.is_file() else first)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = build_tables(rows, metric, std)
+    written = {}
+    md = [f"# Results ({len(rows)} runs)\n"]
+    for t in tables:
+        md.append(to_markdown(t))
+        name = "report_epic100.csv" if t.metric.startswith("verb_") and len(tables) > 1 else "report.csv"
+        (out / name).write_text(to_csv(t))
+        written[name] = out / name
+        if console is not None:
+            print_table(t, console)
+    (out / "report.md").write_text("\n".join(md))
+    written["report.md"] = out / "report.md"
+    if plots:
+        from adapt import plots as P
+        curve_metric = metric if metric in ("target_top1", "verb_top1", "noun_top1", "action_top1") else "target_top1"
+        png = P.plot_accuracy(rows, out / "accuracy.png", metric=curve_metric, std=std)
+        if png:
+            written["accuracy.png"] = png
+    if console is not None:
+        console.print("wrote " + ", ".join(str(p) for p in written.values()))
+    return written
+
+
+def register_report(command, console):
+    import typer
+
+    @command("report")
+    def report_cmd(
+        runs: List[Path] = typer.Argument(None, help="Run folders, folders of run folders, or results.jsonl files."),
+        out: Optional[Path] = typer.Option(None, help="Where report.md, report.csv and the plots go "
+                                                      "(default: the first RUNS folder)."),
+        metric: str = typer.Option("target_top1", help="final.json key of the cells, e.g. target_top1, final_top1, "
+                                                       "per_modality.rgb; EPIC-100: top1 or top5."),
+        std: str = typer.Option("sample", help="Std over seeds: sample (n-1) or population (n)."),
+        tsne: Optional[Path] = typer.Option(None, "--tsne", help="A run folder: write its t-SNE plot (before / after "
+                                                                 "adaptation, per modality)."),
+        max_points: int = typer.Option(500, help="t-SNE: most points per domain."),
+        no_plots: bool = typer.Option(False, "--no-plots", help="Tables only."),
+    ):
+        """Result tables (mean ± std over seeds per domain pair), accuracy curves and t-SNE plots."""
+        if not runs and tsne is None:
+            raise UserError("give run folders (or results.jsonl files), or --tsne RUN")
+        if runs:
+            write_report(list(runs), out, metric, std, console, plots=not no_plots)
+        if tsne is not None:
+            from adapt import plots as P
+            target = (Path(out) if out else Path(tsne)) / "tsne.png"
+            P.plot_tsne(tsne, target, max_points=max_points)
+            console.print(f"wrote {target}")

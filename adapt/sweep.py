@@ -1,0 +1,660 @@
+"""Ablation sweeps on frozen features: a grid of methods x domain pairs x settings x seeds, trained stacked.
+
+A sweep is one TOML or YAML file (``adapt sweep SPEC``)::
+
+    name = "demo"                                  # optional, shown in the table title
+    methods = ["source_only", "dann", "cia"]       # presets of adapt.config.METHODS
+    pairs = [["K1", "K2"], ["K2", "K1"]]           # [source, target] or [source, target, eval]; domains, splits
+                                                   # or store paths; or tables {source=, target=, eval=}
+    seeds = [0, 1]
+    backbone = "i3d"
+    features_root = "features/demo"                # relative paths are relative to the working directory
+    out = "runs/sweep_demo"
+    dataset = "demo"                               # optional: whose schedule to start from (default: the source's)
+    set = {steps = 200, stage1_steps = 60}         # base settings of every run (override the method presets)
+    grid = {w_adv = [0, 1], sc = [true, false]}    # every combination of these settings
+
+    [per_method.cia]                               # per-method overrides
+    set = {sc_dim = 64}                            # a key set here leaves the global grid for this method
+    grid = {w_frame_adv = [0.25, 0.5]}             # merged into the global grid for this method
+
+Each run's configuration is ``adapt.config.resolve(method, dataset, overrides)`` with overrides = ``set``, then the
+method's ``set``, then its grid point.  The grid point is the run's ``tag`` (``"w_adv=0,sc=false"``; only the grid
+keys with more than one value appear), so its folder ``out/<method>_<S>-<T>_s<seed>_<tag>`` is its own.
+
+Runs are grouped by stores and architecture (``TrainConfig.architecture_key`` plus which loss weights are non-zero:
+a zero weight removes a head and skips a loss term, so it changes the stacked model) and each group is trained in
+stacks of at most ``--max-stack`` runs with one :func:`adapt.train.train` call.  A run whose ``final.json`` exists
+(and whose ``config.json`` matches the sweep's settings) is skipped, so an interrupted sweep resumes where it
+stopped.  With ``WORLD_SIZE > 1`` (``torchrun --nproc_per_node N --no-python adapt sweep SPEC``) rank ``r`` trains the groups ``g`` with ``g % N == r`` and rank 0 merges the results after a
+barrier.  The results: ``out/results.jsonl`` and ``out/results.csv`` (one row per run: its ``final.json`` and grid
+point), and the table of :mod:`adapt.report`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import itertools
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from extract.errors import UserError
+
+SPEC_KEYS = {"name", "methods", "pairs", "seeds", "backbone", "features_root", "out", "dataset", "device",
+             "modalities", "set", "grid", "per_method"}
+METHOD_KEYS = {"set", "grid"}
+MAX_STACK = 16
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the spec
+
+
+def load_spec(path: str | Path) -> dict:
+    """Read a sweep spec (``.toml``, ``.yaml`` / ``.yml``; other names: TOML, then YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such sweep spec (a TOML or YAML file)")
+    text = path.read_text()
+    return parse_spec(text, "yaml" if path.suffix.lower() in (".yaml", ".yml") else "toml", str(path))
+
+
+def parse_spec(text: str, fmt: str = "toml", where: str = "spec") -> dict:
+    import tomllib
+
+    import yaml
+    try:
+        if fmt == "toml":
+            spec = tomllib.loads(text)
+        else:
+            spec = yaml.safe_load(text) or {}
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"{where}: not valid {fmt.upper()} ({str(e).splitlines()[0]})") from None
+    if not isinstance(spec, dict):
+        raise UserError(f"{where}: expected a table of settings at the top level")
+    return spec
+
+
+@dataclass
+class Run:
+    """One run of a sweep: its resolved configuration and the grid point it stands for."""
+
+    cfg: object                      # adapt.config.TrainConfig
+    grid: dict                       # the grid point (only keys with more than one value)
+    pair: str                        # "S→T" label
+
+    @property
+    def name(self) -> str:
+        from adapt.train import run_name
+        return run_name(self.cfg)
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.cfg.out) / self.name
+
+
+@dataclass
+class Group:
+    """Runs that can be trained stacked (same stores, same architecture, same non-zero loss weights)."""
+
+    key: tuple
+    runs: list = field(default_factory=list)
+
+
+def _fmt(v) -> str:
+    """A setting's value in a tag: true/false, 0.5, 1e-04, a+b for lists; no path separators."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return format(v, "g")
+    if isinstance(v, (list, tuple)):
+        return "+".join(_fmt(x) for x in v)
+    return str(v).replace("/", "_").replace(os.sep, "_")
+
+
+def _typed(name: str, value, where: str):
+    """A spec value converted to the type of TrainConfig's field ``name`` (strings go through resolve's parser)."""
+    from adapt.config import TrainConfig
+    defaults = TrainConfig()
+    if name not in {f.name for f in dataclasses.fields(TrainConfig)}:
+        raise UserError(f"{where}: unknown setting {name!r} (see `adapt train --settings`)")
+    current = getattr(defaults, name)
+    if isinstance(value, str):
+        return value  # resolve() converts strings with the --set rules
+    bad = UserError(f"{where}: {name} = {value!r}: expected a {type(current).__name__}")
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if isinstance(current, int):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise bad
+        return int(value)
+    if isinstance(current, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if isinstance(current, list):
+        if not isinstance(value, list):
+            raise bad
+        return list(value)
+    return value
+
+
+def _table(spec: dict, key: str, where: str) -> dict:
+    value = spec.get(key) or {}
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: {key} must be a table of settings, e.g. {key} = {{steps = 300}}")
+    return value
+
+
+def _pairs(spec: dict, where: str) -> list[tuple[str, str, str]]:
+    pairs = spec.get("pairs")
+    if not pairs or not isinstance(pairs, list):
+        raise UserError(f"{where}: pairs must list [source, target] pairs, e.g. pairs = [[\"D1\", \"D2\"]]")
+    out = []
+    for p in pairs:
+        if isinstance(p, dict):
+            if "source" not in p or "target" not in p or set(p) - {"source", "target", "eval"}:
+                raise UserError(f"{where}: pair {p!r}: expected keys source, target and optionally eval")
+            out.append((str(p["source"]), str(p["target"]), str(p.get("eval") or "")))
+        elif isinstance(p, (list, tuple)) and len(p) in (2, 3):
+            out.append((str(p[0]), str(p[1]), str(p[2]) if len(p) == 3 else ""))
+        else:
+            raise UserError(f"{where}: pair {p!r}: expected [source, target] or [source, target, eval]")
+    return out
+
+
+def pair_label(source: str, target: str) -> str:
+    """``D2→D1``; store paths by their names without ``.zarr`` and ``_train``."""
+    def short(s):
+        stem = Path(str(s)).stem if str(s).endswith(".zarr") else Path(str(s)).name
+        return stem[:-6] if stem.endswith("_train") else stem
+    return f"{short(source)}→{short(target)}"
+
+
+def expand(spec: dict, where: str = "spec", out: str | None = None, extra_set: dict | None = None) -> list[Run]:
+    """The runs of a spec in order pair, method, grid point, seed (see the module docstring for the format)."""
+    from adapt import config as C
+    from adapt.data import store_path
+
+    unknown = set(spec) - SPEC_KEYS
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(SPEC_KEYS))})")
+    methods = spec.get("methods")
+    per_method = dict(_table(spec, "per_method", where))
+    if isinstance(methods, dict):  # methods = {cia = {set = ...}, dann = {}}
+        for m, v in methods.items():
+            per_method.setdefault(m, v or {})
+        methods = list(methods)
+    if isinstance(methods, str):
+        methods = [methods]
+    if not methods or not isinstance(methods, list):
+        raise UserError(f"{where}: methods must list method presets, e.g. methods = [\"source_only\", \"cia\"]")
+    for m in list(methods) + list(per_method):
+        if m not in C.METHODS:
+            raise UserError(f"{where}: unknown method {m!r}: one of {', '.join(C.METHODS)}")
+    for m, v in per_method.items():
+        if not isinstance(v, dict) or set(v) - METHOD_KEYS:
+            raise UserError(f"{where}: per_method.{m} may hold only set and grid tables")
+    seeds = spec.get("seeds", [0])
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = [seeds]
+    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise UserError(f"{where}: seeds must be a list of distinct integers, e.g. seeds = [0, 1, 2]")
+    backbone = str(spec.get("backbone", "i3d"))
+    root = str(spec.get("features_root", "features"))
+    out = str(out or spec.get("out", "runs/sweep"))
+    given = dict(backbone=backbone, features_root=root, out=out)
+    if "device" in spec:
+        given["device"] = str(spec["device"])
+    if "modalities" in spec:
+        mods = spec["modalities"]
+        given["modalities"] = [m for m in (mods.split(",") if isinstance(mods, str) else mods) if m]
+    base = {k: _typed(k, v, f"{where}: set") for k, v in _table(spec, "set", where).items()}
+    base.update({k: _typed(k, v, "--set") for k, v in (extra_set or {}).items()})
+    grid = _grid(_table(spec, "grid", where), f"{where}: grid")
+    runs = []
+    for source, target, ev in _pairs(spec, where):
+        dataset = spec.get("dataset") or store_path(source, "train", backbone, root)[1]
+        for method in methods:
+            mspec = per_method.get(method, {})
+            mset = {k: _typed(k, v, f"{where}: per_method.{method}.set") for k, v in _table(mspec, "set", where).items()}
+            mgrid = {k: v for k, v in grid.items() if k not in mset}
+            mgrid.update(_grid(_table(mspec, "grid", where), f"{where}: per_method.{method}.grid"))
+            keys = list(mgrid)
+            varying = [k for k in keys if len(mgrid[k]) > 1]
+            for point in itertools.product(*(mgrid[k] for k in keys)):
+                point = dict(zip(keys, point))
+                tag = ",".join(f"{k}={_fmt(point[k])}" for k in varying)
+                overrides = {**base, **mset, **point}
+                for seed in seeds:
+                    cfg = C.resolve(method, dataset, overrides, source=source, target=target, eval=ev or None,
+                                    seed=seed, tag=tag, **given)
+                    runs.append(Run(cfg, {k: point[k] for k in varying}, pair_label(source, target)))
+    names = {}
+    for r in runs:
+        if r.name in names:
+            raise UserError(f"{where}: two runs would write the same folder {r.dir} (pairs whose stores have the "
+                            f"same names? give them different names or put them in separate sweeps)")
+        names[r.name] = r
+    return runs
+
+
+def _grid(table: dict, where: str) -> dict:
+    out = {}
+    for k, values in table.items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{where}: {k} must be a non-empty list of values, e.g. {k} = [0, 1]")
+        out[k] = [_typed(k, v, where) for v in values]
+    return out
+
+
+def _nonzero_weights(cfg) -> tuple:
+    return tuple(bool(getattr(cfg, w)) for w in cfg.WEIGHTS)
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    """Runs that can share one stacked training, in order of first appearance.
+
+    Key: stores (source, target, eval), ``architecture_key()`` and which loss weights are non-zero (a zero weight
+    drops a head from the model and a term from the objective, and the stacked model follows its first run).
+    """
+    groups: dict[tuple, Group] = {}
+    for r in runs:
+        c = r.cfg
+        key = (c.source, c.target, c.eval, c.architecture_key(), _nonzero_weights(c))
+        groups.setdefault(key, Group(key)).runs.append(r)
+    return list(groups.values())
+
+
+def chunks(items: list, size: int) -> list[list]:
+    size = max(1, int(size))
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# completion (resume)
+
+_IGNORED = {"out", "device"}
+
+
+def is_complete(run: Run) -> tuple[bool, str]:
+    """(complete, why not): a run is complete when its ``final.json`` exists and its ``config.json`` (when there is
+    one) holds the same settings as the sweep's."""
+    final = run.dir / "final.json"
+    if not final.is_file():
+        return False, "not trained"
+    cfg_path = run.dir / "config.json"
+    if not cfg_path.is_file():
+        return True, ""
+    try:
+        saved = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False, "unreadable config.json"
+    want = run.cfg.to_dict()
+    for k, v in want.items():
+        if k in _IGNORED or (k == "modalities" and not v):
+            continue
+        if k in saved and saved[k] != v:
+            return False, f"{k} changed ({saved[k]!r} -> {v!r})"
+    return True, ""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the sweep
+
+
+@dataclass
+class SweepResult:
+    runs: list
+    groups: list
+    trained: list                    # names of the runs trained by this process
+    skipped: list                    # names of the runs found complete
+    failed: list                     # (names, message) of stacks that stopped
+    rows: list                       # result rows (rank 0; empty on other ranks)
+    files: list                      # files written
+
+
+def _dist():
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    return rank, world
+
+
+def run_sweep(spec: dict | str | Path, console=None, max_stack: int = MAX_STACK, progress: bool = True,
+              out: str | None = None, extra_set: dict | None = None, redo: bool = False, dry_run: bool = False,
+              rank: int | None = None, world: int | None = None, where: str | None = None) -> SweepResult:
+    """Expand, skip the complete runs, train the rest group by group (stacked), write the results files.
+
+    Rank ``r`` of ``world`` processes trains the groups ``g`` with ``g % world == r`` (the groups of the whole
+    spec, complete or not, so every rank partitions alike); rank 0 writes the results.  ``rank``/``world`` default
+    to torchrun's RANK/WORLD_SIZE, with a gloo process group whose barrier makes rank 0 wait for the others."""
+    from adapt import train as T
+    from adapt.data import DomainPair, resolve_device
+
+    if not isinstance(spec, dict):
+        where = where or str(spec)
+        spec = load_spec(spec)
+    where = where or "spec"
+    if max_stack < 1:
+        raise UserError(f"--max-stack {max_stack}: expected 1 or more")
+    runs = expand(spec, where, out=out, extra_set=extra_set)
+    groups = group_runs(runs)
+    dist = None
+    if rank is None and world is None:  # torchrun: WORLD_SIZE, RANK; the ranks meet at barriers (gloo)
+        rank, world = _dist()
+        if world > 1 and not dry_run:
+            dist = _init_dist()
+    rank, world = rank or 0, world or 1  # given explicitly (tests): no process group, no barrier
+    if not 0 <= rank < world:
+        raise UserError(f"rank {rank} outside a world of {world}")
+    local = int(os.environ.get("LOCAL_RANK", rank))
+
+    skipped, todo_groups = [], []
+    for gi, g in enumerate(groups):
+        if gi % world != rank:
+            continue
+        todo = []
+        for r in g.runs:
+            done, why = (False, "redo") if redo else is_complete(r)
+            if done:
+                skipped.append(r.name)
+            else:
+                if why not in ("not trained", "redo") and console is not None:
+                    console.print(f"[yellow]retraining[/yellow] {r.name}: {why}")
+                todo.append(r)
+        if todo:
+            todo_groups.append((gi, g, todo))
+    n_todo = sum(len(t) for _, _, t in todo_groups)
+    who = f"rank {rank}/{world}: " if world > 1 else ""
+    if console is not None:
+        console.print(f"{who}sweep {spec.get('name') or where}: {len(runs)} runs in {len(groups)} groups; "
+                      f"{len(skipped)} complete, {n_todo} to train (stacks of at most {max_stack})")
+    if dry_run:
+        if console is not None:
+            _print_plan(console, groups, todo_groups, max_stack)
+        return SweepResult(runs, groups, [], skipped, [], [], [])
+
+    # same stores and data settings next to each other, so a loaded DomainPair serves several groups
+    def data_key(cfg):
+        return (cfg.source, cfg.target, cfg.eval, cfg.backbone, cfg.features_root, tuple(cfg.modalities),
+                cfg.spatial, cfg.w_target_cls > 0, cfg.device)
+    order = sorted(todo_groups, key=lambda t: (str(data_key(t[1].runs[0].cfg)), t[0]))
+    trained, failed = [], []
+    cached_key, cached_pair = None, None
+    started = time.time()
+    for i, (gi, g, todo) in enumerate(order):
+        cfg0 = todo[0].cfg
+        if world > 1 and cfg0.device == "auto":
+            import torch
+            if torch.cuda.is_available():
+                for r in todo:
+                    r.cfg.device = f"cuda:{local % torch.cuda.device_count()}"
+        key = data_key(cfg0)
+        if key != cached_key:
+            cached_pair = None  # free the previous stores first
+            cached_pair = DomainPair(cfg0, resolve_device(cfg0.device))
+            cached_key = key
+        for stack in chunks(todo, max_stack):
+            if console is not None:
+                console.print(f"{who}[{i + 1}/{len(order)}] {cfg0.method} {todo[0].pair}"
+                              f"{' ' + stack[0].cfg.tag if stack[0].cfg.tag and len(stack) == 1 else ''}: "
+                              f"{len(stack)} run(s) stacked")
+            try:
+                T.train([r.cfg for r in stack], console, progress, pair=cached_pair)
+                trained.extend(r.name for r in stack)
+            except T.TrainingError as e:
+                failed.append(([r.name for r in stack], str(e)))
+                if console is not None:
+                    console.print(f"[red]stopped:[/red] {e}")
+    if console is not None and trained:
+        console.print(f"{who}trained {len(trained)} runs in {time.time() - started:.1f} s")
+
+    if dist is not None:
+        dist.barrier()
+    rows, files = [], []
+    if rank == 0:
+        rows = collect_rows(runs)
+        files = write_results(rows, Path(runs[0].cfg.out) if runs else Path(out or "runs/sweep"))
+    if dist is not None:
+        dist.barrier()
+        dist.destroy_process_group()
+    return SweepResult(runs, groups, trained, skipped, failed, rows, files)
+
+
+def _init_dist():
+    import datetime
+
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        # gloo works on CPU and GPU hosts alike; the barrier waits as long as the slowest rank trains
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    return dist
+
+
+def _print_plan(console, groups, todo_groups, max_stack):
+    from rich.table import Table
+    t = Table(title="sweep plan")
+    for c in ("group", "method", "pair", "tags", "seeds", "runs", "to train", "stacks"):
+        t.add_column(c)
+    todo = {gi: len(r) for gi, _, r in todo_groups}
+    for gi, g in enumerate(groups):
+        c = g.runs[0].cfg
+        tags = sorted({r.cfg.tag for r in g.runs})
+        seeds = sorted({r.cfg.seed for r in g.runs})
+        n = todo.get(gi, 0)
+        t.add_row(str(gi), c.method, g.runs[0].pair, "; ".join(x or "-" for x in tags), ",".join(map(str, seeds)),
+                  str(len(g.runs)), str(n), str(len(chunks(list(range(n)), max_stack))))
+    console.print(t)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# results files
+
+SCALARS = ("target_top1", "final_top1", "verb_top1", "noun_top1", "action_top1", "verb_top5", "noun_top5",
+           "action_top5", "steps", "runs_stacked", "train_seconds", "trainable_parameters", "device")
+
+
+def collect_rows(runs: list[Run]) -> list[dict]:
+    """One row per complete run of the sweep: its final.json plus run, pair, run_dir and grid point."""
+    rows = []
+    for r in runs:
+        path = r.dir / "final.json"
+        if not path.is_file():
+            continue
+        final = json.loads(path.read_text())
+        rows.append({"run": r.name, "pair": r.pair, "grid": r.grid, **final})
+    return rows
+
+
+def write_results(rows: list[dict], out: Path) -> list[Path]:
+    """``results.jsonl`` (the rows) and ``results.csv`` (their scalar columns, grid and per-modality flattened)."""
+    from adapt.metrics import write_atomic
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    write_atomic(out / "results.csv", results_csv(rows))
+    return [out / "results.jsonl", out / "results.csv"]
+
+
+def results_csv(rows: list[dict]) -> str:
+    grid_keys = list(dict.fromkeys(k for r in rows for k in r.get("grid", {})))
+    mods = list(dict.fromkeys(m for r in rows for m in r.get("per_modality", {})))
+    scalars = [k for k in SCALARS if any(k in r for r in rows)]
+    header = ["run", "method", "pair", "source", "target", "eval", "backbone", "seed", "tag", *grid_keys,
+              *scalars, *(f"top1_{m}" for m in mods)]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    for r in rows:
+        g = r.get("grid", {})
+        w.writerow([r.get("run"), r.get("method"), r.get("pair"), r.get("source"), r.get("target"), r.get("eval"),
+                    r.get("backbone"), r.get("seed"), r.get("tag"),
+                    *(_fmt(g[k]) if k in g else "" for k in grid_keys),
+                    *(r.get(k, "") for k in scalars),
+                    *(r.get("per_modality", {}).get(m, "") for m in mods)])
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# benchmark: K runs stacked against the same K runs one by one
+
+
+def _synthetic_store(path: Path, n: int, classes: int, units: int, shape: dict, shift: float, seed: int) -> Path:
+    """A complete I3D-like store: class prototype + domain shift + noise, ReLU'd (as tests/featstores.py)."""
+    import numpy as np
+    import pandas as pd
+
+    from extract.store import FeatureStore
+    rng = np.random.default_rng(seed)
+    protos_rng = np.random.default_rng(1234)
+    y = np.arange(n) % classes
+    manifest = pd.DataFrame({"id": [f"{path.stem}_{i}" for i in range(n)], "video_id": ["V_01"] * n,
+                             "start_frame": np.arange(n) * 10 + 1, "stop_frame": np.arange(n) * 10 + 9,
+                             "verb_class": y, "noun_class": -np.ones(n, dtype=int)})
+    attrs = {"backbone": "i3d", "manifest_sha256": path.stem, "checkpoints": {m: None for m in shape},
+             "sampling": {"windows": units}, "preprocessing": {}, "verb_classes": classes, "noun_classes": 0}
+    st = FeatureStore.create(path, manifest, {m: (units, *s) for m, s in shape.items()}, attrs)
+    feats = {}
+    for j, (m, s) in enumerate(shape.items()):
+        protos = protos_rng.standard_normal((classes, *s)).astype(np.float32)
+        dom = np.random.default_rng(seed * 31 + j).standard_normal(s).astype(np.float32) * shift
+        x = protos[y][:, None] + dom + rng.standard_normal((n, units, *s)).astype(np.float32) * 1.5
+        feats[m] = np.maximum(x, 0)
+    st.write(np.arange(n), feats)
+    st.finalise()
+    return path
+
+
+def bench_batched(k: int = 8, steps: int = 60, pooled: bool = True, method: str = "source_only",
+                  channels: int = 32, n: int = 48, classes: int = 4, units: int = 3, repeats: int = 3,
+                  device: str = "cpu", threads: int | None = None, console=None, **settings) -> dict:
+    """Seconds to train ``k`` runs (seeds 0..k-1) stacked in one call against the same runs one by one.
+
+    Synthetic stores like tests/featstores.py (``channels`` wide, ``n`` clips, ``units`` windows; pooled: (N, U, C),
+    otherwise 3x3 maps), made in a temporary folder.  Both sides share one loaded DomainPair, so the ratio is the
+    training itself; both are warmed up, then timed ``repeats`` times interleaved, keeping the fastest wall time
+    (the machine may be shared) and the least process CPU time.  ``settings`` override the runs' settings
+    (default: the TrainConfig defaults, batch 64 + 64, embed_dim 512, evaluation every steps / 4).
+    ``threads``: torch intra-op threads while timing (one thread makes the CPU-time ratio ``ratio_cpu`` a robust
+    figure on a machine shared with other processes: it counts no time spent waiting for a core)."""
+    import torch
+
+    from adapt.data import resolve_device
+    dev = resolve_device(device)
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return _bench(k, steps, pooled, method, channels, n, classes, units, repeats, device, dev, console, settings)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _bench(k, steps, pooled, method, channels, n, classes, units, repeats, device, dev, console, settings):
+    import dataclasses
+
+    import torch
+
+    from adapt import config as C
+    from adapt.data import DomainPair
+    from adapt.train import train
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    with tempfile.TemporaryDirectory(prefix="bench_batched_") as tmp:
+        root = Path(tmp)
+        shape = {m: (channels,) if pooled else (channels, 3, 3) for m in ("rgb", "flow")}
+        base = root / "i3d"
+        base.mkdir()
+        s = _synthetic_store(base / "S_train.zarr", n, classes, units, shape, 0.0, 1)
+        t = _synthetic_store(base / "T_train.zarr", n, classes, units, shape, 1.0, 2)
+        e = _synthetic_store(base / "T_test.zarr", max(2, n // 2), classes, units, shape, 1.0, 3)
+        overrides = {"steps": steps, "stage1_steps": steps // 3, "eval_every": max(1, steps // 4),
+                     "device": device, **settings}
+        cfgs = [C.resolve(method, "custom", overrides, source=str(s), target=str(t), eval=str(e),
+                          out=str(root / "runs"), seed=i) for i in range(k)]
+        pair = DomainPair(cfgs[0], dev)
+        warm = [dataclasses.replace(c, steps=3, stage1_steps=1, eval_every=3, out=str(root / "warm")) for c in cfgs]
+        train(warm, None, False, pair=pair)       # first-call costs of both paths
+        train(warm[:1], None, False, pair=pair)
+
+        sides = {"sequential": lambda: [train([c], None, False, pair=pair) for c in cfgs],
+                 "batched": lambda: train(cfgs, None, False, pair=pair)}
+        wall = {name: [] for name in sides}
+        cpu = {name: [] for name in sides}
+        for _ in range(max(1, repeats)):
+            for name, fn in sides.items():
+                sync()
+                w0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                sync()
+                wall[name].append(time.perf_counter() - w0)
+                cpu[name].append(time.process_time() - c0)
+        best = {name: min(range(len(wall[name])), key=wall[name].__getitem__) for name in sides}
+        result = {"k": k, "steps": steps, "pooled": pooled, "method": method, "channels": channels,
+                  "batch": cfgs[0].batch_source + cfgs[0].batch_target, "embed_dim": cfgs[0].embed_dim,
+                  "device": str(dev), "threads": torch.get_num_threads(),
+                  "batched_s": wall["batched"][best["batched"]], "sequential_s": wall["sequential"][best["sequential"]],
+                  "batched_cpu_s": min(cpu["batched"]),
+                  "sequential_cpu_s": min(cpu["sequential"]),
+                  "batched_all_s": wall["batched"], "sequential_all_s": wall["sequential"]}
+        result["ratio"] = result["sequential_s"] / result["batched_s"]
+        result["ratio_cpu"] = result["sequential_cpu_s"] / max(result["batched_cpu_s"], 1e-9)
+        if console is not None:
+            console.print(f"{k} runs x {steps} steps ({method}, {'pooled' if pooled else '3x3 maps'}, C={channels}, "
+                          f"batch {result['batch']}, embed {result['embed_dim']}, {result['device']}, "
+                          f"{result['threads']} threads): stacked {result['batched_s']:.2f} s, one by one "
+                          f"{result['sequential_s']:.2f} s: {result['ratio']:.2f}x (CPU time "
+                          f"{result['ratio_cpu']:.2f}x)")
+        return result
+
+
+# ------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def register_sweep(command, console):
+    import typer
+
+    @command("sweep")
+    def sweep_cmd(
+        spec: Path = typer.Argument(..., help="Sweep spec (TOML or YAML): methods, pairs, seeds, set, grid, "
+                                              "per_method, backbone, features_root, out."),
+        max_stack: int = typer.Option(MAX_STACK, "--max-stack", help="Most runs trained stacked in one call."),
+        out: Optional[str] = typer.Option(None, help="Folder of the run folders and results (default: the spec's)."),
+        set_: List[str] = typer.Option([], "--set", help="Change a base setting of every run: --set steps=100."),
+        redo: bool = typer.Option(False, help="Retrain complete runs too."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the groups and what would be trained."),
+        metric: str = typer.Option("target_top1", help="Metric of the final table."),
+        quiet: bool = typer.Option(False, help="No progress bars."),
+    ):
+        """Train a grid of methods x pairs x settings x seeds, stacked; resumable; one results table."""
+        from adapt import config as C
+        from adapt import report as R
+        res = run_sweep(spec, console, max_stack=max_stack, progress=not quiet, out=out,
+                        extra_set=C.parse_sets(set_), redo=redo, dry_run=dry_run)
+        if res.files:
+            console.print(f"results: {', '.join(str(f) for f in res.files)}")
+            if res.rows:
+                for table in R.build_tables(res.rows, metric=metric):
+                    R.print_table(table, console)
+            missing = len(res.runs) - len(res.rows)
+            if missing:
+                console.print(f"[yellow]{missing} run(s) have no results (no final.json)[/yellow]")
+        if res.failed:
+            from adapt.train import TrainingError
+            names = sum((n for n, _ in res.failed), [])
+            raise TrainingError(f"{len(names)} run(s) stopped: {', '.join(names)} (see above); the others are "
+                                f"complete")
