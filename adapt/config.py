@@ -55,6 +55,7 @@ class TrainConfig:
     temporal: str = "avg"            # "avg" | "trn" (TA3N); I3D uses one window per clip
     segments: int = 5                # TBN: segments per clip the heads see (TA3N: 5 of 25)
     audio_weight: float = 0.5        # late fusion weight of audio (M3EM)
+    standardise: bool = True         # inputs standardised per channel with the source store's statistics
     adabn: bool = False              # per-domain input statistics; evaluation with the target's
     mcd: bool = False                # MCD: two classifiers and the three-step update
     mcd_generator_steps: int = 4
@@ -191,5 +192,5 @@ SCHEDULES = {
     # TA3N's EPIC-100 schedule: SGD lr 3e-3, 30 epochs (about 7.5K steps of 64 source clips), no stage split
     "epic100": {"steps": 7500, "stage1_steps": 0, "lr": 3e-3, "lr_stage2": 3e-3, "eval_every": 250},
     # the demo kitchens: the MM-SADA schedule shortened to run in seconds on a CPU
-    "demo": {"steps": 300, "stage1_steps": 100, "batch_source": 32, "batch_target": 32, "eval_every": 20},
+    "demo": {"steps": 150, "stage1_steps": 50, "batch_source": 32, "batch_target": 32, "eval_every": 10},
 }

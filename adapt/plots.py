@@ -81,6 +81,7 @@ def plot_accuracy(rows: list[dict], path: str | Path, metric: str = "target_top1
     if not data:
         return None
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
     pairs = sorted(data, key=_pair_order)
     cols = min(3, len(pairs))
     rows_n = math.ceil(len(pairs) / cols)
@@ -104,6 +105,7 @@ def plot_accuracy(rows: list[dict], path: str | Path, metric: str = "target_top1
             if sd is not None:
                 ax.fill_between(steps, mean - sd, mean + sd, color=style[lab]["color"], alpha=0.15, linewidth=0)
         ax.set_title(pair)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("training step")
         ax.set_ylabel(f"{metric} (%)")
         ax.grid(alpha=0.3)

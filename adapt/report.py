@@ -133,6 +133,7 @@ class ResultTable:
     mean_column: bool
     metric: str
     std: str
+    meta: dict = field(default_factory=dict)  # row label -> (method, tag, backbone)
 
     def row(self, label: str):
         for r in self.rows:
@@ -159,6 +160,7 @@ def _row_order(rows: list[dict], backbones: int) -> list[str]:
 def build_tables(rows: list[dict], metric: str = "target_top1", std: str = "sample") -> list[ResultTable]:
     """The domain-pair table of the runs without noun heads and the EPIC-100 table of those with them."""
     backbones = len({r.get("backbone") for r in rows})
+    meta = {_label(r, backbones): (r.get("method", "?"), r.get("tag") or "", r.get("backbone") or "") for r in rows}
     epic = [r for r in rows if "action_top1" in r]
     plain = [r for r in rows if "action_top1" not in r]
     tables = []
@@ -177,7 +179,7 @@ def build_tables(rows: list[dict], metric: str = "target_top1", std: str = "samp
                     if all(p in row_cells for p in pairs) else None)
             out_rows.append((label, row_cells, mean))
         tables.append(ResultTable(f"{metric} (%), mean ± {std} std over seeds", pairs, out_rows,
-                                  len(pairs) > 1, metric, std))
+                                  len(pairs) > 1, metric, std, meta))
     if epic:
         keys = EPIC_KEYS["top5" if metric.endswith("top5") else "top1"]
         pairs = sorted({pair_of(r) for r in epic}, key=_pair_order)
@@ -191,7 +193,7 @@ def build_tables(rows: list[dict], metric: str = "target_top1", std: str = "samp
         out_rows = [(label, {c: Cell(*mean_std(vs, std), len(vs), vs) for c, vs in cells[label].items()}, None)
                     for label in _row_order(epic, backbones)]
         tables.append(ResultTable(f"EPIC-100 target {keys[0].split('_')[1]} (%), mean ± {std} std over seeds",
-                                  columns, out_rows, False, ",".join(keys), std))
+                                  columns, out_rows, False, ",".join(keys), std, meta))
     return tables
 
 
@@ -212,10 +214,11 @@ def to_markdown(t: ResultTable, digits: int = 2) -> str:
 
 
 def to_csv(t: ResultTable) -> str:
-    """Machine-readable: method, tag, and per column its mean, std and number of seeds; then the mean column."""
+    """Machine-readable: the row label, method, tag, backbone, and per column its mean, std (empty for one seed)
+    and number of seeds; then the mean column."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["row", *(f"{c} {s}" for c in t.columns for s in ("mean", "std", "n"))]
+    w.writerow(["row", "method", "tag", "backbone", *(f"{c} {s}" for c in t.columns for s in ("mean", "std", "n"))]
                + (["mean"] if t.mean_column else []))
     for label, cells, mean in t.rows:
         vals = []
@@ -223,7 +226,9 @@ def to_csv(t: ResultTable) -> str:
             cell = cells.get(c)
             vals += ["", "", 0] if cell is None else [repr(cell.mean), "" if cell.std is None else repr(cell.std),
                                                       cell.n]
-        w.writerow([label, *vals] + ([("" if mean is None else repr(mean))] if t.mean_column else []))
+        method, tag, backbone = t.meta.get(label, (label, "", ""))
+        w.writerow([label, method, tag, backbone, *vals]
+                   + ([("" if mean is None else repr(mean))] if t.mean_column else []))
     return buf.getvalue()
 
 

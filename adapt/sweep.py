@@ -26,9 +26,10 @@ Runs are grouped by stores and architecture (``TrainConfig.architecture_key`` pl
 a zero weight removes a head and skips a loss term, so it changes the stacked model) and each group is trained in
 stacks of at most ``--max-stack`` runs with one :func:`adapt.train.train` call.  A run whose ``final.json`` exists
 (and whose ``config.json`` matches the sweep's settings) is skipped, so an interrupted sweep resumes where it
-stopped.  With ``WORLD_SIZE > 1`` (``torchrun --nproc_per_node N --no-python adapt sweep SPEC``) rank ``r`` trains the groups ``g`` with ``g % N == r`` and rank 0 merges the results after a
-barrier.  The results: ``out/results.jsonl`` and ``out/results.csv`` (one row per run: its ``final.json`` and grid
-point), and the table of :mod:`adapt.report`.
+stopped.  With ``WORLD_SIZE > 1`` (``torchrun --nproc_per_node N --no-python adapt sweep SPEC``) rank ``r``
+trains the groups ``g`` with ``g % N == r`` and rank 0 merges the results after a barrier.  The results:
+``out/results.jsonl`` and ``out/results.csv`` (one row per run: its ``final.json`` and grid point), and the table
+of :mod:`adapt.report`.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ def load_spec(path: str | Path) -> dict:
 
 def parse_spec(text: str, fmt: str = "toml", where: str = "spec") -> dict:
     import tomllib
-
     import yaml
+
     try:
         if fmt == "toml":
             spec = tomllib.loads(text)
@@ -176,7 +177,7 @@ def pair_label(source: str, target: str) -> str:
     """``D2→D1``; store paths by their names without ``.zarr`` and ``_train``."""
     def short(s):
         stem = Path(str(s)).stem if str(s).endswith(".zarr") else Path(str(s)).name
-        return stem[:-6] if stem.endswith("_train") else stem
+        return stem.removesuffix("_train")
     return f"{short(source)}→{short(target)}"
 
 
@@ -227,7 +228,8 @@ def expand(spec: dict, where: str = "spec", out: str | None = None, extra_set: d
         dataset = spec.get("dataset") or store_path(source, "train", backbone, root)[1]
         for method in methods:
             mspec = per_method.get(method, {})
-            mset = {k: _typed(k, v, f"{where}: per_method.{method}.set") for k, v in _table(mspec, "set", where).items()}
+            mset = {k: _typed(k, v, f"{where}: per_method.{method}.set")
+                    for k, v in _table(mspec, "set", where).items()}
             mgrid = {k: v for k, v in grid.items() if k not in mset}
             mgrid.update(_grid(_table(mspec, "grid", where), f"{where}: per_method.{method}.grid"))
             keys = list(mgrid)
@@ -338,6 +340,8 @@ def run_sweep(spec: dict | str | Path, console=None, max_stack: int = MAX_STACK,
     Rank ``r`` of ``world`` processes trains the groups ``g`` with ``g % world == r`` (the groups of the whole
     spec, complete or not, so every rank partitions alike); rank 0 writes the results.  ``rank``/``world`` default
     to torchrun's RANK/WORLD_SIZE, with a gloo process group whose barrier makes rank 0 wait for the others."""
+    from rich.markup import escape
+
     from adapt import train as T
     from adapt.data import DomainPair, resolve_device
 
@@ -370,18 +374,26 @@ def run_sweep(spec: dict | str | Path, console=None, max_stack: int = MAX_STACK,
                 skipped.append(r.name)
             else:
                 if why not in ("not trained", "redo") and console is not None:
-                    console.print(f"[yellow]retraining[/yellow] {r.name}: {why}")
+                    verb = "would retrain" if dry_run else "retraining"
+                    console.print(f"[yellow]{verb}[/yellow] {escape(r.name)}: {escape(why)}")
                 todo.append(r)
         if todo:
             todo_groups.append((gi, g, todo))
     n_todo = sum(len(t) for _, _, t in todo_groups)
+    missing = missing_stores([r for _, _, t in todo_groups for r in t])
+    if missing and not dry_run:  # before hours of training, not when the pair's turn comes
+        raise UserError(f"{len(missing)} feature store(s) of the sweep are missing: {', '.join(missing)} "
+                        f"(extract them first: `adapt extract`, or `adapt demo` for the demo kitchens)")
     who = f"rank {rank}/{world}: " if world > 1 else ""
     if console is not None:
-        console.print(f"{who}sweep {spec.get('name') or where}: {len(runs)} runs in {len(groups)} groups; "
+        name = escape(str(spec.get("name") or where))
+        console.print(f"{who}sweep {name}: {len(runs)} runs in {len(groups)} groups; "
                       f"{len(skipped)} complete, {n_todo} to train (stacks of at most {max_stack})")
     if dry_run:
         if console is not None:
             _print_plan(console, groups, todo_groups, max_stack)
+            if missing:
+                console.print(f"[yellow]missing feature stores:[/yellow] {escape(', '.join(missing))}")
         return SweepResult(runs, groups, [], skipped, [], [], [])
 
     # same stores and data settings next to each other, so a loaded DomainPair serves several groups
@@ -392,7 +404,7 @@ def run_sweep(spec: dict | str | Path, console=None, max_stack: int = MAX_STACK,
     trained, failed = [], []
     cached_key, cached_pair = None, None
     started = time.time()
-    for i, (gi, g, todo) in enumerate(order):
+    for i, (_, _, todo) in enumerate(order):
         cfg0 = todo[0].cfg
         if world > 1 and cfg0.device == "auto":
             import torch
@@ -406,16 +418,16 @@ def run_sweep(spec: dict | str | Path, console=None, max_stack: int = MAX_STACK,
             cached_key = key
         for stack in chunks(todo, max_stack):
             if console is not None:
-                console.print(f"{who}[{i + 1}/{len(order)}] {cfg0.method} {todo[0].pair}"
-                              f"{' ' + stack[0].cfg.tag if stack[0].cfg.tag and len(stack) == 1 else ''}: "
-                              f"{len(stack)} run(s) stacked")
+                tags = sorted({r.cfg.tag for r in stack if r.cfg.tag})
+                console.print(escape(f"{who}[{i + 1}/{len(order)}] {cfg0.method} {todo[0].pair}"
+                                     f"{' (' + '; '.join(tags) + ')' if tags else ''}: {len(stack)} run(s) stacked"))
             try:
                 T.train([r.cfg for r in stack], console, progress, pair=cached_pair)
                 trained.extend(r.name for r in stack)
             except T.TrainingError as e:
                 failed.append(([r.name for r in stack], str(e)))
                 if console is not None:
-                    console.print(f"[red]stopped:[/red] {e}")
+                    console.print(f"[red]stopped:[/red] {escape(str(e))}")
     if console is not None and trained:
         console.print(f"{who}trained {len(trained)} runs in {time.time() - started:.1f} s")
 
@@ -429,6 +441,21 @@ def run_sweep(spec: dict | str | Path, console=None, max_stack: int = MAX_STACK,
         dist.barrier()
         dist.destroy_process_group()
     return SweepResult(runs, groups, trained, skipped, failed, rows, files)
+
+
+def missing_stores(runs: list[Run]) -> list[str]:
+    """The store paths (source, target, eval) of ``runs`` that hold no feature store."""
+    from adapt.data import store_path
+    seen, missing = set(), []
+    for r in runs:
+        c = r.cfg
+        for name, role in ((c.source, "train"), (c.target, "train"), (c.eval or c.target, "test")):
+            path, _ = store_path(name, role, c.backbone, c.features_root)
+            if path not in seen:
+                seen.add(path)
+                if not (Path(path) / "zarr.json").is_file():
+                    missing.append(str(path))
+    return missing
 
 
 def _init_dist():
@@ -655,6 +682,6 @@ def register_sweep(command, console):
                 console.print(f"[yellow]{missing} run(s) have no results (no final.json)[/yellow]")
         if res.failed:
             from adapt.train import TrainingError
-            names = sum((n for n, _ in res.failed), [])
+            names = [n for stack, _ in res.failed for n in stack]
             raise TrainingError(f"{len(names)} run(s) stopped: {', '.join(names)} (see above); the others are "
                                 f"complete")

@@ -58,8 +58,10 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
     K, Bs, Bt = len(cfgs), cfg.batch_source, cfg.batch_target
     mods = pair.modalities
     nouns = pair.noun_classes
-    adabn = standardisation(pair.source) if cfg.adabn else None
-    adabn_t = standardisation(pair.target) if cfg.adabn else None
+    # input standardisation: per-channel statistics of the source store for every domain, or, for AdaBN, of each
+    # domain's own store (the target's at evaluation)
+    norm_s = standardisation(pair.source) if (cfg.standardise or cfg.adabn) else None
+    norm_t = standardisation(pair.target) if cfg.adabn else norm_s
 
     # ---- models: one per run, stacked ----------------------------------------------------------------------
     models = []
@@ -75,8 +77,8 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
     def make_opt(names_):
         ps = [params[n] for n in names_]
         if cfg.optimizer == "adam":
-            return torch.optim.Adam(ps, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        return torch.optim.SGD(ps, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+            return torch.optim.Adam(ps, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+        return torch.optim.SGD(ps, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
     opt_gen, opt_cls = (make_opt(gen_names), make_opt(cls_names)) if cfg.mcd else (make_opt(list(params)), None)
     optimisers = [o for o in (opt_gen, opt_cls) if o is not None]
 
@@ -120,9 +122,9 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
         t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
         idx_s, idx_t = t(idx_s), t(idx_t)
         xs, xt = gather(pair.source, idx_s, t(u_s)), gather(pair.target, idx_t, t(u_t))
-        if adabn:  # AdaBN: each domain normalised with its own statistics
-            xs = {m: (v - adabn[m][0]) / adabn[m][1] for m, v in xs.items()}
-            xt = {m: (v - adabn_t[m][0]) / adabn_t[m][1] for m, v in xt.items()}
+        if norm_s:
+            xs = {m: (v - norm_s[m][0]) / norm_s[m][1] for m, v in xs.items()}
+            xt = {m: (v - norm_t[m][0]) / norm_t[m][1] for m, v in xt.items()}
         x = {m: torch.cat([xs[m], xt[m]], dim=1) for m in mods}
         y_s, n_s = pair.source.verb[idx_s], pair.source.noun[idx_s].clamp_min(0)
         y_t = pair.target.verb[idx_t].clamp_min(0)  # -1 unless the method is supervised target
@@ -146,7 +148,7 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
 
     def evaluate(dom=pair.eval, labelled=True):
         template.train(False)
-        ev_std = adabn_t if adabn else None
+        ev_std = norm_t
         with torch.no_grad():
             scores = None
             for view in views:

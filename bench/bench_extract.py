@@ -9,8 +9,9 @@
   ``1 / (1/decode + 1/backbone)``; the ratio to it is printed too.  Backbone and pipeline runs are interleaved
   and the best of ``repeats`` is taken, since other processes' load makes single timings noisy;
 * peak memory (RSS of the extracting process, and the largest decoding worker) and time per clip for 1x, 2x and
-  4x clips, each in a fresh process: the peak should not grow with the number of clips (features are written a
-  chunk at a time, decoding is bounded by the loader's prefetch).
+  4x clips, each in a fresh process (its backbone kernels warmed first): the peak should not grow with the number
+  of clips (features are written a chunk at a time, decoding is bounded by the loader's prefetch), nor should
+  the time per clip.
 
 ``run(report)`` prints lines through ``report`` (a callable taking a string) and returns the figures as a dict;
 ``python -m bench.bench_extract`` prints them and the dict as JSON.
@@ -41,6 +42,15 @@ a = json.loads(sys.argv[1])
 cfg = DemoConfig().extract
 cfg = cfg.__class__(**{**cfg.__dict__, "backbone": "i3d", "modalities": ("rgb", "flow"),
                         "data_root": Path(a["root"]), "split_kind": "test"})
+# warm the backbone's kernels (cached per shape for the process) so the time per clip is the steady state
+import torch
+from extract.inputs import input_shape
+from extract.runner import Extractor, _build_models, default_batch_size, resolve_device
+dev = resolve_device(a["device"])
+bs = a["batch_size"] or default_batch_size(dev, cfg)
+models, _ = _build_models(cfg, {}, dev)
+Extractor(cfg, models, dev, bs, "auto")([{m: torch.zeros(input_shape(cfg, m)) for m in cfg.modalities}] * bs)
+del models
 s = run_extraction(a["split"], cfg, a["out"], {}, device=a["device"], workers=a["workers"],
                    batch_size=a["batch_size"], progress=False, console=Console(file=open("/dev/null", "w")))
 self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -67,7 +77,7 @@ def _manifest(n: int, folder: Path) -> Path:
 
 
 def run(report=print, clips: int = 16, device: str = "cpu", workers: int | None = None,
-        batch_size: int | None = None, scale_clips: int = 8, repeats: int = 3) -> dict:
+        batch_size: int | None = None, scale_clips: int = 6, repeats: int = 3) -> dict:
     """Measure (module docstring); ``clips`` for the throughputs (best of ``repeats`` runs, interleaved),
     ``scale_clips`` x 1, 2, 4 for memory and time per clip."""
     from rich.console import Console

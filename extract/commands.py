@@ -194,7 +194,8 @@ def register(command, console) -> None:
         device: str = typer.Option("auto", help="auto | cpu | cuda"),
         batch_size: Optional[int] = typer.Option(None, help="Clips per backbone batch (default 2 on CPU, "
                                                             "~64 windows on GPU)."),
-        workers: Optional[int] = typer.Option(None, help="Decoding worker processes (0: in process)."),
+        workers: Optional[int] = typer.Option(None, help="Decoding worker processes (0: in process; default 1 "
+                                                         "on CPU, cores-1 up to 12 on GPU)."),
         split_kind: Optional[str] = typer.Option(None, help="train | test (default: *_train -> train, else test)."),
         settings: List[str] = typer.Option([], "--set", help="KEY=VALUE of any ExtractConfig field (repeat), "
                                                              "e.g. --set crop=224 --set test_windows=5."),

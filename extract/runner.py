@@ -123,12 +123,13 @@ def default_batch_size(device: torch.device, cfg: ExtractConfig) -> int:
 
 
 def default_workers(device: torch.device) -> int:
-    """Decoding worker processes: on a GPU all cores but one (up to 12); on the CPU the backbone needs the
-    cores too, so one worker per two cores."""
+    """Decoding worker processes: on a GPU all cores but one (up to 12), since decoding is then the slower
+    stage; on the CPU the backbone is ~20x slower than decoding (bench/bench_extract.py), so one worker (two from
+    8 cores) keeps it fed without taking cores from it."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if device.type == "cuda":
         return max(1, min(12, cores - 1))
-    return max(1, cores // 2)
+    return 1 if cores < 8 else 2
 
 
 @dataclass
@@ -604,38 +605,41 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 def _zstd_problem(path: Path, expected_nbytes: int) -> str | None:
-    """Walk a Zstandard frame's block headers (RFC 8878, section 3.1.1) without decompressing: a truncated file
-    ends before its last block; a frame that states its content size must state the chunk's size."""
+    """Walk a Zstandard frame's block headers (RFC 8878, section 3.1.1), seeking over the blocks, without
+    decompressing: a truncated file ends before its last block; a frame that states its content size must state
+    the chunk's size."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        f = open(path, "rb")
     except FileNotFoundError:
         return "missing"
-    size = len(data)
-    if size < 6 or data[:4] != _ZSTD_MAGIC:
-        return f"not a zstd frame ({size} bytes)"
-    fhd = data[4]
-    fcs_flag, single, checksum, dict_flag = fhd >> 6, (fhd >> 5) & 1, (fhd >> 2) & 1, fhd & 3
-    pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[dict_flag]
-    fcs_size = (1 if single else 0, 2, 4, 8)[fcs_flag]
-    if pos + fcs_size > size:
-        return f"truncated ({size} bytes)"
-    if fcs_size:
-        content = int.from_bytes(data[pos:pos + fcs_size], "little") + (256 if fcs_size == 2 else 0)
-        if content != expected_nbytes:
-            return f"holds {content} bytes, expected {expected_nbytes}"
-    pos += fcs_size
-    while True:
-        if pos + 3 > size:
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(18)  # magic, descriptor, window, dictionary id (<= 4), content size (<= 8)
+        if len(head) < 6 or head[:4] != _ZSTD_MAGIC:
+            return f"not a zstd frame ({size} bytes)"
+        fhd = head[4]
+        fcs_flag, single, checksum, dict_flag = fhd >> 6, (fhd >> 5) & 1, (fhd >> 2) & 1, fhd & 3
+        pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[dict_flag]
+        fcs_size = (1 if single else 0, 2, 4, 8)[fcs_flag]
+        if pos + fcs_size > size:
             return f"truncated ({size} bytes)"
-        header = int.from_bytes(data[pos:pos + 3], "little")
-        last, kind, length = header & 1, (header >> 1) & 3, header >> 3
-        if kind == 3:
-            return "corrupt (reserved zstd block type)"
-        pos += 3 + (1 if kind == 1 else length)
-        if last:
-            break
-    pos += 4 if checksum else 0
+        if fcs_size:
+            content = int.from_bytes(head[pos:pos + fcs_size], "little") + (256 if fcs_size == 2 else 0)
+            if content != expected_nbytes:
+                return f"holds {content} bytes, expected {expected_nbytes}"
+        pos += fcs_size
+        while True:
+            if pos + 3 > size:
+                return f"truncated ({size} bytes)"
+            f.seek(pos)
+            header = int.from_bytes(f.read(3), "little")
+            last, kind, length = header & 1, (header >> 1) & 3, header >> 3
+            if kind == 3:
+                return "corrupt (reserved zstd block type)"
+            pos += 3 + (1 if kind == 1 else length)
+            if last:
+                break
+        pos += 4 if checksum else 0
     if pos != size:
         return f"truncated ({size} of {pos} bytes)" if pos > size else f"{size - pos} stray bytes after the frame"
     return None

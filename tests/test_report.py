@@ -65,7 +65,7 @@ def test_pair_table_arithmetic(runs):
     (t,) = R.build_tables(rows)
     assert t.columns == ["D2→D1", "D1→D2"]  # ordered by target, then source (MM-SADA Table 1)
     assert [r[0] for r in t.rows] == ["source_only", "cia", "cia [sc=false]"]  # METHODS order, then tags
-    label, cells, mean = t.row("source_only")
+    _, cells, mean = t.row("source_only")
     assert cells["D2→D1"].mean == 42.0 and cells["D2→D1"].std == math.sqrt(8.0) and cells["D2→D1"].n == 2
     assert cells["D1→D2"].mean == 52.0 and cells["D1→D2"].std == pytest.approx(math.sqrt(7.0), abs=1e-15)
     assert mean == 47.0  # mean over pairs of the per-pair means (not over the 5 runs: 48.0)
@@ -94,6 +94,7 @@ def test_markdown_and_csv_written(runs, tmp_path):
     assert so["row"] == "source_only" and float(so["D2→D1 mean"]) == 42.0
     assert float(so["D2→D1 std"]) == math.sqrt(8.0) and so["D1→D2 n"] == "3" and float(so["mean"]) == 47.0
     assert rows[1]["D2→D1 std"] == "" and rows[1]["mean"] == ""
+    assert (rows[2]["row"], rows[2]["method"], rows[2]["tag"]) == ("cia [sc=false]", "cia", "sc=false")
     assert set(written) == {"report.md", "report.csv"}
 
 
@@ -129,7 +130,8 @@ def test_epic100_columns(tmp_path):
     assert t5.row("ta3n")[1]["verb"].mean == 77.0
     R.write_report([root], plots=False)
     md = (root / "report.md").read_text()
-    assert "| method | verb | noun | action |" in md and "| ta3n | 47.00 ± 1.41 | 28.00 ± 1.41 | 19.00 ± 1.41 |" in md
+    assert "| method | verb | noun | action |" in md
+    assert "| ta3n | 47.00 ± 1.41 | 28.00 ± 1.41 | 19.00 ± 1.41 |" in md
 
 
 def test_accuracy_curves_and_plot(runs, tmp_path):
@@ -151,12 +153,23 @@ def test_cli_report_and_tsne_on_a_trained_run(tmp_path):
                     eval_every=4, batch_source=8, batch_target=8, embed_dim=32, sc_dim=8)
     train([cfg], progress=False)
     run = tmp_path / "runs" / "cia_S_train-T_train_s0"
-    emb = P.tsne_embeddings(run, max_points=20)
-    assert set(emb) == {(s, m) for s in ("before", "after") for m in ("rgb", "flow")}
-    xy, n_s = emb[("after", "rgb")]
-    assert xy.shape == (40, 2) and n_s == 20  # at most 20 points per domain
+    cfg, pair, model, params = P.load_run(run)
+    idx = P._subsample(pair.source.n, 20, 0)
+    assert len(idx) == 20 and len(set(idx)) == 20  # at most max_points clips per domain
+    before = P.pooled_features(pair.source, idx)
+    after = P.adapted_features(cfg, pair, model, params, pair.source, idx)
+    assert before["rgb"].shape == (20, 16) and after["flow"].shape == (20, 32)  # stores' C; embed_dim
+    # heads.pt loaded into a fresh model reproduces the run's last evaluation
+    import torch
+    from torch.func import functional_call
+    with torch.no_grad():
+        scores = sum(functional_call(model, params, ({m: f[:, view].float() for m, f in pair.eval.feats.items()},
+                                                     torch.tensor(0), 0.0))["verb"].softmax(-1)
+                     for view in pair.eval_views())
+    top1 = 100.0 * float((scores.argmax(-1) == pair.eval.verb).float().mean())
+    assert top1 == pytest.approx(json.loads((run / "final.json").read_text())["final_top1"])
     runner = CliRunner()
-    result = runner.invoke(app, ["report", str(tmp_path / "runs"), "--tsne", str(run)])
+    result = runner.invoke(app, ["report", str(tmp_path / "runs"), "--tsne", str(run), "--max-points", "20"])
     assert result.exit_code == 0, result.output
     assert "S→T" in result.output and "cia" in result.output
     for png in (tmp_path / "runs" / "accuracy.png", run / "tsne.png"):

@@ -280,3 +280,20 @@ set = {{ {', '.join(f'{k} = {v}' for k, v in TINY.items())} }}
     assert result.exit_code == 0 and "2 complete, 0 to train" in result.output
     result = runner.invoke(app, ["sweep", str(tmp_path / "missing.toml")])
     assert result.exit_code == 2 and "no such sweep spec" in result.output
+
+
+def test_missing_stores_are_refused_before_training(root, tmp_path, monkeypatch):
+    stacks = []
+    monkeypatch.setattr(T, "train", lambda cfgs, *a, **k: stacks.append(len(cfgs)) or _fake_train(cfgs))
+    spec = store_spec(root, tmp_path / "sweep", methods=("dann",))
+    spec["pairs"].append([str(tmp_path / "X_train.zarr"), spec["pairs"][0][1], spec["pairs"][0][2]])
+    with pytest.raises(UserError, match=r"1 feature store\(s\) of the sweep are missing: .*X_train.zarr"):
+        S.run_sweep(spec, progress=False)
+    assert stacks == []
+
+
+def test_bench_batched_smoke():
+    r = S.bench_batched(k=2, steps=4, repeats=1, channels=8, n=16, embed_dim=16, batch_source=4, batch_target=4,
+                        threads=1)
+    assert r["k"] == 2 and r["batched_s"] > 0 and r["sequential_s"] > 0 and r["ratio"] > 0
+    assert r["pooled"] and r["threads"] == 1
