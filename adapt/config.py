@@ -90,6 +90,7 @@ class TrainConfig:
         d = self.to_dict()
         for k in ("seed", "out", "tag", *self.WEIGHTS):
             d.pop(k)
+        d["active_terms"] = [w for w in self.WEIGHTS if getattr(self, w)]  # a zero weight removes its head
         return json.dumps(d, sort_keys=True)
 
 
