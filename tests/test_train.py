@@ -193,3 +193,10 @@ def test_cli_train_and_errors(i3d_root, tmp_path):
     assert result.exit_code == 2 and "unknown method" in result.output
     result = runner.invoke(app, ["train", "--source", str(tmp_path / "missing.zarr"), "--target", "D2"])
     assert result.exit_code == 2 and "not a feature store" in result.output
+
+
+def test_runs_with_other_active_terms_do_not_stack(i3d_root, tmp_path):
+    a = cfg_for(i3d_root, "mmsada", tmp_path, seed=0)
+    b = cfg_for(i3d_root, "mmsada", tmp_path, seed=1, w_adv=0.0)  # no discriminators: another architecture
+    with pytest.raises(ValueError, match="must share stores and architecture"):
+        train([a, b], progress=False)
