@@ -61,6 +61,7 @@ class TrainConfig:
     mcd_generator_steps: int = 4
     disc_hidden: int = 100
     domain_attention: bool = False   # TA3N
+    corr_sync: bool = False          # MM-SADA time-synchronised correspondence (negatives: another window)
     tau: float = 0.1
     bank_momentum: float = 0.5
     pl_threshold: float = 0.8

@@ -86,15 +86,12 @@ class AdaptModel(nn.Module):
     def forward(self, x: dict, key: torch.Tensor, coeff: torch.Tensor, b_s: int = 0) -> dict:
         """x[m]: (B, T, C[, H, W]) with the first ``b_s`` rows from the source domain; key: rng key of this step;
         coeff: GRL coefficient -> dict of outputs."""
-        feats = dict(x)
+        x = dict(x)
+        flow_other = x.pop("flow_other", None)  # MM-SADA's synchronised negatives: flow of another window
         out: dict = {}
-        if hasattr(self, "mc"):
-            feats = self.mc(feats)
-        if hasattr(self, "sc"):
-            feats, out["consensus"] = self.sc(feats)
-        else:
-            feats = {m: f.mean(dim=(-2, -1)) if m in self.spatial_mods else f for m, f in feats.items()}
-        frame = {m: self.embed[m](feats[m], rng.fold(key, i)) for i, m in enumerate(self.modalities)}
+        frame, consensus = self._frame_features(x, key)
+        if consensus is not None:
+            out["consensus"] = consensus
         video, scales = {}, {}
         for m in self.modalities:
             if hasattr(self, "trn"):
@@ -127,15 +124,34 @@ class AdaptModel(nn.Module):
         if hasattr(self, "disc_frame"):
             out["disc_frame"] = {m: self.disc_frame[m](frame[m], coeff) for m in self.modalities}
         if hasattr(self, "corr") and b_s:
+            if flow_other is not None:
+                other, _ = self._frame_features({**x, "flow": flow_other}, rng.fold(key, 1_000_003))
+                other = other["flow"]
+                other = self.trn["flow"](other) if hasattr(self, "trn") else other.mean(dim=1)
             logits, targets = [], []
             for sl in (slice(0, b_s), slice(b_s, None)):  # negatives within each domain (MM-SADA eq. 3)
-                rgb, flow, t = parts.correspondence_pairs(video["rgb"][sl], video["flow"][sl])
+                if flow_other is not None:
+                    rgb, flow, t = parts.sync_correspondence_pairs(video["rgb"][sl], video["flow"][sl], other[sl])
+                else:
+                    rgb, flow, t = parts.correspondence_pairs(video["rgb"][sl], video["flow"][sl])
                 logits.append(self.corr(rgb, flow))
                 targets.append(t)
             out["corr"] = (torch.cat(logits), torch.cat(targets))
         if hasattr(self, "proj"):
             out["proj"] = {m: self.proj(video[m]) for m in self.modalities}
         return out
+
+    def _frame_features(self, x: dict, key: torch.Tensor):
+        """MC gating, SC pooling (or the spatial mean) and the embedding: frame features (B, T, D) per modality."""
+        feats, consensus = dict(x), None
+        if hasattr(self, "mc"):
+            feats = self.mc(feats)
+        if hasattr(self, "sc"):
+            feats, consensus = self.sc(feats)
+        else:
+            feats = {m: f.mean(dim=(-2, -1)) if m in self.spatial_mods else f for m, f in feats.items()}
+        frame = {m: self.embed[m](feats[m], rng.fold(key, i)) for i, m in enumerate(self.modalities)}
+        return frame, consensus
 
     def param_groups(self) -> tuple[list[str], list[str]]:
         """(generator parameter names, classifier parameter names): MCD updates them in separate steps."""

@@ -126,6 +126,17 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
             xs = {m: (v - norm_s[m][0]) / norm_s[m][1] for m, v in xs.items()}
             xt = {m: (v - norm_t[m][0]) / norm_t[m][1] for m, v in xt.items()}
         x = {m: torch.cat([xs[m], xt[m]], dim=1) for m in mods}
+        if cfg.corr_sync and cfg.w_corr and "flow" in mods and pair.units_per_clip > 1:
+            # MM-SADA's time-synchronised correspondence: negatives use flow of another window of the same clip
+            U = pair.units_per_clip
+            o_s = np.stack([(u + r.integers(1, U, size=(Bs, 1))) % U for u, r in zip(u_s, samplers)])
+            o_t = np.stack([(u + r.integers(1, U, size=(Bt, 1))) % U for u, r in zip(u_t, samplers)])
+            fo = torch.cat([pair.source.feats["flow"][idx_s.unsqueeze(-1), t(o_s)],
+                            pair.target.feats["flow"][idx_t.unsqueeze(-1), t(o_t)]], dim=1).float()
+            if norm_s:
+                fo = torch.cat([(fo[:, :Bs] - norm_s["flow"][0]) / norm_s["flow"][1],
+                                (fo[:, Bs:] - norm_t["flow"][0]) / norm_t["flow"][1]], dim=1)
+            x["flow_other"] = fo
         y_s, n_s = pair.source.verb[idx_s], pair.source.noun[idx_s].clamp_min(0)
         y_t = pair.target.verb[idx_t].clamp_min(0)  # -1 unless the method is supervised target
         return x, y_s, n_s, y_t, idx_s, idx_t

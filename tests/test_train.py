@@ -200,3 +200,23 @@ def test_runs_with_other_active_terms_do_not_stack(i3d_root, tmp_path):
     b = cfg_for(i3d_root, "mmsada", tmp_path, seed=1, w_adv=0.0)  # no discriminators: another architecture
     with pytest.raises(ValueError, match="must share stores and architecture"):
         train([a, b], progress=False)
+
+
+def test_time_synchronised_correspondence(i3d_root, tmp_path):
+    """MM-SADA's synchronised variant: the correspondence negatives are flow of another window of the same clip."""
+    import adapt.parts as P
+
+    calls = []
+    real = P.sync_correspondence_pairs
+
+    def spy(rgb, flow, other, *a, **kw):
+        calls.append(float((flow - other).detach().abs().sum()))
+        return real(rgb, flow, other, *a, **kw)
+
+    P.sync_correspondence_pairs = spy
+    try:
+        final = train([cfg_for(i3d_root, "mmsada", tmp_path, corr_sync=True)], progress=False)[0]
+    finally:
+        P.sync_correspondence_pairs = real
+    assert len(calls) == 2 * FAST["steps"] and all(c > 0 for c in calls)  # both domains, other windows differ
+    assert 0 <= final["target_top1"] <= 100
