@@ -136,15 +136,10 @@ def inspect_cmd(
 # the stages' own commands live beside their code and register themselves here
 
 def _register_stage_commands() -> None:
-    import importlib
-    for module in ("extract.commands", "adapt.commands"):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        mod.register(command, console)
+    import adapt.commands
+    import extract.commands
+    for stage in (extract.commands, adapt.commands):
+        stage.register(command, console)
 
 
 _register_stage_commands()

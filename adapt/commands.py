@@ -57,20 +57,8 @@ def register(command, console):
         console.print(table)
         console.print(f"results in {Path(out)}")
 
-    _register_optional(command, console)
-
-
-def _register_optional(command, console):
-    """Sweep and report commands live beside their code."""
-    import importlib
-    for module, fn in (("adapt.sweep", "register_sweep"), ("adapt.sweep", "register_report"),
-                       ("adapt.report", "register_report"), ("adapt.importer", "register_import")):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        if hasattr(mod, fn) and not getattr(mod, f"_{fn}_done", False):
-            getattr(mod, fn)(command, console)
-            setattr(mod, f"_{fn}_done", True)
+    from adapt.importer import register_import
+    from adapt.report import register_report
+    from adapt.sweep import register_sweep
+    for register_more in (register_import, register_sweep, register_report):
+        register_more(command, console)
