@@ -182,3 +182,10 @@ def standardisation(dom: Domain) -> dict:
         shape = (-1,) + (1,) * (x.dim() - 3)
         out[m] = (mean.reshape(shape), std.reshape(shape))
     return out
+
+
+def normalise(x: dict, stats: dict | None) -> dict:
+    """Standardise gathered features {m: (..., C[, H, W])} with ``standardisation`` statistics (None: unchanged)."""
+    if not stats:
+        return x
+    return {m: (v - stats[m][0]) / stats[m][1] for m, v in x.items()}

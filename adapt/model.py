@@ -92,11 +92,10 @@ class AdaptModel(nn.Module):
         frame, consensus = self._frame_features(x, key)
         if consensus is not None:
             out["consensus"] = consensus
-        video, scales = {}, {}
+        video = {}
         for m in self.modalities:
             if hasattr(self, "trn"):
                 v, s = self.trn[m](frame[m], return_scales=True)
-                scales[m] = s
                 if hasattr(self, "disc_relation"):
                     rel = torch.stack([d(s[:, j], coeff) for j, d in enumerate(self.disc_relation[m])], dim=1)
                     out.setdefault("disc_relation", {})[m] = rel  # (B, T-1, 2)

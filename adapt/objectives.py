@@ -82,10 +82,9 @@ def compute_terms(out: dict, cfg, b_s: int, y_s: torch.Tensor, n_s: torch.Tensor
         pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
         terms["xmodal"] = _mean(losses.cross_modal_contrastive(z[a][sl], z[b][sl], cfg.tau)
                                 for a, b in pairs for sl in (slice(0, b_s), slice(b_s, None)))
-    probs_t = F.softmax(verb_t.detach(), dim=-1)
-    conf_t, pseudo_t = probs_t.max(dim=-1)
     new_state = dict(state)
     if cfg.w_xdomain:
+        conf_t, pseudo_t = F.softmax(verb_t.detach(), dim=-1).max(dim=-1)
         xd = []
         labels_t = torch.where(conf_t > cfg.pl_threshold, pseudo_t, torch.full_like(pseudo_t, -1))
         for m, v in video.items():

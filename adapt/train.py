@@ -21,7 +21,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from adapt import config as C
 from adapt import metrics, parts, rng
-from adapt.data import DomainPair, gather, resolve_device, standardisation
+from adapt.data import DomainPair, gather, normalise, resolve_device, standardisation
 from adapt.model import AdaptModel
 from adapt.objectives import ALIGNMENT, TERMS, compute_terms, initial_state
 from extract.errors import UserError
@@ -122,21 +122,16 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
         t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
         idx_s, idx_t = t(idx_s), t(idx_t)
         xs, xt = gather(pair.source, idx_s, t(u_s)), gather(pair.target, idx_t, t(u_t))
-        if norm_s:
-            xs = {m: (v - norm_s[m][0]) / norm_s[m][1] for m, v in xs.items()}
-            xt = {m: (v - norm_t[m][0]) / norm_t[m][1] for m, v in xt.items()}
+        xs, xt = normalise(xs, norm_s), normalise(xt, norm_t)
         x = {m: torch.cat([xs[m], xt[m]], dim=1) for m in mods}
         if cfg.corr_sync and cfg.w_corr and "flow" in mods and pair.units_per_clip > 1:
             # MM-SADA's time-synchronised correspondence: negatives use flow of another window of the same clip
             U = pair.units_per_clip
             o_s = np.stack([(u + r.integers(1, U, size=(Bs, 1))) % U for u, r in zip(u_s, samplers)])
             o_t = np.stack([(u + r.integers(1, U, size=(Bt, 1))) % U for u, r in zip(u_t, samplers)])
-            fo = torch.cat([pair.source.feats["flow"][idx_s.unsqueeze(-1), t(o_s)],
-                            pair.target.feats["flow"][idx_t.unsqueeze(-1), t(o_t)]], dim=1).float()
-            if norm_s:
-                fo = torch.cat([(fo[:, :Bs] - norm_s["flow"][0]) / norm_s["flow"][1],
-                                (fo[:, Bs:] - norm_t["flow"][0]) / norm_t["flow"][1]], dim=1)
-            x["flow_other"] = fo
+            fo_s = normalise({"flow": pair.source.feats["flow"][idx_s.unsqueeze(-1), t(o_s)].float()}, norm_s)["flow"]
+            fo_t = normalise({"flow": pair.target.feats["flow"][idx_t.unsqueeze(-1), t(o_t)].float()}, norm_t)["flow"]
+            x["flow_other"] = torch.cat([fo_s, fo_t], dim=1)
         y_s, n_s = pair.source.verb[idx_s], pair.source.noun[idx_s].clamp_min(0)
         y_t = pair.target.verb[idx_t].clamp_min(0)  # -1 unless the method is supervised target
         return x, y_s, n_s, y_t, idx_s, idx_t
@@ -157,9 +152,8 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
                    in_dims=(0, 0, None))
     views = pair.eval_views()
 
-    def evaluate(dom=pair.eval, labelled=True):
+    def evaluate(dom=pair.eval):
         template.train(False)
-        ev_std = norm_t
         with torch.no_grad():
             scores = None
             for view in views:
@@ -168,8 +162,7 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
                     idx = torch.arange(lo, min(lo + cfg.eval_batch, dom.n), device=device)
                     units = torch.from_numpy(view).to(device).expand(len(idx), -1)
                     x = {m: f[idx[:, None], units].float() for m, f in dom.feats.items()}
-                    if ev_std:
-                        x = {m: (v - ev_std[m][0]) / ev_std[m][1] for m, v in x.items()}
+                    x = normalise(x, norm_t)
                     outs.append(eval_fn(params, buffers, x))
                 s = {k: torch.cat([o[k] for o in outs], dim=1) for k in outs[0]}
                 scores = s if scores is None else {k: scores[k] + s[k] for k in s}
@@ -315,7 +308,7 @@ def _challenge(c, k, pair, evaluate, device, d):
     from adapt.data import load_domain, store_path
     path, _ = store_path(c.challenge, "challenge", c.backbone, c.features_root)
     dom = load_domain(path, c.challenge, pair.modalities, device, c.spatial, labels=False)
-    sc = evaluate(dom, labelled=False)
+    sc = evaluate(dom)
     metrics.write_challenge_json(d / "test.json", dom.ids, sc["verb"][k], sc["noun"][k])
 
 
