@@ -166,26 +166,72 @@ class DomainPair:
         return [((bounds[:-1] + bounds[1:]) / 2).astype(int)]
 
 
-def gather(dom: Domain, idx: torch.Tensor, units: torch.Tensor) -> dict:
-    """Features of clips ``idx`` (K, B) at units ``units`` (K, B, T) -> {m: (K, B, T, ...)} float32."""
-    return {m: f[idx.unsqueeze(-1), units].float() for m, f in dom.feats.items()}
+class Gatherer:
+    """Gathers each step's features into float32 buffers that are allocated once and reused every step.
+
+    A batch is the concatenation (along the batch axis) of parts ``(domain, clip index (K, B), units (K, B, T),
+    statistics)``; each part's float16 rows are picked with one ``index_select`` into a float16 scratch buffer,
+    converted by copying into its slice of the float32 buffer and standardised in place.  Fresh tensors of this
+    size every step would cost more than the copies themselves (page faults on every large allocation on CPU).
+    The buffers returned are overwritten by the next call with the same ``key``.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._buffers: dict = {}
+
+    def _buffer(self, name, shape: tuple, dtype) -> torch.Tensor:
+        """A buffer with at least ``shape[0]`` rows of ``shape[1:]``, its first rows returned."""
+        b = self._buffers.get(name)
+        if b is None or b.shape[1:] != shape[1:] or b.shape[0] < shape[0] or b.dtype != dtype:
+            b = self._buffers[name] = torch.empty(shape, dtype=dtype, device=self.device)
+        return b[:shape[0]]
+
+    def __call__(self, parts: list, modalities, key: str = "train") -> dict:
+        """{m: (K, sum of B, T, ...) float32} for the modalities given."""
+        K, T = parts[0][2].shape[0], parts[0][2].shape[2]
+        total = sum(p[1].shape[1] for p in parts)
+        out = {}
+        for m in modalities:
+            feat = tuple(parts[0][0].feats[m].shape[2:])
+            x = self._buffer((key, m), (K * total * T, *feat), torch.float32).view(K, total, T, *feat)
+            at = 0
+            for dom, idx, units, stats in parts:
+                f = dom.feats[m]
+                B = idx.shape[1]
+                rows = (idx.unsqueeze(-1) * f.shape[1] + units).reshape(-1)
+                scratch = self._buffer(("half", m), (len(rows), *feat), f.dtype)
+                torch.index_select(f.view(-1, *feat), 0, rows, out=scratch)
+                part = x[:, at:at + B]
+                part.copy_(scratch.view(K, B, T, *feat))
+                if stats:
+                    mean, std = stats[m]
+                    part.sub_(mean).mul_(std.reciprocal())
+                at += B
+            out[m] = x
+        return out
 
 
-def standardisation(dom: Domain) -> dict:
-    """Per-channel mean and std of a domain's features (AdaBN statistics), {m: (mean, std)} shaped (C, 1, 1)."""
+def standardisation(dom: Domain, chunk_bytes: int = 64 << 20) -> dict:
+    """Per-channel mean and std of a domain's features (AdaBN statistics), {m: (mean, std)} shaped (C, 1, 1).
+
+    Accumulated over blocks of clips in float64 (sum and sum of squares), so that the float32 working copy is one
+    block rather than the whole store."""
     out = {}
     for m, f in dom.feats.items():
-        x = f.float()
-        dims = [0, 1] + list(range(3, x.dim()))
-        mean = x.mean(dim=dims)
-        std = x.var(dim=dims, unbiased=False).add(1e-5).sqrt()
-        shape = (-1,) + (1,) * (x.dim() - 3)
-        out[m] = (mean.reshape(shape), std.reshape(shape))
+        dims = [0, 1] + list(range(3, f.dim()))
+        per_clip = max(1, f[0].numel() * 8)
+        step = max(1, chunk_bytes // per_clip)
+        total = torch.zeros(f.shape[2], dtype=torch.float64, device=f.device)
+        squares = torch.zeros_like(total)
+        for lo in range(0, f.shape[0], step):
+            x = f[lo:lo + step].double()
+            total += x.sum(dim=dims)
+            squares += x.square().sum(dim=dims)
+        count = f.numel() // f.shape[2]
+        mean = total / count
+        var = (squares / count - mean.square()).clamp_min(0)
+        std = var.add(1e-5).sqrt()
+        shape = (-1,) + (1,) * (f.dim() - 3)
+        out[m] = (mean.float().reshape(shape), std.float().reshape(shape))
     return out
-
-
-def normalise(x: dict, stats: dict | None) -> dict:
-    """Standardise gathered features {m: (..., C[, H, W])} with ``standardisation`` statistics (None: unchanged)."""
-    if not stats:
-        return x
-    return {m: (v - stats[m][0]) / stats[m][1] for m, v in x.items()}

@@ -189,12 +189,14 @@ def adapted_features(cfg, pair, model, params, dom, idx: np.ndarray, batch: int 
     import torch
     from torch.func import functional_call
 
-    from adapt.data import standardisation
+    from adapt.data import Gatherer, standardisation
     if pair.heads_units == 1:
         views = [np.array([w]) for w in range(dom.units)]  # each stored window, as evaluation does
     else:
         views = pair.eval_views()
-    stats = standardisation(dom) if cfg.adabn else None  # AdaBN: each domain with its own statistics
+    # the inputs as the run saw them: AdaBN with each domain's own statistics, otherwise the source store's
+    stats = standardisation(dom) if cfg.adabn else standardisation(pair.source) if cfg.standardise else None
+    gatherer = Gatherer(torch.device("cpu"))
     key = torch.tensor(cfg.seed, dtype=torch.int64)
     sums = None
     with torch.no_grad():
@@ -203,9 +205,7 @@ def adapted_features(cfg, pair, model, params, dom, idx: np.ndarray, batch: int 
             for lo in range(0, len(idx), batch):
                 rows = torch.from_numpy(idx[lo:lo + batch])
                 units = torch.from_numpy(view).expand(len(rows), -1)
-                x = {m: f[rows[:, None], units].float() for m, f in dom.feats.items()}
-                if stats:
-                    x = {m: (v - stats[m][0]) / stats[m][1] for m, v in x.items()}
+                x = {m: v[0] for m, v in gatherer([(dom, rows[None], units[None], stats)], list(dom.feats)).items()}
                 out = functional_call(model, params, (x, key, 0.0))
                 parts.append({m: v.float() for m, v in out["video"].items()})
             v = {m: torch.cat([p[m] for p in parts]) for m in parts[0]}

@@ -21,7 +21,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from adapt import config as C
 from adapt import metrics, parts, rng
-from adapt.data import DomainPair, gather, normalise, resolve_device, standardisation
+from adapt.data import DomainPair, Gatherer, resolve_device, standardisation
 from adapt.model import AdaptModel
 from adapt.objectives import ALIGNMENT, TERMS, compute_terms, initial_state
 from extract.errors import UserError
@@ -87,6 +87,7 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
     state = initial_state(cfg, mods, pair.source.n, pair.target.n, device)
     state = {k: torch.stack([v] * K) for k, v in state.items()}
     samplers = [np.random.default_rng([c.seed, 7]) for c in cfgs]
+    gatherer = Gatherer(device)
     run_keys = torch.tensor([c.seed for c in cfgs], dtype=torch.int64, device=device)
 
     # ---- the step function of one run (vmapped over K) ------------------------------------------------------
@@ -121,17 +122,14 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
         u_t = np.stack([pair.sample_units(r, Bt) for r in samplers])
         t = lambda a: torch.from_numpy(a).to(device)  # noqa: E731
         idx_s, idx_t = t(idx_s), t(idx_t)
-        xs, xt = gather(pair.source, idx_s, t(u_s)), gather(pair.target, idx_t, t(u_t))
-        xs, xt = normalise(xs, norm_s), normalise(xt, norm_t)
-        x = {m: torch.cat([xs[m], xt[m]], dim=1) for m in mods}
+        x = gatherer([(pair.source, idx_s, t(u_s), norm_s), (pair.target, idx_t, t(u_t), norm_t)], mods)
         if cfg.corr_sync and cfg.w_corr and "flow" in mods and pair.units_per_clip > 1:
             # MM-SADA's time-synchronised correspondence: negatives use flow of another window of the same clip
             U = pair.units_per_clip
             o_s = np.stack([(u + r.integers(1, U, size=(Bs, 1))) % U for u, r in zip(u_s, samplers)])
             o_t = np.stack([(u + r.integers(1, U, size=(Bt, 1))) % U for u, r in zip(u_t, samplers)])
-            fo_s = normalise({"flow": pair.source.feats["flow"][idx_s.unsqueeze(-1), t(o_s)].float()}, norm_s)["flow"]
-            fo_t = normalise({"flow": pair.target.feats["flow"][idx_t.unsqueeze(-1), t(o_t)].float()}, norm_t)["flow"]
-            x["flow_other"] = torch.cat([fo_s, fo_t], dim=1)
+            x["flow_other"] = gatherer([(pair.source, idx_s, t(o_s), norm_s), (pair.target, idx_t, t(o_t), norm_t)],
+                                       ["flow"], key="other")["flow"]
         y_s, n_s = pair.source.verb[idx_s], pair.source.noun[idx_s].clamp_min(0)
         y_t = pair.target.verb[idx_t].clamp_min(0)  # -1 unless the method is supervised target
         return x, y_s, n_s, y_t, idx_s, idx_t
@@ -161,9 +159,8 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
                 for lo in range(0, dom.n, cfg.eval_batch):
                     idx = torch.arange(lo, min(lo + cfg.eval_batch, dom.n), device=device)
                     units = torch.from_numpy(view).to(device).expand(len(idx), -1)
-                    x = {m: f[idx[:, None], units].float() for m, f in dom.feats.items()}
-                    x = normalise(x, norm_t)
-                    outs.append(eval_fn(params, buffers, x))
+                    x = gatherer([(dom, idx[None], units[None], norm_t)], mods, key="eval")
+                    outs.append(eval_fn(params, buffers, {m: v[0] for m, v in x.items()}))
                 s = {k: torch.cat([o[k] for o in outs], dim=1) for k in outs[0]}
                 scores = s if scores is None else {k: scores[k] + s[k] for k in s}
         template.train(True)
