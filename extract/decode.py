@@ -76,18 +76,19 @@ def read_image(path: Path, clip_id, mode: str = "RGB") -> np.ndarray:
     """
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
-    if not path.is_file():
-        folder = path.parent
-        if not folder.is_dir():
-            # name the deepest missing folder's full path (e.g. the video's frame folder)
-            raise ClipError(clip_id, folder, "frame folder not found")
-        raise ClipError(clip_id, path, "frame file not found")
     try:
         with Image.open(path) as im:
             im.load()
-            arr = np.asarray(im.convert(mode))
+            arr = np.asarray(im if im.mode == mode else im.convert(mode))
+    except (FileNotFoundError, NotADirectoryError):
+        folder = Path(path).parent
+        if not folder.is_dir():
+            # name the deepest missing folder's full path (e.g. the video's frame folder)
+            raise ClipError(clip_id, folder, "frame folder not found") from None
+        raise ClipError(clip_id, path, "frame file not found") from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        if not Path(path).is_file():
+            raise ClipError(clip_id, path, "frame file not found") from None
         raise ClipError(clip_id, path, f"corrupt JPEG ({_one_line(e)})") from None
     return arr
 
@@ -97,8 +98,8 @@ def read_images(paths, clip_id, mode: str = "RGB") -> np.ndarray:
 
     Each distinct path is decoded once (windows and stacks repeat frames).
     """
-    paths = [Path(p) for p in paths]
-    cache: dict[Path, np.ndarray] = {}
+    paths = [str(p) for p in paths]
+    cache: dict[str, np.ndarray] = {}
     out = []
     for p in paths:
         if p not in cache:
@@ -108,7 +109,8 @@ def read_images(paths, clip_id, mode: str = "RGB") -> np.ndarray:
     if len(shapes) > 1:
         first = out[0].shape
         bad = next(p for p, a in zip(paths, out) if a.shape != first)
-        raise ClipError(clip_id, bad, f"frame size {cache[bad].shape[:2]} differs from {first[:2]} of {paths[0].name}")
+        raise ClipError(clip_id, bad, f"frame size {cache[bad].shape[:2]} differs from {first[:2]} of "
+                                      f"{Path(paths[0]).name}")
     return np.stack(out)
 
 
