@@ -70,7 +70,14 @@ class Domain:
 def load_domain(path: Path, name: str, modalities: list[str], device: torch.device, spatial: bool,
                 labels: bool = True) -> Domain:
     """Read a complete store into memory (failed clips are left out; the store must be otherwise complete)."""
+    from extract.runner import check_store
+
     store = FeatureStore.open(path, require_complete=True)
+    problems = check_store(store)  # chunk files present and whole (headers only, nothing decompressed)
+    if problems:
+        name, chunk, what = problems[0]
+        raise UserError(f"{path}: {name} chunk {chunk} {what} ({len(problems)} damaged chunk(s)); re-run "
+                        f"`adapt extract` with this store as --out to redo them")
     keep = np.flatnonzero(store.done_mask())
     if len(keep) == 0:
         raise UserError(f"{path}: no extracted clips")
@@ -90,7 +97,12 @@ def load_domain(path: Path, name: str, modalities: list[str], device: torch.devi
             sel = keep_mask[lo:hi]
             if not sel.any():
                 continue
-            block = arr[lo:hi][sel]
+            try:
+                block = arr[lo:hi]
+            except Exception as e:  # noqa: BLE001 - a chunk that does not decode
+                raise UserError(f"{path}: {m} clips {lo}..{hi - 1} do not decode ({type(e).__name__}); re-run "
+                                f"`adapt extract` with this store as --out to redo them") from None
+            block = block if sel.all() else block[sel]
             finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
             if not finite.all():
                 bad = ids[lo:hi][sel][int(np.flatnonzero(~finite)[0])]

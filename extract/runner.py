@@ -863,7 +863,8 @@ def run_extraction(split, cfg: ExtractConfig, out: str | Path, checkpoints: dict
     Returns:
         The summary dict: ``split``, ``out``, ``clips``, ``extracted`` (this run), ``failed`` (clips failed in
         the store, or in this shard), ``failed_now``, ``failures`` (first few ``{id: reason}``), ``skipped``
-        (already done or failed before), ``seconds``, ``clips_per_s``, ``done`` (clips done in the store),
+        (already done or failed before), ``seconds``, ``clips_per_s``, ``steady_clips_per_s`` (clips after the
+        first batch over the time after it: the rate once the pipeline is full), ``done`` (clips done in the store),
         ``complete``, ``rank``, ``world``, ``device``, ``batch_size``, ``workers``, ``created``, ``repaired``.
 
     Raises:
@@ -974,6 +975,8 @@ def run_extraction(split, cfg: ExtractConfig, out: str | Path, checkpoints: dict
                     failures[str(ids[row])] = reason
                 writer.failed(row, reason)
 
+            pace = {"t": None, "first": 0, "clips": 0}  # the steady rate counts from the first batch's end
+
             def run_batch():
                 feats = extractor([x for _, x in batch])
                 for (row, _), f in zip(batch, feats):
@@ -984,6 +987,9 @@ def run_extraction(split, cfg: ExtractConfig, out: str | Path, checkpoints: dict
                     else:
                         writer.add(row, f)
                 bar.advance(task, len(batch))
+                pace["clips"] += len(batch)
+                if pace["t"] is None:
+                    pace.update(t=time.perf_counter(), first=len(batch))
                 batch.clear()
 
             try:
@@ -1007,7 +1013,10 @@ def run_extraction(split, cfg: ExtractConfig, out: str | Path, checkpoints: dict
                     pass
                 raise
             writer.flush()
-        seconds_run = time.perf_counter() - t_run
+        t_end = time.perf_counter()
+        seconds_run = t_end - t_run
+        after_first = pace["clips"] - pace["first"]
+        steady = after_first / (t_end - pace["t"]) if after_first > 0 and t_end > pace["t"] else 0.0
 
         # all done: finalise (rank 0 after every rank; a shard process when the store is complete)
         counts = _gather(env, {"extracted": writer.written, "failed_now": failed_now, "skipped": skipped,
@@ -1046,6 +1055,7 @@ def run_extraction(split, cfg: ExtractConfig, out: str | Path, checkpoints: dict
             "skipped": sum(c["skipped"] for c in counts), "seconds": round(seconds, 3),
             "run_seconds": round(seconds_run, 3),
             "clips_per_s": round(extracted / seconds_run, 3) if seconds_run > 0 else 0.0,
+            "steady_clips_per_s": round(steady, 3),
             "done": done, "complete": done + all_failed == store.num_clips, "rank": env.rank,
             "world": env.world, "device": str(dev), "batch_size": bs, "workers": nw,
             "created": bool(prep.get("created")), "reset_failed": int(prep.get("reset_failed", 0)),

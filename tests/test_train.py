@@ -137,6 +137,22 @@ def test_refuses_nan_features(i3d_root, tmp_path):
         train([cfg], progress=False)
 
 
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_refuses_store_with_a_damaged_chunk(i3d_root, tmp_path, damage):
+    from extract.runner import _chunk_file
+    from extract.store import FeatureStore
+    shape = {"rgb": (16, 3, 3), "flow": (16, 3, 3)}
+    bad = make_store(tmp_path / "T_cut.zarr", 24, 4, 3, shape, 1.0, 2)
+    chunk = _chunk_file(FeatureStore.open(bad), "rgb", 0)
+    if damage == "deleted":
+        chunk.unlink()          # zarr would read the fill value (zeros) for it
+    else:
+        chunk.write_bytes(chunk.read_bytes()[:-7])
+    cfg = cfg_for(i3d_root, "source_only", tmp_path, target=str(bad))
+    with pytest.raises(UserError, match=r"T_cut.zarr: rgb chunk 0 .*re-run `adapt extract`"):
+        train([cfg], progress=False)
+
+
 def test_non_finite_loss_stops_naming_step_and_term(i3d_root, tmp_path):
     cfg = cfg_for(i3d_root, "source_only", tmp_path, lr=1e38, lr_stage2=1e38, momentum=0.0)
     with pytest.raises(TrainingError, match=r"loss term 'cls' is not finite at step \d+"):
