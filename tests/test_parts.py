@@ -63,6 +63,47 @@ def test_fold_is_deterministic_distinct_and_vmappable():
         assert int(batched[i]) == int(rng.fold(int(keys[i]), int(steps[i]), 5))
 
 
+def _murmur3_32(word: int, seed: int) -> int:
+    """MurmurHash3_x86_32 of one 4-byte little-endian word, in plain Python (Appleby's reference)."""
+    m = 0xFFFFFFFF
+    k = (word * 0xCC9E2D51) & m
+    k = ((k << 15) | (k >> 17)) & m
+    k = (k * 0x1B873593) & m
+    h = seed ^ k
+    h = ((h << 13) | (h >> 19)) & m
+    h = (h * 5 + 0xE6546B64) & m
+    h ^= 4
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & m
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & m
+    return h ^ (h >> 16)
+
+
+def _splitmix_fold(key: int, *data: int) -> int:
+    m = 2 ** 64 - 1
+    for d in data:
+        z = (key + (d + 1) * 0x9E3779B97F4A7C15) & m
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+        key = z ^ (z >> 31)
+    return key & (2 ** 63 - 1)
+
+
+def test_hash_is_the_documented_murmur3_and_splitmix64():
+    # the in-place int32 arithmetic (wrapping products, logical shifts) equals the reference in Python integers
+    for key, salt in ((0, 0), (12345, 3), (2 ** 40 + 7, 2 ** 31 + 5)):
+        seed = _splitmix_fold(key, salt & 0xFFFFFFFF) & 0xFFFFFFFF
+        counters = [0, 1, 2, 77, 1000, 4095]
+        got = rng._bits(key, (4096,), salt)[counters].to(torch.int64) & 0xFFFFFFFF
+        assert [int(v) for v in got] == [_murmur3_32(c, seed) for c in counters]
+    assert int(rng.fold(99, 4, 7)) == _splitmix_fold(99, 4, 7)
+    # uniform keeps the top 24 bits
+    u = rng.uniform(5, (10,), salt=2)
+    seed = _splitmix_fold(5, 2) & 0xFFFFFFFF
+    assert [float(v) for v in u] == [(_murmur3_32(c, seed) >> 8) / 2 ** 24 for c in range(10)]
+
+
 def test_dropout_scale_rate_and_modes():
     x = torch.ones(20_000)
     y = rng.dropout(x, 0.25, torch.tensor(3), training=True)

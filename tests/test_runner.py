@@ -161,6 +161,7 @@ def test_i3d_end_to_end_store_shapes_attrs(demo, tmp_path):
     out = tmp_path / "i3d.zarr"
     s = run_extraction(split, cfg, out, {}, device="cpu", workers=1, batch_size=2, chunk_clips=2, console=con)
     assert s["extracted"] == 4 and s["failed"] == 0 and s["complete"] and s["created"]
+    assert s["steady_clips_per_s"] > 0  # two batches of 2: the rate after the first
     log = text_of(con)
     assert "random" in log and "--checkpoint" in log  # the random-weights warning, one line
     assert len([ln for ln in log.splitlines() if "random" in ln]) == 1

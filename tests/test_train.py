@@ -111,6 +111,32 @@ def test_stacked_runs_equal_separate_runs(i3d_root, tmp_path, method):
             torch.testing.assert_close(wa[k], ws[k], rtol=1e-4, atol=1e-5)
 
 
+def test_gatherer_equals_plain_indexing_and_reuses_its_buffers(i3d_root):
+    from adapt.data import Gatherer, load_domain, standardisation
+    dom = load_domain(Path(i3d_root) / "i3d" / "S_train.zarr", "S", ["rgb", "flow"], torch.device("cpu"), True)
+    stats = standardisation(dom)
+    for m, (mean, std) in stats.items():   # the block-wise float64 statistics equal the direct ones
+        x = dom.feats[m].float()
+        torch.testing.assert_close(mean.flatten(), x.mean(dim=(0, 1, 3, 4)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(std.flatten(), x.var(dim=(0, 1, 3, 4), unbiased=False).add(1e-5).sqrt(),
+                                   rtol=1e-4, atol=1e-5)
+    g = Gatherer(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    idx_a, idx_b = torch.randint(0, dom.n, (2, 5), generator=gen), torch.randint(0, dom.n, (2, 3), generator=gen)
+    u_a, u_b = torch.randint(0, dom.units, (2, 5, 1), generator=gen), torch.randint(0, dom.units, (2, 3, 1), generator=gen)
+    out = g([(dom, idx_a, u_a, stats), (dom, idx_b, u_b, None)], ["rgb", "flow"])
+    for m in ("rgb", "flow"):
+        f = dom.feats[m]
+        want_a = (f[idx_a.unsqueeze(-1), u_a].float() - stats[m][0]) / stats[m][1]
+        want_b = f[idx_b.unsqueeze(-1), u_b].float()
+        assert out[m].shape == (2, 8, 1, *f.shape[2:]) and out[m].dtype == torch.float32
+        torch.testing.assert_close(out[m][:, :5], want_a, rtol=1e-6, atol=1e-6)
+        assert torch.equal(out[m][:, 5:], want_b)
+    first = out["rgb"].data_ptr()
+    again = g([(dom, idx_b, u_b, None), (dom, idx_a, u_a, stats)], ["rgb", "flow"])
+    assert again["rgb"].data_ptr() == first   # the same buffer, refilled
+
+
 def test_refuses_store_of_another_backbone(i3d_root, tbn_root, tmp_path):
     cfg = cfg_for(i3d_root, "source_only", tmp_path, target=str(Path(tbn_root) / "tbn" / "T_train.zarr"))
     with pytest.raises(UserError, match="stores do not fit together: backbone"):
