@@ -212,7 +212,7 @@ def _barrier(env: DistEnv) -> None:
 
 def _build_models(cfg: ExtractConfig, checkpoints: dict, device: torch.device) -> tuple[dict, dict]:
     """Backbones per modality (eval mode, on ``device``) and ``{modality: sha256 or None}``."""
-    from extract.backbones import build, sha256_file  # noqa: F401 - sha256 comes from checkpoint_info
+    from extract.backbones import build, fold_batch_norm, sha256_file  # noqa: F401 - sha256 from checkpoint_info
 
     models, shas = {}, {}
     for m in cfg.modalities:
@@ -229,6 +229,7 @@ def _build_models(cfg: ExtractConfig, checkpoints: dict, device: torch.device) -
             raise UserError(str(e)) from None
         info = model.checkpoint_info
         shas[m] = None if info is None else (info.sha256 or sha256_file(ckpt))
+        model = fold_batch_norm(model)  # inference only: BatchNorm folded into the convs
         model = model.to(device).to(memory_format=_memory_format(cfg))
         models[m] = model.eval()
     return models, shas

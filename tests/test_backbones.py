@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from extract.backbones import (CheckpointError, build, load_checkpoint, save_checkpoint, sha256_file,
                                tf_same_pad)
@@ -67,6 +68,39 @@ def test_tf_same_pad(size, kernel, stride, expected):
     assert tf_same_pad(size, kernel, stride) == expected
     front, back = expected
     assert (size + front + back - kernel) // stride + 1 == -(-size // stride)  # ceil(size / stride)
+
+
+def test_symmetric_same_padding_inside_the_op_equals_explicit_padding():
+    from extract.backbones.i3d import MaxPool3dSame, Unit3D, _pad_same
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(2, 4, 5, 9, 8))   # odd and even sizes; post-ReLU like every I3D pool input
+    unit = Unit3D(4, 6, 3, batch_norm=False, relu=False)
+    assert unit.symmetric and unit.conv3d.padding == (1, 1, 1)
+    explicit = F.conv3d(_pad_same(x, unit.kernel, unit.stride), unit.conv3d.weight)
+    torch.testing.assert_close(unit(x), explicit, rtol=1e-5, atol=1e-5)
+    pool = MaxPool3dSame(3, 1)
+    assert torch.equal(pool(x), F.max_pool3d(_pad_same(x, (3, 3, 3), (1, 1, 1)), 3, 1))
+    strided = Unit3D(4, 6, 3, stride=2, batch_norm=False, relu=False)   # asymmetric: padded at run time
+    assert not strided.symmetric and strided(x).shape == (2, 6, 3, 5, 4)
+
+
+@pytest.mark.parametrize("pair,shape", [(("i3d", "flow"), (2, 2, 8, 32, 32)), (("tbn", "audio"), (2, 1, 64, 64))])
+def test_fold_batch_norm_keeps_the_outputs(pair, shape):
+    from extract.backbones import fold_batch_norm
+    model = build(*pair, seed=3)
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():   # non-trivial running statistics and affine parameters
+        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    x = torch.randn(*shape, generator=g)
+    with torch.no_grad():
+        before = model(x)
+        after = fold_batch_norm(model)(x)
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)) for m in model.modules())
+    torch.testing.assert_close(after, before, rtol=1e-3, atol=1e-4 * float(before.abs().max()))
 
 
 def test_i3d_rgb_224(models):

@@ -24,7 +24,7 @@ from .i3d import InceptionI3d, tf_same_pad
 
 __all__ = [
     "BACKBONES", "INPUT_CHANNELS", "BNInception", "CheckpointError", "CheckpointInfo", "InceptionI3d", "build",
-    "load_checkpoint", "read_checkpoint", "save_checkpoint", "sha256_file", "tf_same_pad",
+    "fold_batch_norm", "load_checkpoint", "read_checkpoint", "save_checkpoint", "sha256_file", "tf_same_pad",
 ]
 
 # Input channels per backbone and modality: I3D takes RGB or 2-channel flow clips; TBN's BN-Inception takes
@@ -87,3 +87,37 @@ def _he_init(model: nn.Module) -> None:
             nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+
+def fold_batch_norm(model: nn.Module) -> nn.Module:
+    """Fold every inference-mode BatchNorm into the convolution before it, in place; returns ``model``.
+
+    ``bn(conv(x)) = s * (W x + b - mu) + beta`` with ``s = gamma / sqrt(var + eps)`` becomes one convolution with
+    weights ``s * W`` and bias ``s * (b - mu) + beta`` (computed in float64), so inference runs one op where it
+    ran two.  For extraction only: the running statistics are frozen into the weights, the model no longer has
+    the checkpoint's keys, and it must not be trained.  I3D's ``Unit3D`` loses its ``bn``; BN-Inception's
+    ``X_bn`` modules become identities.
+    """
+    from .bninception import BNInception
+    from .i3d import Unit3D
+
+    def fold(conv, bn):
+        s = bn.weight.detach().double() / (bn.running_var.double() + bn.eps).sqrt()
+        w = conv.weight.detach().double() * s.reshape(-1, *([1] * (conv.weight.dim() - 1)))
+        b = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(s)
+        conv.weight = nn.Parameter(w.to(conv.weight.dtype), requires_grad=False)
+        conv.bias = nn.Parameter(((b - bn.running_mean.double()) * s + bn.bias.detach().double())
+                                 .to(conv.weight.dtype), requires_grad=False)
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Unit3D) and module.bn is not None:
+                fold(module.conv3d, module.bn)
+                module.bn = None
+            elif isinstance(module, BNInception):
+                for name, layer in list(module.named_children()):
+                    bn = getattr(module, name + "_bn", None)
+                    if isinstance(layer, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                        fold(layer, bn)
+                        setattr(module, name + "_bn", nn.Identity())
+    return model

@@ -57,6 +57,11 @@ def _pad_same(x: torch.Tensor, kernel: tuple[int, int, int], stride: tuple[int, 
     return x
 
 
+def _symmetric(kernel: tuple[int, int, int], stride: tuple[int, int, int]) -> bool:
+    """True when TF-"SAME" padding is ``k // 2`` on both sides of every dimension (stride 1, odd kernels)."""
+    return all(s == 1 and k % 2 == 1 for k, s in zip(kernel, stride))
+
+
 def _triple(v: int | tuple[int, int, int]) -> tuple[int, int, int]:
     return (v, v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
 
@@ -73,12 +78,16 @@ class Unit3D(nn.Module):
         super().__init__()
         self.kernel = _triple(kernel)
         self.stride = _triple(stride)
-        self.conv3d = nn.Conv3d(in_channels, out_channels, self.kernel, self.stride, padding=0, bias=bias)
+        # stride 1 and odd kernels: "SAME" is (k - 1) / 2 on both sides whatever the size, so the conv pads
+        # itself (no padded copy of the input); otherwise the asymmetric padding is computed at run time
+        self.symmetric = _symmetric(self.kernel, self.stride)
+        padding = tuple(k // 2 for k in self.kernel) if self.symmetric else 0
+        self.conv3d = nn.Conv3d(in_channels, out_channels, self.kernel, self.stride, padding=padding, bias=bias)
         self.bn = nn.BatchNorm3d(out_channels, eps=BN_EPS, momentum=BN_MOMENTUM) if batch_norm else None
         self.relu = relu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv3d(_pad_same(x, self.kernel, self.stride))
+        x = self.conv3d(x if self.symmetric else _pad_same(x, self.kernel, self.stride))
         if self.bn is not None:
             x = self.bn(x)
         return F.relu(x, inplace=True) if self.relu else x
@@ -93,6 +102,8 @@ class MaxPool3dSame(nn.Module):
         self.stride = _triple(stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _symmetric(self.kernel, self.stride):  # the pool's own (-inf) padding: the same on post-ReLU input
+            return F.max_pool3d(x, self.kernel, self.stride, padding=tuple(k // 2 for k in self.kernel))
         return F.max_pool3d(_pad_same(x, self.kernel, self.stride), self.kernel, self.stride)
 
     def extra_repr(self) -> str:
