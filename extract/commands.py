@@ -7,8 +7,6 @@ its exit code: 2 for a mistake, 1 for :class:`extract.runner.ExtractionFailed`).
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 from pathlib import Path
 from typing import List, Optional
 
@@ -149,28 +147,6 @@ def default_out(backbone: str, split: str, root: Path = FEATURES_ROOT) -> Path:
     return Path(root) / backbone / f"{Path(split).stem if Path(split).suffix else split}.zarr"
 
 
-def train_demo_hook(console, features_root: Path = DEMO_FEATURES) -> bool:
-    """Call ``adapt.train.run_demo(console[, features_root=...])`` when it exists; True when it ran."""
-    import inspect
-
-    try:
-        module = importlib.import_module("adapt.train")
-        run_demo = getattr(module, "run_demo")
-    except (ImportError, AttributeError) as e:
-        console.print(f"training is not available yet (adapt.train.run_demo: {type(e).__name__}: {e}); "
-                      f"the features are ready", highlight=False, soft_wrap=True)
-        return False
-    try:
-        accepts_root = "features_root" in inspect.signature(run_demo).parameters
-    except (TypeError, ValueError):
-        accepts_root = False
-    if accepts_root:
-        run_demo(console, features_root=str(features_root))
-    else:
-        run_demo(console)
-    return True
-
-
 # ------------------------------------------------------------------------------------------------------------
 # the commands
 
@@ -267,7 +243,7 @@ def register(command, console) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
     ):
         """The demo: generate the demo data if missing, extract I3D rgb+flow features of K1 and K2 (train and
-        test) with the demo settings, then train on them when the trainer is available."""
+        test) with the demo settings, then train source-only and CIA from K1 to K2 on them."""
         import time
 
         from extract.runner import StoreMismatch, run_extraction
@@ -289,8 +265,9 @@ def register(command, console) -> None:
             except StoreMismatch as e:  # a demo store from other settings (or weights): replace it
                 console.print(f"replacing {target}: {e}", highlight=False, soft_wrap=True)
                 run_extraction(name, cfg, target, ckpts, overwrite=True, **kw)
-        console.print(f"[3/3] training on the demo features")
-        train_demo_hook(console, Path(features))
+        console.print("[3/3] training on the demo features")
+        from adapt.train import run_demo
+        run_demo(console, features_root=str(features))
         console.print(f"demo done in {time.perf_counter() - t0:.0f} s", highlight=False)
 
     @command("finetune")
