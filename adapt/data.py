@@ -70,14 +70,9 @@ class Domain:
 def load_domain(path: Path, name: str, modalities: list[str], device: torch.device, spatial: bool,
                 labels: bool = True) -> Domain:
     """Read a complete store into memory (failed clips are left out; the store must be otherwise complete)."""
-    from extract.runner import check_store
+    from extract.runner import _chunk_file
 
     store = FeatureStore.open(path, require_complete=True)
-    problems = check_store(store)  # chunk files present and whole (headers only, nothing decompressed)
-    if problems:
-        name, chunk, what = problems[0]
-        raise UserError(f"{path}: {name} chunk {chunk} {what} ({len(problems)} damaged chunk(s)); re-run "
-                        f"`adapt extract` with this store as --out to redo them")
     keep = np.flatnonzero(store.done_mask())
     if len(keep) == 0:
         raise UserError(f"{path}: no extracted clips")
@@ -97,11 +92,15 @@ def load_domain(path: Path, name: str, modalities: list[str], device: torch.devi
             sel = keep_mask[lo:hi]
             if not sel.any():
                 continue
+            # a chunk file that is gone would read as zeros, one that was cut fails to decode: both are refused
+            chunk = lo // store.chunk_clips
+            redo = "re-run `adapt extract` with this store as --out to redo it"
+            if not _chunk_file(store, m, chunk).is_file():
+                raise UserError(f"{path}: {m} chunk {chunk} missing, but clips in it are marked done; {redo}")
             try:
                 block = arr[lo:hi]
-            except Exception as e:  # noqa: BLE001 - a chunk that does not decode
-                raise UserError(f"{path}: {m} clips {lo}..{hi - 1} do not decode ({type(e).__name__}); re-run "
-                                f"`adapt extract` with this store as --out to redo them") from None
+            except Exception as e:  # noqa: BLE001
+                raise UserError(f"{path}: {m} chunk {chunk} does not decode ({type(e).__name__}); {redo}") from None
             block = block if sel.all() else block[sel]
             finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
             if not finite.all():

@@ -163,8 +163,8 @@ def test_refuses_nan_features(i3d_root, tmp_path):
         train([cfg], progress=False)
 
 
-@pytest.mark.parametrize("damage", ["deleted", "truncated"])
-def test_refuses_store_with_a_damaged_chunk(i3d_root, tmp_path, damage):
+@pytest.mark.parametrize("damage,says", [("deleted", "missing"), ("truncated", "does not decode")])
+def test_refuses_store_with_a_damaged_chunk(i3d_root, tmp_path, damage, says):
     from extract.runner import _chunk_file
     from extract.store import FeatureStore
     shape = {"rgb": (16, 3, 3), "flow": (16, 3, 3)}
@@ -175,7 +175,7 @@ def test_refuses_store_with_a_damaged_chunk(i3d_root, tmp_path, damage):
     else:
         chunk.write_bytes(chunk.read_bytes()[:-7])
     cfg = cfg_for(i3d_root, "source_only", tmp_path, target=str(bad))
-    with pytest.raises(UserError, match=r"T_cut.zarr: rgb chunk 0 .*re-run `adapt extract`"):
+    with pytest.raises(UserError, match=rf"T_cut.zarr: rgb chunk 0 {says}.*re-run `adapt extract`"):
         train([cfg], progress=False)
 
 
