@@ -70,8 +70,6 @@ class Domain:
 def load_domain(path: Path, name: str, modalities: list[str], device: torch.device, spatial: bool,
                 labels: bool = True) -> Domain:
     """Read a complete store into memory (failed clips are left out; the store must be otherwise complete)."""
-    from extract.runner import _chunk_file
-
     store = FeatureStore.open(path, require_complete=True)
     keep = np.flatnonzero(store.done_mask())
     if len(keep) == 0:
@@ -95,7 +93,7 @@ def load_domain(path: Path, name: str, modalities: list[str], device: torch.devi
             # a chunk file that is gone would read as zeros, one that was cut fails to decode: both are refused
             chunk = lo // store.chunk_clips
             redo = "re-run `adapt extract` with this store as --out to redo it"
-            if not _chunk_file(store, m, chunk).is_file():
+            if not store.chunk_file(m, chunk).is_file():
                 raise UserError(f"{path}: {m} chunk {chunk} missing, but clips in it are marked done; {redo}")
             try:
                 block = arr[lo:hi]

@@ -577,12 +577,6 @@ def _reset_failed(store: FeatureStore, chunks: np.ndarray) -> int:
 # checking a store's chunk files (a write cut short, a deleted or truncated chunk)
 
 
-def _chunk_file(store: FeatureStore, name: str, c: int) -> Path:
-    arr = store.group[name]
-    key = arr.metadata.encode_chunk_key((int(c),) + (0,) * (len(arr.shape) - 1))
-    return store.path / name / key
-
-
 def _blosc_problem(path: Path, expected_nbytes: int) -> str | None:
     """A Blosc chunk's 16-byte header holds its uncompressed and compressed sizes: a truncated file (or one
     holding another array's data) shows here without decompressing it."""
@@ -650,7 +644,7 @@ def _chunk_problem(store: FeatureStore, name: str, c: int) -> str | None:
     """Whether a feature chunk file is whole: Blosc header sizes, a Zstandard frame walk, or (other codecs)
     decoding it."""
     arr = store.group[name]
-    path = _chunk_file(store, name, c)
+    path = store.chunk_file(name, c)
     expected = int(np.prod(arr.chunks)) * arr.dtype.itemsize
     codecs = arr.metadata.codecs
     last = type(codecs[-1]).__name__ if len(codecs) > 1 else ""
@@ -698,7 +692,7 @@ def check_store(store: FeatureStore, chunks=None) -> list[tuple[str, int, str]]:
                 problems.append((name, int(c), f"does not decode ({type(e).__name__})"))
     for m in store.modalities:
         for c in chunks:
-            path = _chunk_file(store, m, c)
+            path = store.chunk_file(m, c)
             has_done = bool(done[_chunk_rows(store, c)].any())
             if not path.is_file():
                 if has_done:
@@ -721,7 +715,7 @@ def check_and_repair(store: FeatureStore, df, chunks=None) -> list[str]:
     fixed = []
     for name, c, what in problems:
         with store._locked(c):
-            path = _chunk_file(store, name, c)
+            path = store.chunk_file(name, c)
             if path.is_file():
                 path.unlink()
             rows = _chunk_rows(store, c)

@@ -201,6 +201,12 @@ class FeatureStore:
     # ------------------------------------------------------------------------------------------------------
     # reading
 
+    def chunk_file(self, name: str, chunk: int) -> Path:
+        """The file of chunk ``chunk`` (along ``clip``) of array ``name``; it may not exist (never written)."""
+        arr = self.group[name]
+        key = arr.metadata.encode_chunk_key((int(chunk),) + (0,) * (len(arr.shape) - 1))
+        return self.path / name / key
+
     def array(self, modality: str) -> zarr.Array:
         """The lazy Zarr array of a modality (read chunk by chunk)."""
         if modality not in self.modalities:

@@ -165,11 +165,10 @@ def test_refuses_nan_features(i3d_root, tmp_path):
 
 @pytest.mark.parametrize("damage,says", [("deleted", "missing"), ("truncated", "does not decode")])
 def test_refuses_store_with_a_damaged_chunk(i3d_root, tmp_path, damage, says):
-    from extract.runner import _chunk_file
     from extract.store import FeatureStore
     shape = {"rgb": (16, 3, 3), "flow": (16, 3, 3)}
     bad = make_store(tmp_path / "T_cut.zarr", 24, 4, 3, shape, 1.0, 2)
-    chunk = _chunk_file(FeatureStore.open(bad), "rgb", 0)
+    chunk = FeatureStore.open(bad).chunk_file("rgb", 0)
     if damage == "deleted":
         chunk.unlink()          # zarr would read the fill value (zeros) for it
     else:
