@@ -6,7 +6,7 @@ inside such a forward (vmap refuses random ops in its default mode, and even
 where allowed the draws would depend on how many runs are batched together).
 So every random draw here is a pure function of an integer *key*:
 
-    uniform(key, shape, salt) = hash(seed(key, salt), counter) / 2**32,   counter = 0..numel-1
+    uniform(key, shape, salt) = (hash(seed(key, salt), counter) >> 8) / 2**24,   counter = 0..numel-1
 
 This is the counter-based design of Salmon et al., "Parallel random numbers: as easy as
 1, 2, 3" (SC 2011), with simpler hashes.  Keys (one int64 per run and step, a few per step) are
