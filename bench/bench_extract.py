@@ -6,15 +6,15 @@
 * full pipeline throughput: ``run_extraction`` of 2N clips into a fresh store (decode in workers, inference,
   store writes); its steady rate (``steady_clips_per_s``: the clips after the first batch over the time after it)
   leaves out start-up (forking the workers, the first batch's wait), which a run of a few clips would otherwise
-  be dominated by.  The ratio
-  pipeline / min(decode, backbone) -- the goal is >= 0.85 (the slower stage hides the other).
-  On a CPU-only machine decoding and inference share the same cores, so the reachable figure is the serial bound
-  ``1 / (1/decode + 1/backbone)``; the ratio to it is printed too.  Backbone and pipeline runs are interleaved
-  and the best of ``repeats`` is taken, since other processes' load makes single timings noisy;
+  be dominated by.  The ratio pipeline / min(decode, backbone): the goal is >= 0.85 (the slower stage hides the
+  other).  On a CPU-only machine decoding and inference share the same cores, so the serial bound
+  ``1 / (1/decode + 1/backbone)`` is the reference there; the ratio to it is printed too.  Backbone and pipeline
+  runs are interleaved and the best of ``repeats`` is taken, since other processes' load makes single timings
+  noisy;
 * peak memory (RSS of the extracting process, and the largest decoding worker) and time per clip (after the first
-  batch) for 1x, 2x and 4x clips, each in a fresh process (its backbone kernels warmed first): the peak should not grow with the number
-  of clips (features are written a chunk at a time, decoding is bounded by the loader's prefetch), nor should
-  the time per clip.
+  batch) for 1x, 2x and 4x clips, each in a fresh process (its backbone kernels warmed first): the peak should not
+  grow with the number of clips (features are written a chunk at a time, decoding is bounded by the loader's
+  prefetch), nor should the time per clip.
 
 ``run(report)`` prints lines through ``report`` (a callable taking a string) and returns the figures as a dict;
 ``python -m bench.bench_extract`` prints them and the dict as JSON.

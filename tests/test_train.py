@@ -122,8 +122,8 @@ def test_gatherer_equals_plain_indexing_and_reuses_its_buffers(i3d_root):
                                    rtol=1e-4, atol=1e-5)
     g = Gatherer(torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
-    idx_a, idx_b = torch.randint(0, dom.n, (2, 5), generator=gen), torch.randint(0, dom.n, (2, 3), generator=gen)
-    u_a, u_b = torch.randint(0, dom.units, (2, 5, 1), generator=gen), torch.randint(0, dom.units, (2, 3, 1), generator=gen)
+    idx_a, idx_b = (torch.randint(0, dom.n, (2, b), generator=gen) for b in (5, 3))
+    u_a, u_b = (torch.randint(0, dom.units, (2, b, 1), generator=gen) for b in (5, 3))
     out = g([(dom, idx_a, u_a, stats), (dom, idx_b, u_b, None)], ["rgb", "flow"])
     for m in ("rgb", "flow"):
         f = dom.feats[m]
