@@ -29,7 +29,7 @@ from typing import Union
 
 import torch
 
-__all__ = ["as_key", "fold", "split", "uniform", "bernoulli", "dropout", "MASK32"]
+__all__ = ["as_key", "fold", "fold_int", "split", "uniform", "bernoulli", "dropout", "MASK32"]
 
 MASK32 = 0xFFFFFFFF
 _C1 = 0xCC9E2D51
@@ -95,6 +95,17 @@ def fold(key: KeyLike, *data: KeyLike) -> torch.Tensor:
     for d in data:
         d = as_key(d, device=key.device)
         key = _mix64(key + (d + 1) * _GOLDEN)
+    return key & (2 ** 63 - 1)
+
+
+def fold_int(key: int, *data: int) -> int:
+    """:func:`fold` on Python integers (the same value), for keys the host derives without a tensor op."""
+    m = 2 ** 64 - 1
+    for d in data:
+        z = (key + (d + 1) * 0x9E3779B97F4A7C15) & m
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+        key = z ^ (z >> 31)
     return key & (2 ** 63 - 1)
 
 

@@ -82,8 +82,11 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
     opt_gen, opt_cls = (make_opt(gen_names), make_opt(cls_names)) if cfg.mcd else (make_opt(list(params)), None)
     optimisers = [o for o in (opt_gen, opt_cls) if o is not None]
 
-    weights = {w: torch.tensor([getattr(c, w) for c in cfgs], dtype=torch.float32, device=device)
-               for w in C.TrainConfig.WEIGHTS}
+    # the loss terms with a non-zero weight (the same in every stacked run: part of the architecture key); the
+    # others are left out of the total rather than multiplied by zero
+    active = [t for t in TERMS if getattr(cfg, f"w_{t}")]
+    weights = {f"w_{t}": torch.tensor([getattr(c, f"w_{t}") for c in cfgs], dtype=torch.float32, device=device)
+               for t in active}
     state = initial_state(cfg, mods, pair.source.n, pair.target.n, device)
     state = {k: torch.stack([v] * K) for k, v in state.items()}
     samplers = [np.random.default_rng([c.seed, 7]) for c in cfgs]
@@ -96,11 +99,11 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
         terms, new_st = compute_terms(out, cfg, Bs, y_s, n_s, y_t, idx_s, idx_t, st)
         gate = {t: (stage2 if t in ALIGNMENT else 1.0) for t in TERMS}
         if phase == "classifiers":  # MCD step B: classifiers maximise the discrepancy
-            total = w["w_cls"] * terms["cls"] - gate["mcd"] * w["w_mcd"] * terms["mcd"]
+            total = w.get("w_cls", 0.0) * terms["cls"] - gate["mcd"] * w.get("w_mcd", 0.0) * terms["mcd"]
         elif phase == "generator":  # MCD step C: the generator minimises it
-            total = gate["mcd"] * w["w_mcd"] * terms["mcd"]
+            total = gate["mcd"] * w.get("w_mcd", 0.0) * terms["mcd"]
         else:
-            total = sum(gate[t] * w[f"w_{t}"] * terms[t] for t in TERMS if t != "mcd")
+            total = sum(gate[t] * w[f"w_{t}"] * terms[t] for t in active if t != "mcd")
         return total, torch.stack([terms[t] for t in TERMS]), new_st
 
     in_dims = (0, 0, 0, 0, 0, 0, 0, 0, 0, None, None, 0, 0)
@@ -204,7 +207,7 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
             clock.start()
             x, y_s, n_s, y_t, idx_s, idx_t = batch()
             clock.lap("data")
-            keys = vmap(lambda k: rng.fold(k, step))(run_keys)
+            keys = torch.tensor([rng.fold_int(c.seed, step) for c in cfgs], dtype=torch.int64, device=device)
             args = (x, y_s, n_s, y_t, idx_s, idx_t, keys, coeff, stage2, weights, state)
             if cfg.mcd and stage2:  # MCD: A) all on source, B) classifiers vs discrepancy, C) generator x n
                 plan = [("all", optimisers), ("classifiers", [opt_cls])] + \

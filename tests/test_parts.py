@@ -98,6 +98,8 @@ def test_hash_is_the_documented_murmur3_and_splitmix64():
         got = rng._bits(key, (4096,), salt)[counters].to(torch.int64) & 0xFFFFFFFF
         assert [int(v) for v in got] == [_murmur3_32(c, seed) for c in counters]
     assert int(rng.fold(99, 4, 7)) == _splitmix_fold(99, 4, 7)
+    for key, data in ((0, (0,)), (-3, (5, 2)), (2 ** 62 + 11, (10 ** 6,)), (7, ())):   # the host-side twin
+        assert rng.fold_int(key, *data) == int(rng.fold(key, *data))
     # uniform keeps the top 24 bits
     u = rng.uniform(5, (10,), salt=2)
     seed = _splitmix_fold(5, 2) & 0xFFFFFFFF
