@@ -196,7 +196,7 @@ def adapted_features(cfg, pair, model, params, dom, idx: np.ndarray, batch: int 
         views = pair.eval_views()
     # the inputs as the run saw them: AdaBN with each domain's own statistics, otherwise the source store's
     stats = standardisation(dom) if cfg.adabn else standardisation(pair.source) if cfg.standardise else None
-    gatherer = Gatherer(torch.device("cpu"))
+    gatherer = Gatherer(next(iter(dom.feats.values())).device)
     key = torch.tensor(cfg.seed, dtype=torch.int64)
     sums = None
     with torch.no_grad():
