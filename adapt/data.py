@@ -208,7 +208,7 @@ class Gatherer:
             for dom, idx, units, stats in parts:
                 f = dom.feats[m]
                 B = idx.shape[1]
-                rows = (idx.unsqueeze(-1) * f.shape[1] + units).reshape(-1)
+                rows = (idx.unsqueeze(-1) * f.shape[1] + units).reshape(-1).to(f.device)
                 scratch = self._buffer(("half", m), (len(rows), *feat), f.dtype)
                 torch.index_select(f.view(-1, *feat), 0, rows, out=scratch)
                 part = x[:, at:at + B]
