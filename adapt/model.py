@@ -149,7 +149,7 @@ class AdaptModel(nn.Module):
             feats, consensus = self.sc(feats)
         else:
             feats = {m: f.mean(dim=(-2, -1)) if m in self.spatial_mods else f for m, f in feats.items()}
-        frame = {m: self.embed[m](feats[m], rng.fold(key, i)) for i, m in enumerate(self.modalities)}
+        frame = {m: self.embed[m](feats[m], key, salt=i) for i, m in enumerate(self.modalities)}
         return frame, consensus
 
     def param_groups(self) -> tuple[list[str], list[str]]:

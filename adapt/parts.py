@@ -141,8 +141,8 @@ def grl_coefficient(step, total_steps, lam: float = 1.0, gamma: float = 10.0):
 class Embedding(nn.Module):
     """Trainable FC + ReLU + dropout: ``e = dropout(relu(W x + b))`` (TA3N shared layer, 1024 -> 512).
 
-    Dropout is :func:`adapt.rng.dropout` driven by ``key`` (required in training mode when
-    ``dropout > 0``).
+    Dropout is :func:`adapt.rng.dropout` driven by ``key`` and ``salt`` (the key is required in training mode
+    when ``dropout > 0``; layers sharing a key take different salts).
 
     * ``spatial=False``: x (..., in_dim) -> (..., out_dim).
     * ``spatial=True``: a 1x1 convolution, i.e. the same linear map on the channel axis of
@@ -155,11 +155,11 @@ class Embedding(nn.Module):
         self.p = float(dropout)
         self.spatial = bool(spatial)
 
-    def forward(self, x: torch.Tensor, key=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key=None, salt: int = 0) -> torch.Tensor:
         if self.spatial:
             x = x.movedim(-3, -1)
         y = F.relu(self.fc(x))
-        y = rng.dropout(y, self.p, key, self.training)
+        y = rng.dropout(y, self.p, key, self.training, salt=salt)
         if self.spatial:
             y = y.movedim(-1, -3)
         return y
