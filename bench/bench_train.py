@@ -79,6 +79,8 @@ def run(device="cpu", quick=False) -> dict:
         spatial = make_pair(root, spatial_sizes, spatial=True)
         rows = []
         steps = 20 if quick else 60
+        # warm-up (first-call costs of the process: kernels, allocator), so that the first method is not charged
+        steps_per_second("source_only", pooled, 3, device, str(root / "runs"), False)
         for m in METHODS:
             if m not in SPATIAL_ONLY:
                 rows.append(steps_per_second(m, pooled, steps, device, str(root / "runs"), False))
