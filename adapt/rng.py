@@ -69,8 +69,9 @@ def _s64(c: int) -> int:
     return c - 2 ** 64 if c >= 2 ** 63 else c
 
 
-_GOLDEN = _s64(0x9E3779B97F4A7C15)
-_MIX1, _MIX2 = _s64(0xBF58476D1CE4E5B9), _s64(0x94D049BB133111EB)
+# SplitMix64's increment and finaliser multipliers (unsigned), and the int64 values with the same bits
+GOLDEN, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_GOLDEN, _MIX1, _MIX2 = _s64(GOLDEN), _s64(MIX1), _s64(MIX2)
 
 
 def _mix64(z: torch.Tensor) -> torch.Tensor:
@@ -102,9 +103,9 @@ def fold_int(key: int, *data: int) -> int:
     """:func:`fold` on Python integers (the same value), for keys the host derives without a tensor op."""
     m = 2 ** 64 - 1
     for d in data:
-        z = (key + (d + 1) * 0x9E3779B97F4A7C15) & m
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+        z = (key + (d + 1) * GOLDEN) & m
+        z = ((z ^ (z >> 30)) * MIX1) & m
+        z = ((z ^ (z >> 27)) * MIX2) & m
         key = z ^ (z >> 31)
     return key & (2 ** 63 - 1)
 

@@ -100,9 +100,10 @@ class MaxPool3dSame(nn.Module):
         super().__init__()
         self.kernel = _triple(kernel)
         self.stride = _triple(stride)
+        self.symmetric = _symmetric(self.kernel, self.stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _symmetric(self.kernel, self.stride):  # the pool's own (-inf) padding: the same on post-ReLU input
+        if self.symmetric:  # the pool's own (-inf) padding: the same as zeros on post-ReLU input
             return F.max_pool3d(x, self.kernel, self.stride, padding=tuple(k // 2 for k in self.kernel))
         return F.max_pool3d(_pad_same(x, self.kernel, self.stride), self.kernel, self.stride)
 
