@@ -24,6 +24,7 @@ JPEGs, so both sources go through the same resize, crop and de-quantisation.
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import cv2
@@ -54,14 +55,34 @@ def dequantise(jpeg, bound: float, scaling: str = "exact") -> np.ndarray:
     """EPIC flow JPEG values -> I3D flow input in ``[-1, 1]`` (float32).
 
     ``"exact"`` (default): ``d = jpeg * 2b / 255 - b``, clip to ``[-20, 20]``, ``/ 20`` (so with ``b = 25``:
-    0 -> -1, 255 -> +1, 128 -> 0.098 / 20).  ``"naive"``: ``jpeg / 255 * 2 - 1``.
+    0 -> -1, 255 -> +1, 128 -> 0.098 / 20).  ``"naive"``: ``jpeg / 255 * 2 - 1``.  ``uint8`` input goes through a
+    256-entry table of the same float32 arithmetic (:func:`extract.transforms.byte_table`: identical values, and a
+    transposed view comes back contiguous in its own shape).
     """
+    if scaling not in FLOW_SCALINGS:
+        raise UserError(f"flow_scaling must be one of {', '.join(FLOW_SCALINGS)}, got {scaling!r}")
+    jpeg = np.asarray(jpeg)
+    if jpeg.dtype == np.uint8:
+        from extract.transforms import apply_table
+
+        return apply_table(_dequantise_table(float(bound), scaling), jpeg)
+    return _dequantise_formula(jpeg, bound, scaling)
+
+
+def _dequantise_formula(jpeg, bound: float, scaling: str) -> np.ndarray:
     if scaling == "exact":
         d = displacement(jpeg, bound)
         return np.clip(d, -I3D_FLOW_CLIP, I3D_FLOW_CLIP) / np.float32(I3D_FLOW_CLIP)
-    if scaling == "naive":
-        return np.asarray(jpeg, dtype=np.float32) / np.float32(255.0) * np.float32(2.0) - np.float32(1.0)
-    raise UserError(f"flow_scaling must be one of {', '.join(FLOW_SCALINGS)}, got {scaling!r}")
+    return np.asarray(jpeg, dtype=np.float32) / np.float32(255.0) * np.float32(2.0) - np.float32(1.0)
+
+
+@functools.lru_cache(maxsize=16)
+def _dequantise_table(bound: float, scaling: str) -> np.ndarray:
+    from extract.transforms import byte_table
+
+    table = byte_table(lambda x: _dequantise_formula(x, bound, scaling))
+    table.flags.writeable = False
+    return table
 
 
 def _tvl1_engine():

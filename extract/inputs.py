@@ -295,6 +295,10 @@ def load_clip(row: dict, cfg) -> dict[str, np.ndarray]:
     """Decode and preprocess one clip (a manifest row as a dict) for ``cfg.backbone``; one float32 array per
     modality in ``cfg.modalities`` with the shapes of :func:`input_shape` (module docstring).
 
+    The arrays are laid out channels-last in memory (a transposed view of a contiguous ``(..., H, W, C)`` array,
+    the strides of torch's ``channels_last_3d`` / ``channels_last``): that is the order the frames decode in and
+    the backbones' memory format, so no transpose is made before the runner's copy into its batch buffer.
+
     Raises :class:`ClipError` for data faults in this clip and :class:`UserError` for configuration mistakes.
     """
     check_config(cfg)
@@ -306,22 +310,20 @@ def load_clip(row: dict, cfg) -> dict[str, np.ndarray]:
     for m in cfg.modalities:
         if cfg.backbone == "i3d":
             if m == "rgb":
-                x = transforms.i3d_rgb(ctx.rgb(frames["rgb"]))           # (W, T, c, c, 3)
-                out[m] = np.ascontiguousarray(x.transpose(0, 4, 1, 2, 3))
+                x = transforms.i3d_rgb(ctx.rgb(frames["rgb"]))          # (W, T, c, c, 3)
             else:
                 u, v, bound = ctx.flow(frames["flow"])                  # (W, T, c, c) each
-                x = np.stack([flowlib.dequantise(u, bound, cfg.flow_scaling),
-                              flowlib.dequantise(v, bound, cfg.flow_scaling)], axis=1)
-                out[m] = np.ascontiguousarray(x, dtype=np.float32)
+                x = flowlib.dequantise(np.stack([u, v], axis=-1), bound, cfg.flow_scaling)  # (W, T, c, c, 2)
+            out[m] = x.transpose(0, 4, 1, 2, 3)                         # (W, C, T, c, c), channels_last_3d
         else:
             if m == "rgb":
-                x = transforms.tbn_rgb(ctx.rgb(frames["rgb"]))           # (S, c, c, 3) BGR
-                out[m] = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+                x = transforms.tbn_rgb(ctx.rgb(frames["rgb"]))          # (S, c, c, 3) BGR
             elif m == "flow":
                 u, v, _ = ctx.flow(frames["flow"])                      # (S, L, c, c) each
                 s, length = frames["flow"].shape
-                x = np.stack([u, v], axis=2).reshape(s, 2 * length, *u.shape[2:])  # x0, y0, x1, y1, ...
-                out[m] = np.ascontiguousarray(transforms.tbn_flow(x))
+                x = transforms.tbn_flow(np.stack([u, v], axis=-1).transpose(0, 2, 3, 1, 4))  # (S, c, c, L, 2)
+                x = x.reshape(*x.shape[:3], 2 * length)                 # (S, c, c, 2L): x0, y0, x1, y1, ...
             else:
-                out[m] = np.ascontiguousarray(_audio(ctx, frames["audio"]))
+                x = np.ascontiguousarray(_audio(ctx, frames["audio"]).transpose(0, 2, 3, 1))  # (S, 256, 256, 1)
+            out[m] = x.transpose(0, 3, 1, 2)                            # (S, C, H, W), channels_last
     return out

@@ -123,12 +123,17 @@ def default_batch_size(device: torch.device, cfg: ExtractConfig) -> int:
 
 
 def default_workers(device: torch.device) -> int:
-    """Decoding worker processes: on a GPU all cores but one (up to 12), since decoding is then the slower
-    stage; on the CPU the backbone is ~20x slower than decoding (bench/bench_extract.py), so one worker (two from
-    8 cores) keeps it fed without taking cores from it."""
+    """Decoding worker processes.  On a GPU all cores but one (up to 12), since decoding is then the slower stage.
+    On the CPU the backbone's intra-op threads already use every core, so a worker process can only take time
+    from them (and a preempted thread stalls the others at their next barrier) and adds the shared-memory hand-over
+    of each clip: with fewer than 4 cores the clips are decoded in the extracting process between batches
+    (measured on 2 cores, demo I3D: 9.2-9.5 clips/s against 8.5-8.8 with one niced worker); from 4 cores one
+    worker, from 8 two."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if device.type == "cuda":
         return max(1, min(12, cores - 1))
+    if cores < 4:
+        return 0
     return 1 if cores < 8 else 2
 
 
@@ -316,7 +321,7 @@ class ClipDataset(torch.utils.data.Dataset):
                     return row, None, f"clip {rec['id']}: {m} input has shape {a.shape}, expected {want}", None
                 if not np.isfinite(a).all():
                     return row, None, f"clip {rec['id']}: non-finite {m} input", None
-                out[m] = torch.from_numpy(np.ascontiguousarray(a))
+                out[m] = torch.from_numpy(a if min(a.strides) >= 0 else a.copy())  # keeps channels-last strides
             return row, out, None, None
         except ClipError as e:
             return row, None, _one_line(str(e)), None

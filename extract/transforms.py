@@ -63,9 +63,35 @@ def resize_crop(frames: np.ndarray, size: int, crop: int) -> np.ndarray:
     return np.ascontiguousarray(centre_crop(resize_shorter(frames, size), crop))
 
 
+def _i3d_rgb_formula(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32) / np.float32(255.0) * np.float32(2.0) - np.float32(1.0)
+
+
+def byte_table(fn) -> np.ndarray:
+    """``fn`` applied to the 256 byte values: a lookup table ``t`` with ``t[x] == fn(x)`` bit for bit for any
+    ``uint8`` array ``x``, since ``fn`` works element by element."""
+    return np.ascontiguousarray(fn(np.arange(256, dtype=np.uint8)), dtype=np.float32)
+
+
+_I3D_RGB_TABLE = byte_table(_i3d_rgb_formula)
+_I3D_RGB_TABLE.flags.writeable = False
+
+
+def apply_table(table: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``table[x]`` as a new C-contiguous float32 array in ``x``'s shape; ``x`` may be a transposed view (one pass
+    does the lookup and the transpose)."""
+    return np.take(table, x)
+
+
 def i3d_rgb(frames: np.ndarray) -> np.ndarray:
-    """uint8 RGB ``(..., 3)`` -> float32 in ``[-1, 1]``: ``x / 255 * 2 - 1``."""
-    return np.asarray(frames, dtype=np.float32) / np.float32(255.0) * np.float32(2.0) - np.float32(1.0)
+    """uint8 RGB ``(..., 3)`` (or any axis order) -> float32 in ``[-1, 1]``: ``x / 255 * 2 - 1``.
+
+    ``uint8`` input goes through a 256-entry table of the same float32 arithmetic (identical values); the result is
+    C-contiguous in the input's shape, so a transposed view of the frames comes back transposed and contiguous."""
+    frames = np.asarray(frames)
+    if frames.dtype == np.uint8:
+        return apply_table(_I3D_RGB_TABLE, frames)
+    return _i3d_rgb_formula(frames)
 
 
 def tbn_rgb(frames: np.ndarray) -> np.ndarray:
@@ -74,6 +100,17 @@ def tbn_rgb(frames: np.ndarray) -> np.ndarray:
     return bgr - TBN_RGB_MEAN_BGR
 
 
+def _tbn_flow_formula(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float32) - np.float32(TBN_FLOW_MEAN)
+
+
+_TBN_FLOW_TABLE = byte_table(_tbn_flow_formula)
+_TBN_FLOW_TABLE.flags.writeable = False
+
+
 def tbn_flow(frames: np.ndarray) -> np.ndarray:
-    """uint8 flow JPEG values -> float32 ``x - 128``."""
-    return np.asarray(frames, dtype=np.float32) - np.float32(TBN_FLOW_MEAN)
+    """uint8 flow JPEG values -> float32 ``x - 128`` (C-contiguous in the input's shape, as :func:`i3d_rgb`)."""
+    frames = np.asarray(frames)
+    if frames.dtype == np.uint8:
+        return apply_table(_TBN_FLOW_TABLE, frames)
+    return _tbn_flow_formula(frames)

@@ -278,3 +278,51 @@ def test_clip_error_is_one_line():
     e = ClipError("c", "/a/b.jpg", "corrupt JPEG (line one\nline two)")
     assert str(e) == "clip c: /a/b.jpg: corrupt JPEG (line one line two)"
     assert str(ClipError("clip 5: x: y")) == "clip 5: x: y"
+
+
+# ------------------------------------------------------------------------------------------------ fast paths
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_read_image_matches_pil_on_real_frames(mode, tmp_path):
+    """OpenCV's decode (complete JPEGs of the expected colour type) and PIL's (everything else: an RGB frame read
+    as greyscale, a greyscale one read as RGB, a file with bytes after its EOI) give the same pixels."""
+    from extract import decode
+
+    for path in sorted(IMGS.glob("*.jpg")):
+        want = np.asarray(Image.open(path).convert(mode))
+        got = decode.read_image(path, "c", mode)
+        assert got.dtype == np.uint8 and got.flags.c_contiguous and np.array_equal(got, want), path.name
+        padded = tmp_path / path.name
+        padded.write_bytes(path.read_bytes() + b"\x00\x00")  # not ending with EOI: PIL decides
+        assert np.array_equal(decode.read_image(padded, "c", mode), want), path.name
+    fast = decode._decode_complete_jpeg((IMGS / "img_00001.jpg").read_bytes(), "RGB")
+    assert fast is not None  # the real RGB frames take the OpenCV path
+    assert decode._decode_complete_jpeg((IMGS / "img_00001.jpg").read_bytes(), "L") is None  # colour -> PIL's L
+    data = (IMGS / "x_00001.jpg").read_bytes()
+    assert decode._decode_complete_jpeg(data, "L") is not None
+    assert decode._decode_complete_jpeg(data[:len(data) // 2], "L") is None  # cut: PIL refuses it
+
+
+def test_byte_tables_equal_the_formulas():
+    x = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    assert np.array_equal(T.i3d_rgb(x), T.i3d_rgb(x.astype(np.float32)))
+    assert np.array_equal(T.tbn_flow(x), T.tbn_flow(x.astype(np.float32)))
+    for bound in (8.0, 20.0, 25.0):
+        for scaling in F.FLOW_SCALINGS:
+            assert np.array_equal(F.dequantise(x, bound, scaling), F.dequantise(x.astype(np.float32), bound, scaling))
+    t = x.reshape(4, 4, 4, 4).transpose(0, 3, 1, 2)  # a transposed view comes back contiguous in its own shape
+    y = T.i3d_rgb(t)
+    assert y.shape == t.shape and y.flags.c_contiguous and np.array_equal(y, t.astype(np.float32) / 255 * 2 - 1)
+
+
+def test_inputs_are_channels_last(root):
+    """load_clip's arrays have the backbones' memory format, so the runner copies them without a transpose."""
+    import torch
+
+    out = load_clip(row(), i3d(root, crop=64, resize=72, test_windows=2, frames_per_window=4))
+    for m in ("rgb", "flow"):
+        assert torch.from_numpy(out[m]).is_contiguous(memory_format=torch.channels_last_3d), m
+    out = load_clip(row(), tbn(root, crop=64, resize=72, segments=3))
+    for m in ("rgb", "flow", "audio"):
+        assert torch.from_numpy(out[m]).is_contiguous(memory_format=torch.channels_last), m
