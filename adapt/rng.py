@@ -192,7 +192,10 @@ def dropout(x: torch.Tensor, p: float, key: KeyLike = None, training: bool = Tru
     ``training`` is False or ``p == 0``.  ``p`` must be a Python float (it selects the code
     path, never a tensor value).  The mask depends only on (key, salt, x.shape): under vmap
     ``x.shape`` is the per-run shape, so a run's mask equals the mask of a separate call.
-    ``u >= p`` is evaluated on the 24 integer bits (``u * 2**24 >= ceil(p * 2**24)``, the same test).
+    ``u >= p`` is evaluated on the 24 integer bits (``u * 2**24 >= ceil(p * 2**24)``, the same test), in
+    float32 arithmetic: ``min(max(u * 2**24 - (ceil(p * 2**24) - 1), 0), 1)`` is exactly 1 or 0 (integers below 2**24
+    are exact in float32), and avoids torch's bool comparison and bool-to-float kernels, which on the CPU cost
+    several times an arithmetic pass.
 
     Shapes: x (...), key () int64 -> (...).
     """
@@ -203,5 +206,6 @@ def dropout(x: torch.Tensor, p: float, key: KeyLike = None, training: bool = Tru
     if key is None:
         raise ValueError("dropout in training mode needs an rng key (adapt.rng)")
     p32 = float(torch.tensor(p, dtype=torch.float32))  # the float32 value the float test compared against
-    keep = _srl(_bits(key, x.shape, salt), 8) >= math.ceil(p32 * 2 ** 24)
+    threshold = math.ceil(p32 * 2 ** 24)
+    keep = _srl(_bits(key, x.shape, salt), 8).to(torch.float32).sub_(threshold - 1).clamp_min_(0.0).clamp_max_(1.0)
     return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))

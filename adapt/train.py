@@ -24,6 +24,7 @@ from adapt import metrics, parts, rng
 from adapt.data import DomainPair, Gatherer, resolve_device, standardisation
 from adapt.model import AdaptModel
 from adapt.objectives import ALIGNMENT, TERMS, compute_terms, initial_state
+from extract.allocator import retain_freed_memory
 from extract.errors import UserError
 
 
@@ -52,6 +53,7 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
         raise UserError(f"two runs would write the same folder {names}: give them different seeds or tags")
     device = resolve_device(cfg.device)
     started = time.time()
+    retain_freed_memory()  # every step allocates the same tensors again: reuse their pages
 
     # ---- data -----------------------------------------------------------------------------------------------
     pair = pair or DomainPair(cfg, device)

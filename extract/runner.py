@@ -878,6 +878,8 @@ def run_extraction(split, cfg: ExtractConfig, out: str | Path, checkpoints: dict
 
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
+    from extract.allocator import retain_freed_memory
+    retain_freed_memory()  # every batch allocates the same tensors again: reuse their pages
     out = Path(out)
     checkpoints = {k: v for k, v in (checkpoints or {}).items() if v is not None}
     cfg = replace(cfg, modalities=tuple(cfg.modalities))
