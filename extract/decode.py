@@ -60,9 +60,14 @@ def frame_path(layout: str, root, participant: str, video: str, frame: int | Non
                         f"{{frame}}, {{uv}})") from None
 
 
-def frame_paths(layout: str, root, participant: str, video: str, frames, uv: str | None = None) -> list[Path]:
-    """:func:`frame_path` for several frame numbers."""
-    return [frame_path(layout, root, participant, video, int(f), uv) for f in np.asarray(frames).reshape(-1)]
+def frame_paths(layout: str, root, participant: str, video: str, frames, uv: str | None = None) -> list[str]:
+    """:func:`frame_path` for several frame numbers, as strings (the template is checked once)."""
+    frames = [int(f) for f in np.asarray(frames).reshape(-1)]
+    if not frames:
+        return []
+    frame_path(layout, root, participant, video, frames[0], uv)  # a bad template raises UserError here
+    fields = dict(root=str(root).rstrip("/") or "/", participant=participant, video=video, uv=uv or "")
+    return [layout.format(frame=f, **fields) for f in frames]
 
 
 # --------------------------------------------------------------------------------------------- JPEG folders
@@ -74,8 +79,8 @@ def read_image(path: Path, clip_id, mode: str = "RGB") -> np.ndarray:
     A complete baseline JPEG of the expected colour type (ending with its EOI marker, 3 channels for ``"RGB"``,
     1 for ``"L"``) is decoded with OpenCV (``cv2.imdecode``, about twice as fast as PIL on small frames); anything
     else goes through PIL.  Both wrap libjpeg-turbo's accurate integer IDCT and fancy upsampling, and
-    ``tests/test_decode.py`` checks that they agree bit for bit on the real frames in ``../shared/data/media`` and
-    the demo frames.  OpenCV is not allowed to judge damaged files, since it decodes a truncated JPEG with grey
+    ``tests/test_inputs.py`` checks that they agree bit for bit on the real frames in ``../shared/data/media``
+    (they did on the demo frames too).  OpenCV is not allowed to judge damaged files, since it decodes a truncated JPEG with grey
     padding and only a warning: a file without the EOI marker at its end is left to PIL, which refuses truncated
     files (``LOAD_TRUNCATED_IMAGES`` is left False), so a truncated or garbage file raises :class:`ClipError`
     ("corrupt JPEG").  A missing file names its folder when the folder itself is missing.
@@ -84,13 +89,14 @@ def read_image(path: Path, clip_id, mode: str = "RGB") -> np.ndarray:
         with open(path, "rb") as f:
             data = f.read()
     except (FileNotFoundError, NotADirectoryError):
+        path = Path(path)
         folder = Path(path).parent
         if not folder.is_dir():
             # name the deepest missing folder's full path (e.g. the video's frame folder)
             raise ClipError(clip_id, folder, "frame folder not found") from None
         raise ClipError(clip_id, path, "frame file not found") from None
     except OSError as e:
-        raise ClipError(clip_id, path, f"unreadable ({_one_line(e)})") from None
+        raise ClipError(clip_id, Path(path), f"unreadable ({_one_line(e)})") from None
     arr = _decode_complete_jpeg(data, mode)
     if arr is not None:
         return arr
@@ -103,7 +109,7 @@ def read_image(path: Path, clip_id, mode: str = "RGB") -> np.ndarray:
             im.load()
             return np.asarray(im if im.mode == mode else im.convert(mode))
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise ClipError(clip_id, path, f"corrupt JPEG ({_one_line(e)})") from None
+        raise ClipError(clip_id, Path(path), f"corrupt JPEG ({_one_line(e)})") from None
 
 
 def _decode_complete_jpeg(data: bytes, mode: str) -> np.ndarray | None:
@@ -139,7 +145,7 @@ def read_images(paths, clip_id, mode: str = "RGB") -> np.ndarray:
     if len(shapes) > 1:
         first = out[0].shape
         bad = next(p for p, a in zip(paths, out) if a.shape != first)
-        raise ClipError(clip_id, bad, f"frame size {cache[bad].shape[:2]} differs from {first[:2]} of "
+        raise ClipError(clip_id, Path(bad), f"frame size {cache[bad].shape[:2]} differs from {first[:2]} of "
                                       f"{Path(paths[0]).name}")
     return np.stack(out)
 

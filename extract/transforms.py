@@ -78,9 +78,13 @@ _I3D_RGB_TABLE.flags.writeable = False
 
 
 def apply_table(table: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """``table[x]`` as a new C-contiguous float32 array in ``x``'s shape; ``x`` may be a transposed view (one pass
-    does the lookup and the transpose)."""
-    return np.take(table, x)
+    """``table[x]`` for a ``uint8`` array ``x``, as a new C-contiguous float32 array in ``x``'s shape (a transposed
+    view comes back transposed and contiguous).  ``cv2.LUT``, about 3x faster than ``np.take``, which first
+    widens the indices to int64."""
+    x = np.ascontiguousarray(x)
+    if x.size == 0:
+        return np.empty(x.shape, dtype=np.float32)
+    return cv2.LUT(x.reshape(1, -1), table).reshape(x.shape)
 
 
 def i3d_rgb(frames: np.ndarray) -> np.ndarray:
