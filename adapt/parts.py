@@ -385,13 +385,19 @@ class MutualRefinement(nn.Module):
         for m in self.modalities:
             sp = m in self.spatial
             x = feats[m]
-            f_s = self._apply_gate(x, self.self_gates[m](pooled[m]), sp)
+            t_s = self.self_gates[m](pooled[m])
             if len(self.modalities) > 1:
                 f_in = torch.cat([pooled[o] for o in self.modalities if o != m], dim=-1)
-                f_c = self._apply_gate(x, self.cross_gates[m](f_in), sp)
-                out[m] = torch.cat([f_s, f_c], dim=-3 if sp else -1)
+                t_c = self.cross_gates[m](f_in)
+                # eq. 4 with both gates in one product: (..., 2, c[, 1, 1]) * (..., 1, c[, h, w]), then the pair axis
+                # merged into the channels (a view): no separate gated maps and no concatenation copy
+                t = torch.stack([t_s, t_c], dim=-2)
+                if sp:
+                    out[m] = (x.unsqueeze(-4) * t[..., None, None]).flatten(-4, -3)
+                else:
+                    out[m] = (x.unsqueeze(-2) * t).flatten(-2, -1)
             else:
-                out[m] = f_s
+                out[m] = self._apply_gate(x, t_s, sp)
         return out if is_dict else [out[m] for m in self.modalities]
 
 
@@ -532,7 +538,9 @@ class SpatialConsensus(nn.Module):
             x = feats[m]
             if m in self.consensus:
                 x4 = fa4 if m == a_name else fb4
-                pooled = (x4 * weight.unsqueeze(1)).mean(dim=(-2, -1))
+                # sum_ij weight_ij F^(i,j) / (h w) as one contraction: no weighted copy of the map (forward) and
+                # no full-size mean and product gradients (backward)
+                pooled = torch.einsum("nchw,nhw->nc", x4, weight) / (x4.shape[-2] * x4.shape[-1])
                 out[m] = pooled.reshape(tuple(lead) + (pooled.shape[-1],))
             else:
                 out[m] = _gap(x, m in self.spatial)
