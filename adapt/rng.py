@@ -186,16 +186,17 @@ def bernoulli(key: KeyLike, shape, p_keep: float, salt: int = 0) -> torch.Tensor
 
 
 def dropout(x: torch.Tensor, p: float, key: KeyLike = None, training: bool = True, salt: int = 0) -> torch.Tensor:
-    """Inverted dropout (Srivastava et al. 2014) driven by :func:`uniform`.
+    """Inverted dropout (Srivastava et al. 2014) driven by the counter-based hash, 16 bits per draw.
 
-    ``y = x * 1[u >= p] / (1 - p)`` with ``u = uniform(key, x.shape, salt)``; identity when
-    ``training`` is False or ``p == 0``.  ``p`` must be a Python float (it selects the code
-    path, never a tensor value).  The mask depends only on (key, salt, x.shape): under vmap
-    ``x.shape`` is the per-run shape, so a run's mask equals the mask of a separate call.
-    ``u >= p`` is evaluated on the 24 integer bits (``u * 2**24 >= ceil(p * 2**24)``, the same test), in
-    float32 arithmetic: ``min(max(u * 2**24 - (ceil(p * 2**24) - 1), 0), 1)`` is exactly 1 or 0 (integers below 2**24
-    are exact in float32), and avoids torch's bool comparison and bool-to-float kernels, which on the CPU cost
-    several times an arithmetic pass.
+    ``y = x * 1[v_i >= ceil(p * 2**16) - 2**15] / (1 - p)`` for element ``i`` (row-major) of ``x``, where ``v_i`` is
+    the signed 16-bit half ``i mod 2`` (low half first) of the 32-bit hash ``_bits(key, ceil(n / 2), salt)[i // 2]``:
+    each hash gives two draws, uniform over ``[-2**15, 2**15)``, so P(keep) = 1 - p up to ``p``'s rounding to a
+    multiple of 2**-16 (and the hash costs half as much as one draw per element).  Identity when ``training`` is
+    False or ``p == 0``.  ``p`` must be a Python float (it selects the code path, never a tensor value).  The mask
+    depends only on (key, salt, x.shape): under vmap ``x.shape`` is the per-run shape, so a run's mask equals the
+    mask of a separate call.  The test is done in float32 arithmetic, ``min(max(v - (t - 1), 0), 1)`` being exactly
+    1 or 0, because torch's bool comparison and bool-to-float kernels cost several times an arithmetic pass on the
+    CPU.
 
     Shapes: x (...), key () int64 -> (...).
     """
@@ -205,7 +206,9 @@ def dropout(x: torch.Tensor, p: float, key: KeyLike = None, training: bool = Tru
         raise ValueError(f"dropout probability must be in [0, 1), got {p}")
     if key is None:
         raise ValueError("dropout in training mode needs an rng key (adapt.rng)")
-    p32 = float(torch.tensor(p, dtype=torch.float32))  # the float32 value the float test compared against
-    threshold = math.ceil(p32 * 2 ** 24)
-    keep = _srl(_bits(key, x.shape, salt), 8).to(torch.float32).sub_(threshold - 1).clamp_min_(0.0).clamp_max_(1.0)
+    n = x.numel()
+    halves = _bits(key, ((n + 1) // 2,), salt).view(torch.int16)[:n].reshape(x.shape)
+    p32 = float(torch.tensor(p, dtype=torch.float32))
+    threshold = math.ceil(p32 * 2 ** 16) - 2 ** 15
+    keep = halves.to(torch.float32).sub_(threshold - 1).clamp_min_(0.0).clamp_max_(1.0)
     return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))

@@ -96,6 +96,20 @@ def test_hash_is_the_documented_murmur3_and_splitmix64():
     assert [float(v) for v in u] == [(_murmur3_32(c, seed) >> 8) / 2 ** 24 for c in range(10)]
 
 
+def test_dropout_mask_is_the_documented_16_bit_test():
+    x = torch.ones(2, 3, 5)  # 30 elements: 15 hashes, two draws each (low half first)
+    for key, salt, p in ((9, 0, 0.5), (123, 4, 0.1), (77, 1, 0.9)):
+        seed = rng.fold_int(key, salt) & 0xFFFFFFFF
+        draws = []
+        for c in range(15):
+            h = _murmur3_32(c, seed)
+            for half in (h & 0xFFFF, h >> 16):
+                draws.append(half - 65536 if half >= 32768 else half)
+        threshold = math.ceil(float(torch.tensor(p, dtype=torch.float32)) * 65536) - 32768
+        want = torch.tensor([d >= threshold for d in draws]).reshape(x.shape)
+        assert torch.equal(rng.dropout(x, p, key, salt=salt) != 0, want)
+
+
 def test_dropout_scale_rate_and_modes():
     x = torch.ones(20_000)
     y = rng.dropout(x, 0.25, torch.tensor(3), training=True)
