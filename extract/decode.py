@@ -1,4 +1,5 @@
-"""Reading frames: EPIC-layout JPEG folders (OpenCV, PIL for anything unusual), greyscale flow JPEGs, and videos (decord).
+"""Reading frames: EPIC-layout JPEG folders (OpenCV; PIL for anything unusual), greyscale flow JPEGs, and videos
+(decord).
 
 Every data fault raises :class:`ClipError` with one line naming the clip and the file, e.g.
 ``clip 12917: data/P08/rgb_frames/P08_01/frame_0000000437.jpg: corrupt JPEG (image file is truncated ...)``.
@@ -76,14 +77,14 @@ def frame_paths(layout: str, root, participant: str, video: str, frames, uv: str
 def read_image(path: Path, clip_id, mode: str = "RGB") -> np.ndarray:
     """One JPEG as ``uint8`` ``(H, W, 3)`` (mode ``"RGB"``) or ``(H, W)`` (mode ``"L"``).
 
-    A complete baseline JPEG of the expected colour type (ending with its EOI marker, 3 channels for ``"RGB"``,
-    1 for ``"L"``) is decoded with OpenCV (``cv2.imdecode``, about twice as fast as PIL on small frames); anything
-    else goes through PIL.  Both wrap libjpeg-turbo's accurate integer IDCT and fancy upsampling, and
-    ``tests/test_inputs.py`` checks that they agree bit for bit on the real frames in ``../shared/data/media``
-    (they did on the demo frames too).  OpenCV is not allowed to judge damaged files, since it decodes a truncated JPEG with grey
-    padding and only a warning: a file without the EOI marker at its end is left to PIL, which refuses truncated
-    files (``LOAD_TRUNCATED_IMAGES`` is left False), so a truncated or garbage file raises :class:`ClipError`
-    ("corrupt JPEG").  A missing file names its folder when the folder itself is missing.
+    A complete JPEG of the expected colour type (ending with its EOI marker, 3 channels for ``"RGB"``, 1
+    for ``"L"``) is decoded with OpenCV (``cv2.imdecode``, about twice as fast as PIL on small frames); anything
+    else goes through PIL. Both wrap libjpeg-turbo's accurate integer IDCT and fancy upsampling, and
+    ``tests/test_inputs.py`` checks that they agree bit for bit on the real frames in ``../shared/data/media`` (they
+    did on the demo frames too). OpenCV is not allowed to judge damaged files, since it decodes a truncated JPEG
+    with grey padding and only a warning: a file without the EOI marker at its end is left to PIL, which refuses
+    truncated files (``LOAD_TRUNCATED_IMAGES`` is left False), so a truncated or garbage file raises
+    :class:`ClipError` ("corrupt JPEG"). A missing file names its folder when the folder itself is missing.
     """
     try:
         with open(path, "rb") as f:
