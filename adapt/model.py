@@ -105,7 +105,7 @@ class AdaptModel(nn.Module):
             elif self.cfg.domain_attention and hasattr(self, "disc_frame") and frame[m].shape[1] > 1:
                 video[m] = parts.DomainAttention()(frame[m], self.disc_frame[m](frame[m], coeff)).mean(dim=1)
             else:
-                video[m] = frame[m].mean(dim=1)
+                video[m] = parts.time_mean(frame[m])
         out["frame"], out["video"] = frame, video
         out["verb_m"], out["noun_m"] = {}, {}
         for m in self.modalities:
@@ -126,7 +126,7 @@ class AdaptModel(nn.Module):
             if flow_other is not None:
                 other, _ = self._frame_features({**x, "flow": flow_other}, rng.fold(key, 1_000_003))
                 other = other["flow"]
-                other = self.trn["flow"](other) if hasattr(self, "trn") else other.mean(dim=1)
+                other = self.trn["flow"](other) if hasattr(self, "trn") else parts.time_mean(other)
             logits, targets = [], []
             for sl in (slice(0, b_s), slice(b_s, None)):  # negatives within each domain (MM-SADA eq. 3)
                 if flow_other is not None:

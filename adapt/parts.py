@@ -51,6 +51,7 @@ __all__ = [
     "correlation_map",
     "SpatialConsensus",
     "TemporalAverage",
+    "time_mean",
     "TRNMultiScale",
     "softmax_entropy",
     "DomainAttention",
@@ -562,7 +563,14 @@ class TemporalAverage(nn.Module):
         self.dim = dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=self.dim)
+        return time_mean(x, self.dim)
+
+
+def time_mean(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """``x.mean(dim)``; when that axis has one entry (one window or segment per clip, as in training on pooled
+    features), the entry itself, taken as a view: the same values without a reduction kernel, which for a
+    one-long axis costs more than the step's matmuls on small heads (under vmap above all)."""
+    return x.select(dim, 0) if x.shape[dim] == 1 else x.mean(dim=dim)
 
 
 class TRNMultiScale(nn.Module):

@@ -333,6 +333,11 @@ def test_spatial_consensus_identical_inputs_give_full_consensus():
 def test_temporal_average():
     x = torch.randn(2, 5, 7)
     assert torch.allclose(parts.TemporalAverage()(x), x.mean(1))
+    one = torch.randn(4, 1, 6, requires_grad=True)  # one window: the window itself, and the same gradient
+    y = parts.time_mean(one)
+    assert y.shape == (4, 6) and torch.equal(y, one.mean(1))
+    y.sum().backward()
+    assert torch.equal(one.grad, torch.ones_like(one))
 
 
 def test_trn_multiscale_matches_loop():
