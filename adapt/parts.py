@@ -568,9 +568,10 @@ class TemporalAverage(nn.Module):
 
 def time_mean(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """``x.mean(dim)``; when that axis has one entry (one window or segment per clip, as in training on pooled
-    features), the entry itself, taken as a view: the same values without a reduction kernel, which for a
-    one-long axis costs more than the step's matmuls on small heads (under vmap above all)."""
-    return x.select(dim, 0) if x.shape[dim] == 1 else x.mean(dim=dim)
+    features), the entry itself, as a squeezed view: the same values without a reduction kernel (which for a
+    one-long axis cost more than a small head's matmuls under vmap), and a view again in the backward pass
+    (``select``'s gradient would allocate and zero the full shape)."""
+    return x.squeeze(dim) if x.shape[dim] == 1 else x.mean(dim=dim)
 
 
 class TRNMultiScale(nn.Module):
