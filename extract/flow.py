@@ -65,8 +65,15 @@ def dequantise(jpeg, bound: float, scaling: str = "exact") -> np.ndarray:
     if jpeg.dtype == np.uint8:
         from extract.transforms import apply_table
 
-        return apply_table(_dequantise_table(float(bound), scaling), jpeg)
+        return apply_table(dequantise_table(bound, scaling), jpeg)
     return _dequantise_formula(jpeg, bound, scaling)
+
+
+def dequantise_table(bound: float, scaling: str = "exact") -> np.ndarray:
+    """:func:`dequantise` of the 256 byte values (read-only float32, cached per bound and scaling)."""
+    if scaling not in FLOW_SCALINGS:
+        raise UserError(f"flow_scaling must be one of {', '.join(FLOW_SCALINGS)}, got {scaling!r}")
+    return _dequantise_table(float(bound), scaling)
 
 
 def _dequantise_formula(jpeg, bound: float, scaling: str) -> np.ndarray:

@@ -57,7 +57,7 @@ from extract import decode, flow as flowlib, sampling, transforms
 from extract.decode import ClipError
 from extract.errors import UserError
 
-__all__ = ["ClipError", "check_config", "input_shape", "load_clip", "clip_frames"]
+__all__ = ["ClipError", "check_config", "input_shape", "load_clip", "load_clip_pixels", "clip_frames"]
 
 BACKBONE_MODALITIES = {"i3d": ("rgb", "flow"), "tbn": ("rgb", "flow", "audio")}
 SPEC_SIZE = 256
@@ -301,29 +301,39 @@ def load_clip(row: dict, cfg) -> dict[str, np.ndarray]:
 
     Raises :class:`ClipError` for data faults in this clip and :class:`UserError` for configuration mistakes.
     """
+    return {m: v.to_float() if isinstance(v, transforms.Pixels) else v for m, v in load_clip_pixels(row, cfg).items()}
+
+
+def load_clip_pixels(row: dict, cfg) -> dict:
+    """:func:`load_clip` before the input scaling: RGB and flow as :class:`extract.transforms.Pixels` (uint8 in
+    memory order and the table of their input values), audio as its float32 spectrograms.  The runner hands these
+    over from its decoding workers (a quarter of the bytes of floats) and applies the tables where the batch is
+    assembled (on the GPU when there is one)."""
     check_config(cfg)
     ctx = _Clip(row, cfg)
     if ctx.stop < ctx.start or ctx.start < 1:
         raise ClipError(ctx.id, ctx.video, f"bad frame range {ctx.start}..{ctx.stop}")
     frames = clip_frames(row, cfg)
-    out: dict[str, np.ndarray] = {}
+    out: dict = {}
     for m in cfg.modalities:
         if cfg.backbone == "i3d":
             if m == "rgb":
-                x = transforms.i3d_rgb(ctx.rgb(frames["rgb"]))          # (W, T, c, c, 3)
+                x, table = ctx.rgb(frames["rgb"]), transforms._I3D_RGB_TABLE  # (W, T, c, c, 3)
             else:
                 u, v, bound = ctx.flow(frames["flow"])                  # (W, T, c, c) each
-                x = flowlib.dequantise(np.stack([u, v], axis=-1), bound, cfg.flow_scaling)  # (W, T, c, c, 2)
-            out[m] = x.transpose(0, 4, 1, 2, 3)                         # (W, C, T, c, c), channels_last_3d
+                x = np.stack([u, v], axis=-1)                            # (W, T, c, c, 2)
+                table = flowlib.dequantise_table(bound, cfg.flow_scaling)
+            out[m] = transforms.Pixels(np.ascontiguousarray(x), table, (0, 4, 1, 2, 3))  # (W, C, T, c, c)
+        elif m == "rgb":
+            x = np.ascontiguousarray(ctx.rgb(frames["rgb"])[..., ::-1])  # (S, c, c, 3) BGR
+            out[m] = transforms.Pixels(x, transforms._TBN_RGB_TABLE, (0, 3, 1, 2))
+        elif m == "flow":
+            u, v, _ = ctx.flow(frames["flow"])                          # (S, L, c, c) each
+            s, length = frames["flow"].shape
+            x = np.stack([u, v], axis=-1).transpose(0, 2, 3, 1, 4)      # (S, c, c, L, 2)
+            x = np.ascontiguousarray(x).reshape(*x.shape[:3], 2 * length)  # (S, c, c, 2L): x0, y0, x1, y1, ...
+            out[m] = transforms.Pixels(x, transforms._TBN_FLOW_TABLE, (0, 3, 1, 2))
         else:
-            if m == "rgb":
-                x = transforms.tbn_rgb(ctx.rgb(frames["rgb"]))          # (S, c, c, 3) BGR
-            elif m == "flow":
-                u, v, _ = ctx.flow(frames["flow"])                      # (S, L, c, c) each
-                s, length = frames["flow"].shape
-                x = transforms.tbn_flow(np.stack([u, v], axis=-1).transpose(0, 2, 3, 1, 4))  # (S, c, c, L, 2)
-                x = x.reshape(*x.shape[:3], 2 * length)                 # (S, c, c, 2L): x0, y0, x1, y1, ...
-            else:
-                x = np.ascontiguousarray(_audio(ctx, frames["audio"]).transpose(0, 2, 3, 1))  # (S, 256, 256, 1)
-            out[m] = x.transpose(0, 3, 1, 2)                            # (S, C, H, W), channels_last
+            x = np.ascontiguousarray(_audio(ctx, frames["audio"]).transpose(0, 2, 3, 1))  # (S, 256, 256, 1)
+            out[m] = x.transpose(0, 3, 1, 2)                            # (S, 1, 256, 256), channels_last
     return out

@@ -295,7 +295,9 @@ class ClipDataset(torch.utils.data.Dataset):
     """The pending clips of one rank; an item is ``(row, inputs | None, clip_error | None, user_error | None)``.
 
     Errors are returned as values, never raised, so that the DataLoader keeps going after a bad clip.
-    ``inputs`` maps each modality to a float32 tensor of :func:`extract.inputs.input_shape`.
+    ``inputs`` maps each modality to its :class:`extract.transforms.Pixels` (RGB, flow: a uint8 tensor and its
+    table, a quarter of the bytes of the float input) or a float32 tensor (audio), of
+    :func:`extract.inputs.input_shape`.
     """
 
     def __init__(self, records: dict[int, dict], rows: np.ndarray, cfg: ExtractConfig):
@@ -307,18 +309,25 @@ class ClipDataset(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i: int):
-        from extract.inputs import ClipError, input_shape, load_clip
+        from extract.inputs import ClipError, input_shape, load_clip_pixels
+        from extract.transforms import Pixels
 
         row = self.rows[i]
         rec = self.records[row]
         try:
-            arrays = load_clip(rec, self.cfg)
+            arrays = load_clip_pixels(rec, self.cfg)
             out = {}
             for m in self.cfg.modalities:
-                a = np.asarray(arrays[m], dtype=np.float32)
+                a = arrays[m]
                 want = tuple(input_shape(self.cfg, m))
                 if a.shape != want:
                     return row, None, f"clip {rec['id']}: {m} input has shape {a.shape}, expected {want}", None
+                if isinstance(a, Pixels):  # uint8 and its table: applied where the batch is assembled
+                    if not np.isfinite(a.table).all():
+                        return row, None, f"clip {rec['id']}: non-finite {m} input table", None
+                    out[m] = Pixels(torch.from_numpy(a.data), a.table, a.order)
+                    continue
+                a = np.asarray(a, dtype=np.float32)
                 if not np.isfinite(a).all():
                     return row, None, f"clip {rec['id']}: non-finite {m} input", None
                 out[m] = torch.from_numpy(a if min(a.strides) >= 0 else a.copy())  # keeps channels-last strides
@@ -368,8 +377,10 @@ class Extractor:
     """Runs the backbones on batches of clips; every call has the same batch shape (see the module docstring).
 
     The clips' inputs are copied straight into one persistent batch buffer per modality, in the backbone's memory
-    format, on the device (on CUDA from the loader's pinned tensors, asynchronously: no extra host copy); the
-    rows past the last clip of a short batch are zeros and their outputs are dropped.
+    format, on the device; RGB and flow arrive as uint8 pixels with their input table, applied during that copy
+    (``cv2.LUT`` on the CPU; on CUDA the pixels go over from the loader's pinned tensors, asynchronously, and the
+    table is looked up on the GPU).  The rows past the last clip of a short batch are zeros and their outputs are
+    dropped.
     """
 
     def __init__(self, cfg: ExtractConfig, models: dict, device: torch.device, batch_size: int,
@@ -384,6 +395,7 @@ class Extractor:
         self.memory_format = _memory_format(cfg)
         self._buffers: dict[str, torch.Tensor] = {}
         self._padded: dict[str, int] = {}  # rows of the buffer currently zero from a short batch
+        self._tables: dict[bytes, torch.Tensor] = {}  # input tables on the device
         if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # every call has the same shapes
 
@@ -405,7 +417,7 @@ class Extractor:
             per_clip = self.in_shapes[m][0]
             buf = self._buffer(m)
             for i, c in enumerate(clips):
-                buf[i * per_clip:(i + 1) * per_clip].copy_(c[m], non_blocking=True)
+                self._fill(buf[i * per_clip:(i + 1) * per_clip], c[m])
             if n * per_clip < buf.shape[0] and self._padded[m] != n:
                 buf[n * per_clip:].zero_()
             self._padded[m] = n if n < self.batch_size else 0
@@ -414,6 +426,28 @@ class Extractor:
             for i in range(n):
                 out[i][m] = y[i]
         return out
+
+    def _fill(self, dst: torch.Tensor, x) -> None:
+        """Copy one clip's input into its rows of the batch buffer; :class:`~extract.transforms.Pixels` get their
+        table applied on the way (``cv2.LUT`` on the CPU; on a GPU the uint8 pixels are copied over and looked up
+        there)."""
+        from extract.transforms import Pixels, lookup
+
+        if not isinstance(x, Pixels):
+            dst.copy_(x, non_blocking=True)
+        elif self.device.type == "cpu":
+            data = x.data.numpy() if isinstance(x.data, torch.Tensor) else x.data
+            dst.copy_(torch.from_numpy(Pixels(data, x.table, x.order).to_float()))
+        else:
+            data = torch.as_tensor(x.data).to(self.device, non_blocking=True)
+            dst.copy_(lookup(self._table(x.table), data).permute(x.order))
+
+    def _table(self, table: np.ndarray) -> torch.Tensor:
+        key = table.tobytes()
+        t = self._tables.get(key)
+        if t is None:
+            t = self._tables[key] = torch.from_numpy(np.array(table, dtype=np.float32)).to(self.device)
+        return t
 
     @torch.inference_mode()
     def _forward(self, model, modality: str, x: torch.Tensor) -> np.ndarray:

@@ -17,6 +17,8 @@ Sources (REFERENCE.md, "I3D" and "TBN"):
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import cv2
 import numpy as np
 
@@ -96,6 +98,55 @@ def i3d_rgb(frames: np.ndarray) -> np.ndarray:
     if frames.dtype == np.uint8:
         return apply_table(_I3D_RGB_TABLE, frames)
     return _i3d_rgb_formula(frames)
+
+
+_TBN_RGB_TABLE = np.ascontiguousarray(np.arange(256, dtype=np.float32)[:, None] - TBN_RGB_MEAN_BGR[None, :])
+_TBN_RGB_TABLE.flags.writeable = False  # (256, 3): column k is channel k of BGR minus its mean, as tbn_rgb
+
+
+class Pixels(NamedTuple):
+    """A backbone input kept as its uint8 pixels and the table that maps them to the input values.
+
+    ``data``: C-contiguous ``uint8`` (numpy array or torch tensor) in memory order, channels last;
+    ``table``: float32 ``(256,)`` for every channel or ``(256, C)`` with one column per channel (the last axis of
+    ``data``); ``order``: the axis permutation that gives the input's logical shape, ``data.transpose(order)``
+    (e.g. I3D: memory ``(W, T, h, w, C)``, logical ``(W, C, T, h, w)``).  The values are those of the float
+    transforms above (:func:`i3d_rgb`, :func:`tbn_rgb`, :func:`tbn_flow`, :func:`extract.flow.dequantise`): the
+    tables are those functions applied to the 256 byte values.  Handing over pixels rather than floats moves a
+    quarter of the bytes between processes and to a GPU, where the table is applied.
+    """
+
+    data: Any
+    table: np.ndarray
+    order: tuple
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.data.shape[a] for a in self.order)
+
+    def to_float(self) -> np.ndarray:
+        """The float32 input: the table applied with ``cv2.LUT`` in memory order, returned as the transposed view
+        with the logical shape (channels-last strides)."""
+        data = np.ascontiguousarray(np.asarray(self.data))
+        if data.size == 0:
+            out = np.empty(data.shape, dtype=np.float32)
+        elif self.table.ndim == 1:
+            out = cv2.LUT(data.reshape(1, -1), self.table).reshape(data.shape)
+        else:
+            c = self.table.shape[1]
+            out = cv2.LUT(data.reshape(-1, 1, c), self.table.reshape(1, 256, c)).reshape(data.shape)
+        return out.transpose(self.order)
+
+
+def lookup(table, data):
+    """:meth:`Pixels.to_float` in torch (for a device): ``table`` (256,) or (256, C) float tensor, ``data`` uint8
+    tensor (..., C) in memory order -> float tensor of ``data``'s shape (the same values: a table lookup)."""
+    import torch
+
+    idx = data.long()
+    if table.dim() == 1:
+        return table[idx]
+    return table[idx, torch.arange(table.shape[1], device=table.device)]
 
 
 def tbn_rgb(frames: np.ndarray) -> np.ndarray:

@@ -326,3 +326,29 @@ def test_inputs_are_channels_last(root):
     out = load_clip(row(), tbn(root, crop=64, resize=72, segments=3))
     for m in ("rgb", "flow", "audio"):
         assert torch.from_numpy(out[m]).is_contiguous(memory_format=torch.channels_last), m
+
+
+def test_pixels_tables_match_the_float_inputs(root):
+    """load_clip_pixels' uint8 pixels and tables give load_clip's floats, through cv2 (CPU) and through the torch
+    lookup the runner uses on a GPU (run here on CPU tensors)."""
+    import torch
+
+    from extract.inputs import load_clip_pixels
+
+    for cfg in (i3d(root, crop=64, resize=72, test_windows=2, frames_per_window=4),
+                tbn(root, crop=64, resize=72, segments=3)):
+        floats, pixels = load_clip(row(), cfg), load_clip_pixels(row(), cfg)
+        for m, want in floats.items():
+            p = pixels[m]
+            if m == "audio":
+                assert isinstance(p, np.ndarray) and np.array_equal(p, want)
+                continue
+            assert isinstance(p, T.Pixels) and p.data.dtype == np.uint8 and p.shape == want.shape
+            assert np.array_equal(p.to_float(), want), (cfg.backbone, m)
+            got = T.lookup(torch.from_numpy(np.array(p.table)), torch.from_numpy(p.data)).permute(p.order)
+            assert torch.equal(got, torch.from_numpy(np.ascontiguousarray(want))), (cfg.backbone, m)
+    # TBN RGB's per-channel table is BGR minus the BGR means
+    x = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
+    rgb = np.stack([x, 255 - x, x // 2], axis=-1)
+    p = T.Pixels(np.ascontiguousarray(rgb[..., ::-1]), T._TBN_RGB_TABLE, (0, 3, 1, 2))
+    assert np.array_equal(p.to_float(), T.tbn_rgb(rgb).transpose(0, 3, 1, 2))

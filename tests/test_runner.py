@@ -203,6 +203,14 @@ def test_tbn_end_to_end_rgb_flow_audio(demo, tmp_path):
         assert np.isfinite(a).all() and a.std() > 0
         assert not np.array_equal(a[0], a[1])
 
+    # decoded in this process or in a worker process (its uint8 pixels handed over through shared memory, the
+    # tables applied when the batch is assembled): the same bits
+    same = tmp_path / "tbn_inprocess.zarr"
+    run_extraction(split, cfg, same, {}, device="cpu", workers=0, batch_size=3, chunk_clips=2, console=quiet())
+    other = FeatureStore.open(same, require_complete=True)
+    for m in st.modalities:
+        assert np.array_equal(other.load(m), st.load(m)), m
+
     # the spatial audio map (1024 x 8 x 8 per segment)
     cfg2 = dataclasses.replace(cfg, modalities=("audio",), audio_map="spatial", segments=1)
     run_extraction(subset(demo["test"], [0], tmp_path / "one.csv"), cfg2, tmp_path / "spatial.zarr", {},
