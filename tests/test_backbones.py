@@ -84,6 +84,22 @@ def test_symmetric_same_padding_inside_the_op_equals_explicit_padding():
     assert not strided.symmetric and strided(x).shape == (2, 6, 3, 5, 4)
 
 
+def test_strided_pools_pad_inside_the_op_as_same():
+    """I3D's strided max-pools use the pool's own padding with ceil_mode in place of a padded copy: the same
+    windows and values as zero "SAME" padding on post-ReLU input, for odd and even sizes."""
+    import itertools
+
+    from extract.backbones.i3d import MaxPool3dSame, _pad_same
+    torch.manual_seed(0)
+    for kernel, stride in (((1, 3, 3), (1, 2, 2)), ((3, 3, 3), (2, 2, 2)), ((2, 2, 2), (2, 2, 2))):
+        pool = MaxPool3dSame(kernel, stride)
+        for t, h in itertools.product((1, 2, 3, 4, 5, 8), (1, 2, 6, 7, 12, 13)):
+            x = torch.relu(torch.randn(1, 2, t, h, h + 1))
+            assert pool._in_op_padding(tuple(x.shape[2:])) is not None
+            want = F.max_pool3d(_pad_same(x, pool.kernel, pool.stride), pool.kernel, pool.stride)
+            assert torch.equal(pool(x), want), (kernel, t, h)
+
+
 @pytest.mark.parametrize("pair,shape", [(("i3d", "flow"), (2, 2, 8, 32, 32)), (("tbn", "audio"), (2, 1, 64, 64))])
 def test_fold_batch_norm_keeps_the_outputs(pair, shape):
     from extract.backbones import fold_batch_norm

@@ -105,7 +105,30 @@ class MaxPool3dSame(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.symmetric:  # the pool's own (-inf) padding: the same as zeros on post-ReLU input
             return F.max_pool3d(x, self.kernel, self.stride, padding=tuple(k // 2 for k in self.kernel))
+        padding = self._in_op_padding(tuple(int(v) for v in x.shape[2:]))
+        if padding is not None:
+            return F.max_pool3d(x, self.kernel, self.stride, padding=padding, ceil_mode=True)
         return F.max_pool3d(_pad_same(x, self.kernel, self.stride), self.kernel, self.stride)
+
+    def _in_op_padding(self, sizes: tuple[int, int, int]) -> tuple[int, int, int] | None:
+        """The pool's own padding that gives the "SAME" windows without a padded copy, or None.
+
+        "SAME" pads ``(p, p)`` or ``(p, p + 1)``; the pool padding ``p`` on both sides with ``ceil_mode`` keeps
+        the last, partial window, which is the ``+ 1`` (out-of-range cells are ignored, which equals zero
+        padding on post-ReLU input).  Used when PyTorch's ceil-mode output size is the "SAME" size
+        ``ceil(n / s)`` in every dimension."""
+        padding = []
+        for n, k, s in zip(sizes, self.kernel, self.stride):
+            front, back = tf_same_pad(n, k, s)
+            if back not in (front, front + 1) or front > k // 2:
+                return None
+            out = -(-(n + 2 * front - k) // s) + 1
+            if (out - 1) * s >= n + front:  # PyTorch drops a last window that starts in the right padding
+                out -= 1
+            if out != -(-n // s):
+                return None
+            padding.append(front)
+        return tuple(padding)
 
     def extra_repr(self) -> str:
         return f"kernel={self.kernel}, stride={self.stride}, padding=SAME"
