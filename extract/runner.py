@@ -351,7 +351,12 @@ def _keep(item):
 
 def _worker_init(_worker_id: int) -> None:
     """Decoding workers yield to the backbone: a lower CPU priority so that, where decoding and inference share
-    the CPU cores, the backbone's threads are not preempted (the prefetch queue hides the decoding latency)."""
+    the CPU cores, the backbone's threads are not preempted (the prefetch queue hides the decoding latency).
+    Each worker is one thread (the workers are the parallelism): OpenCV's pool is switched off as torch's is by
+    the DataLoader, so that N workers do not start N pools of threads."""
+    import cv2
+
+    cv2.setNumThreads(1)
     nice = int(os.environ.get("ADAPT_WORKER_NICE", "10"))
     if nice > 0:
         try:
