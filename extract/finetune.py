@@ -103,7 +103,7 @@ def finetune(split, cfg: ExtractConfig, out: str | Path, checkpoint: str | Path 
     from extract.backbones import build, save_checkpoint
     from extract.inputs import check_config
     from extract.manifests import Split, resolve_split
-    from extract.runner import _memory_format, default_workers, resolve_device
+    from extract.runner import _memory_format, default_workers, resolve_device, start_workers
 
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
@@ -153,9 +153,9 @@ def finetune(split, cfg: ExtractConfig, out: str | Path, checkpoint: str | Path 
     sampler = _InfiniteSampler(labelled, seed)
     nw = default_workers(dev) if workers is None else int(workers)
     if nw > 0:
-        loader = iter(torch.utils.data.DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=nw,
-                                                  collate_fn=_keep, prefetch_factor=max(2, batch_size // nw + 1),
-                                                  pin_memory=dev.type == "cuda"))
+        loader = start_workers(torch.utils.data.DataLoader(
+            dataset, batch_size=None, sampler=sampler, num_workers=nw, collate_fn=_keep,
+            prefetch_factor=max(2, batch_size // nw + 1), pin_memory=dev.type == "cuda"))
     else:
         loader = (dataset[k] for k in sampler)
 

@@ -351,12 +351,7 @@ def _keep(item):
 
 def _worker_init(_worker_id: int) -> None:
     """Decoding workers yield to the backbone: a lower CPU priority so that, where decoding and inference share
-    the CPU cores, the backbone's threads are not preempted (the prefetch queue hides the decoding latency).
-    Each worker is one thread (the workers are the parallelism): OpenCV's pool is switched off as torch's is by
-    the DataLoader, so that N workers do not start N pools of threads."""
-    import cv2
-
-    cv2.setNumThreads(1)
+    the CPU cores, the backbone's threads are not preempted (the prefetch queue hides the decoding latency)."""
     nice = int(os.environ.get("ADAPT_WORKER_NICE", "10"))
     if nice > 0:
         try:
@@ -365,11 +360,27 @@ def _worker_init(_worker_id: int) -> None:
             pass
 
 
+def start_workers(loader: torch.utils.data.DataLoader):
+    """``iter(loader)``, whose worker processes are forked with OpenCV single-threaded (the workers are the
+    parallelism, so N workers must not start N pools of threads; torch's own pool is switched off by the
+    DataLoader).  The thread count is set in this process around the fork, never in the child: OpenCV's pool is
+    copied into a forked child without its threads, and ``cv2.setNumThreads`` there waits forever on the copied
+    pool's condition variable."""
+    import cv2
+
+    n = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        return iter(loader)
+    finally:
+        cv2.setNumThreads(n)
+
+
 def _loader(dataset: ClipDataset, workers: int, batch_size: int, pin: bool):
     if workers <= 0:
         return (dataset[i] for i in range(len(dataset)))
     prefetch = max(2, math.ceil(2 * batch_size / workers))
-    return iter(torch.utils.data.DataLoader(
+    return start_workers(torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_keep,
         prefetch_factor=prefetch, pin_memory=pin, persistent_workers=False, worker_init_fn=_worker_init))
 

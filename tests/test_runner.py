@@ -423,3 +423,40 @@ def test_finetune_smoke_loss_decreases_and_checkpoint_loads_in_extract(demo, tmp
     with pytest.raises(UserError, match="rgb"):
         run_extraction(subset(demo["test"], range(1), tmp_path / "t.csv"), tiny(demo["root"]), tmp_path / "f.zarr",
                        {"flow": out}, device="cpu", workers=0, console=quiet())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# decoding workers
+
+
+class _OpenCVThreads(torch.utils.data.Dataset):
+    """Each item: OpenCV's thread count inside the worker that made it, after a parallel OpenCV call there."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        import cv2
+
+        cv2.resize(np.zeros((512, 512, 3), np.uint8), (1024, 1024))
+        return cv2.getNumThreads()
+
+
+def test_workers_fork_with_opencv_single_threaded_and_the_parent_keeps_its_pool():
+    """The parent's OpenCV pool is busy before the fork (as after decoding in the main process); the forked
+    workers must run OpenCV on one thread without reconfiguring the copied pool (which deadlocks) and the parent
+    gets its thread count back."""
+    import cv2
+
+    from extract.runner import _keep, start_workers
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(2)
+    try:
+        cv2.resize(np.zeros((512, 512, 3), np.uint8), (1024, 1024))  # the pool's threads exist now
+        loader = torch.utils.data.DataLoader(_OpenCVThreads(), batch_size=None, num_workers=2, collate_fn=_keep,
+                                             timeout=120)
+        assert list(start_workers(loader)) == [1, 1, 1, 1]
+        assert cv2.getNumThreads() == 2
+    finally:
+        cv2.setNumThreads(before)
