@@ -78,10 +78,6 @@ class _TrainClips(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(x[k], dtype=np.float32)), int(rec["verb_class"]), None
 
 
-def _keep(item):
-    return item
-
-
 def _freeze_bn(model: nn.Module) -> None:
     for mod in model.modules():
         if isinstance(mod, nn.modules.batchnorm._BatchNorm):
@@ -103,7 +99,7 @@ def finetune(split, cfg: ExtractConfig, out: str | Path, checkpoint: str | Path 
     from extract.backbones import build, save_checkpoint
     from extract.inputs import check_config
     from extract.manifests import Split, resolve_split
-    from extract.runner import _memory_format, default_workers, resolve_device, start_workers
+    from extract.runner import _keep, _memory_format, default_workers, resolve_device, start_workers
 
     console = console or Console(stderr=True)
     t0 = time.perf_counter()

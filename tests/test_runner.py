@@ -405,7 +405,8 @@ def test_finetune_smoke_loss_decreases_and_checkpoint_loads_in_extract(demo, tmp
     split = subset(demo["train"], range(4), tmp_path / "ft.csv")
     cfg = tiny(demo["root"], modalities=("rgb",), split_kind="train")
     out = tmp_path / "ft_rgb.pt"
-    res = finetune(split, cfg, out, checkpoint=init, steps=4, lr=0.01, batch_size=4, device="cpu", workers=0,
+    # one decoding worker: the forked loader path (start_workers) of fine-tuning
+    res = finetune(split, cfg, out, checkpoint=init, steps=4, lr=0.01, batch_size=4, device="cpu", workers=1,
                    console=quiet(), progress=False)
     losses = res["losses"]
     assert len(losses) == 4 and all(np.isfinite(losses))
