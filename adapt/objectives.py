@@ -41,7 +41,7 @@ def _domain_ce(logits: torch.Tensor, b_s: int) -> torch.Tensor:
     labels = (torch.arange(logits.shape[0], device=logits.device) >= b_s).long()
     if logits.dim() == 3:  # (B, T, 2): one label per clip, repeated over units
         labels = labels[:, None].expand(logits.shape[:2])
-    return F.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1))
+    return losses.cross_entropy(logits.reshape(-1, 2), labels.reshape(-1))
 
 
 def _mean(values) -> torch.Tensor:
@@ -56,13 +56,13 @@ def compute_terms(out: dict, cfg, b_s: int, y_s: torch.Tensor, n_s: torch.Tensor
     terms = {t: zero for t in TERMS}
     verb_s, verb_t = out["verb"][:b_s], out["verb"][b_s:]
     if cfg.w_cls:
-        terms["cls"] = F.cross_entropy(verb_s, y_s)
+        terms["cls"] = losses.cross_entropy(verb_s, y_s)
         if out["noun"] is not None:
-            terms["cls"] = terms["cls"] + F.cross_entropy(out["noun"][:b_s], n_s)
+            terms["cls"] = terms["cls"] + losses.cross_entropy(out["noun"][:b_s], n_s)
         if "verb2" in out:
-            terms["cls"] = terms["cls"] + F.cross_entropy(out["verb2"][:b_s], y_s)
+            terms["cls"] = terms["cls"] + losses.cross_entropy(out["verb2"][:b_s], y_s)
     if cfg.w_target_cls:
-        terms["target_cls"] = F.cross_entropy(verb_t, y_t)
+        terms["target_cls"] = losses.cross_entropy(verb_t, y_t)
     if "disc" in out:
         terms["adv"] = _mean(_domain_ce(d, b_s) for d in out["disc"].values())
     if "disc_video" in out and cfg.w_video_adv:
@@ -73,7 +73,7 @@ def compute_terms(out: dict, cfg, b_s: int, y_s: torch.Tensor, n_s: torch.Tensor
         terms["relation_adv"] = _mean(_domain_ce(d, b_s) for d in out["disc_relation"].values())
     video = out["video"]
     if "corr" in out:
-        terms["corr"] = F.cross_entropy(*out["corr"])
+        terms["corr"] = losses.cross_entropy(*out["corr"])
     if cfg.w_mmd:
         terms["mmd"] = sum(losses.mk_mmd(v[:b_s], v[b_s:]) for v in video.values())
     if cfg.w_xmodal and len(video) > 1:

@@ -8,7 +8,7 @@ So every random draw here is a pure function of an integer *key*:
 
     uniform(key, shape, salt) = (hash(seed(key, salt), counter) >> 8) / 2**24,   counter = 0..numel-1
 
-(:func:`dropout` takes two 16-bit draws from each hash instead). This is the counter-based design of Salmon et
+(:func:`dropout` takes several narrower draws from each hash instead: 32 one-bit draws for p = 0.5). This is the counter-based design of Salmon et
 al., "Parallel random numbers: as easy as 1, 2, 3" (SC 2011), with simpler hashes. Keys (one int64 per run and
 step, a few per step) are derived with the SplitMix64 finaliser (Steele, Lea and Flood, OOPSLA 2014): a handful
 of int64 ops per scalar. The per-element hash is MurmurHash3_x86_32 (Appleby) of the 32-bit counter word with a
@@ -29,7 +29,7 @@ from typing import Union
 
 import torch
 
-__all__ = ["as_key", "fold", "fold_int", "split", "uniform", "bernoulli", "dropout", "MASK32"]
+__all__ = ["as_key", "fold", "fold_int", "split", "uniform", "bernoulli", "dropout", "draw_bits", "MASK32"]
 
 MASK32 = 0xFFFFFFFF
 _C1 = 0xCC9E2D51
@@ -185,18 +185,48 @@ def bernoulli(key: KeyLike, shape, p_keep: float, salt: int = 0) -> torch.Tensor
     return uniform(key, shape, salt) < p_keep
 
 
-def dropout(x: torch.Tensor, p: float, key: KeyLike = None, training: bool = True, salt: int = 0) -> torch.Tensor:
-    """Inverted dropout (Srivastava et al. 2014) driven by the counter-based hash, 16 bits per draw.
+def draw_bits(p: float) -> tuple[int, int]:
+    """The width ``b`` of :func:`dropout`'s draws for drop probability ``p`` and its threshold ``t``: the smallest
+    ``b`` in (1, 2, 4, 8, 16) with ``p * 2**b`` a whole number (``p`` taken in float32), ``t = p * 2**b``;
+    otherwise ``b = 16`` and ``t = ceil(p * 2**16)``.  A ``b``-bit draw ``u`` is kept when ``u >= t``: P(keep) =
+    1 - p exactly for the first case, up to ``p``'s rounding to a multiple of 2**-16 for the second.
+    E.g. p = 0.5 -> (1, 1): one bit per element; p = 0.25 -> (2, 1); p = 0.1 -> (16, 6554)."""
+    p32 = float(torch.tensor(p, dtype=torch.float32))
+    for b in (1, 2, 4, 8, 16):
+        if (p32 * 2 ** b).is_integer():
+            return b, int(p32 * 2 ** b)
+    return 16, math.ceil(p32 * 2 ** 16)
 
-    ``y = x * 1[v_i >= ceil(p * 2**16) - 2**15] / (1 - p)`` for element ``i`` (row-major) of ``x``, where ``v_i`` is
-    the signed 16-bit half ``i mod 2`` (low half first) of the 32-bit hash ``_bits(key, ceil(n / 2), salt)[i // 2]``:
-    each hash gives two draws, uniform over ``[-2**15, 2**15)``, so P(keep) = 1 - p up to ``p``'s rounding to a
-    multiple of 2**-16 (and the hash costs half as much as one draw per element).  Identity when ``training`` is
-    False or ``p == 0``.  ``p`` must be a Python float (it selects the code path, never a tensor value).  The mask
-    depends only on (key, salt, x.shape): under vmap ``x.shape`` is the per-run shape, so a run's mask equals the
-    mask of a separate call.  The test is done in float32 arithmetic, ``min(max(v - (t - 1), 0), 1)`` being exactly
-    1 or 0, because torch's bool comparison and bool-to-float kernels cost several times an arithmetic pass on the
-    CPU.
+
+_FIELD_SHIFTS: dict = {}
+
+
+def _fields(words: torch.Tensor, b: int, n: int) -> torch.Tensor:
+    """The first ``n`` ``b``-bit fields of int32 hash words, lowest field of each word first, as unsigned values
+    in int32 (b < 16).  Shapes: words (m,) -> (n,)."""
+    r = 32 // b
+    key = (b, str(words.device))
+    shifts = _FIELD_SHIFTS.get(key)
+    if shifts is None:
+        shifts = _FIELD_SHIFTS[key] = torch.arange(0, 32, b, dtype=torch.int32, device=words.device)
+    # an arithmetic shift is enough: the b bits kept after the mask are bits of the word, never copies of its sign
+    return (words[:, None] >> shifts).bitwise_and_(2 ** b - 1).reshape(-1)[:n]
+
+
+def dropout(x: torch.Tensor, p: float, key: KeyLike = None, training: bool = True, salt: int = 0) -> torch.Tensor:
+    """Inverted dropout (Srivastava et al. 2014) driven by the counter-based hash, ``b`` bits per draw.
+
+    ``y = x * 1[u_i >= t] / (1 - p)`` for element ``i`` (row-major) of ``x``, where ``(b, t) = draw_bits(p)`` and
+    ``u_i`` is the unsigned ``b``-bit field ``i mod (32 / b)`` (lowest bits first) of the 32-bit hash
+    ``_bits(key, ceil(n * b / 32), salt)[i // (32 / b)]``.  Each hash thus gives ``32 / b`` draws: for the usual
+    p = 0.5 one bit per element, so hashing costs 1/32 of a hash per element and the mask is a few passes over
+    memory (cheap under vmap over K stacked runs, where the mask is most of a small head's arithmetic).  Identity
+    when ``training`` is False or ``p == 0``.  ``p`` must be a Python float (it selects the code path, never a
+    tensor value).  The mask depends only on (key, salt, x.shape): under vmap ``x.shape`` is the per-run shape, so a
+    run's mask equals the mask of a separate call.  The test is done in float32 arithmetic,
+    ``min(max(u - (t - 1), 0), 1)`` being exactly 1 or 0 (just ``u`` when ``b = 1``), because torch's bool
+    comparison and bool-to-float kernels cost several times an arithmetic pass on the CPU.  For ``b = 16`` the
+    fields are read as int16 after flipping their top bits (``u - 2**15``), with no shift.
 
     Shapes: x (...), key () int64 -> (...).
     """
@@ -207,8 +237,14 @@ def dropout(x: torch.Tensor, p: float, key: KeyLike = None, training: bool = Tru
     if key is None:
         raise ValueError("dropout in training mode needs an rng key (adapt.rng)")
     n = x.numel()
-    halves = _bits(key, ((n + 1) // 2,), salt).view(torch.int16)[:n].reshape(x.shape)
-    p32 = float(torch.tensor(p, dtype=torch.float32))
-    threshold = math.ceil(p32 * 2 ** 16) - 2 ** 15
-    keep = halves.to(torch.float32).sub_(threshold - 1).clamp_min_(0.0).clamp_max_(1.0)
-    return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
+    b, t = draw_bits(p)
+    per_word = 32 // b
+    words = _bits(key, (-(-n // per_word),), salt)
+    if b == 16:  # int16 halves with the top bit flipped: u - 2**15
+        keep = words.bitwise_xor_(_signed(0x80008000)).view(torch.int16)[:n].to(torch.float32)
+        t -= 2 ** 15
+    else:
+        keep = _fields(words, b, n).to(torch.float32)
+    if b != 1:
+        keep.sub_(t - 1).clamp_min_(0.0).clamp_max_(1.0)
+    return x * keep.reshape(x.shape).to(x.dtype).mul_(1.0 / (1.0 - p))

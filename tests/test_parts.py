@@ -96,18 +96,21 @@ def test_hash_is_the_documented_murmur3_and_splitmix64():
     assert [float(v) for v in u] == [(_murmur3_32(c, seed) >> 8) / 2 ** 24 for c in range(10)]
 
 
-def test_dropout_mask_is_the_documented_16_bit_test():
-    x = torch.ones(2, 3, 5)  # 30 elements: 15 hashes, two draws each (low half first)
-    for key, salt, p in ((9, 0, 0.5), (123, 4, 0.1), (77, 1, 0.9)):
+def test_dropout_mask_is_the_documented_b_bit_test():
+    # p = 0.5: one-bit draws; 0.25 and 0.75: two bits; 0.1 and 0.9: 16 bits (p rounded up to a multiple of 2**-16)
+    x = torch.ones(2, 3, 37)  # 222 elements: several words for every width, the last one partly used
+    for key, salt, p, b in ((9, 0, 0.5, 1), (5, 2, 0.25, 2), (8, 1, 0.75, 2), (123, 4, 0.1, 16), (77, 1, 0.9, 16)):
+        assert rng.draw_bits(p)[0] == b
         seed = rng.fold_int(key, salt) & 0xFFFFFFFF
-        draws = []
-        for c in range(15):
-            h = _murmur3_32(c, seed)
-            for half in (h & 0xFFFF, h >> 16):
-                draws.append(half - 65536 if half >= 32768 else half)
-        threshold = math.ceil(float(torch.tensor(p, dtype=torch.float32)) * 65536) - 32768
-        want = torch.tensor([d >= threshold for d in draws]).reshape(x.shape)
-        assert torch.equal(rng.dropout(x, p, key, salt=salt) != 0, want)
+        fields = [(_murmur3_32(c, seed) >> (b * j)) & (2 ** b - 1) for c in range(-(-222 * b // 32))
+                  for j in range(32 // b)][:222]
+        p32 = float(torch.tensor(p, dtype=torch.float32))
+        t = int(p32 * 2 ** b) if b < 16 else math.ceil(p32 * 2 ** 16)
+        want = torch.tensor([u >= t for u in fields]).reshape(x.shape)
+        y = rng.dropout(x, p, key, salt=salt)
+        assert torch.equal(y != 0, want)
+        assert torch.allclose(y[want], torch.full_like(y[want], 1 / (1 - p)))
+        assert abs(float(rng.dropout(torch.ones(100_000), p, key, salt=salt).ne(0).float().mean()) - (1 - p)) < 0.01
 
 
 def test_dropout_scale_rate_and_modes():
@@ -125,9 +128,10 @@ def test_dropout_scale_rate_and_modes():
 def test_dropout_under_vmap_matches_separate_calls():
     keys = torch.tensor([5, 6, 7])
     x = torch.randn(3, 6, 4)
-    batched = vmap(lambda xx, kk: rng.dropout(xx, 0.5, kk))(x, keys)
-    for i in range(3):
-        assert torch.equal(batched[i], rng.dropout(x[i], 0.5, keys[i]))
+    for p in (0.5, 0.25, 0.1):  # one-bit, two-bit and 16-bit draws
+        batched = vmap(lambda xx, kk: rng.dropout(xx, p, kk), randomness="error")(x, keys)
+        for i in range(3):
+            assert torch.equal(batched[i], rng.dropout(x[i], p, keys[i]))
 
 
 # --------------------------------------------------------------------------------------
