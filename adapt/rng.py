@@ -24,9 +24,11 @@ steps share a mask.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Union
 
+import numpy as np
 import torch
 
 __all__ = ["as_key", "fold", "fold_int", "split", "uniform", "bernoulli", "dropout", "draw_bits", "MASK32"]
@@ -94,8 +96,10 @@ def fold(key: KeyLike, *data: KeyLike) -> torch.Tensor:
     """
     key = as_key(key)
     for d in data:
-        d = as_key(d, device=key.device)
-        key = _mix64(key + (d + 1) * _GOLDEN)
+        if isinstance(d, int):  # a constant: (d + 1) * golden is computed here, one tensor op fewer per datum
+            key = _mix64(key + _s64(((d + 1) * GOLDEN) % 2 ** 64))
+        else:
+            key = _mix64(key + (as_key(d, device=key.device) + 1) * _GOLDEN)
     return key & (2 ** 63 - 1)
 
 
@@ -158,7 +162,7 @@ def _bits(key: KeyLike, shape, salt: int = 0) -> torch.Tensor:
     for s in shape:
         numel *= s
     seed = fold(key, int(salt) & MASK32)
-    seed = ((seed << 32) >> 32).to(torch.int32)           # its low 32 bits
+    seed = seed.to(torch.int32)                             # its low 32 bits (the conversion wraps)
     h = _counter_words(numel, key.device) ^ seed           # MurmurHash3 block: h ^ w
     h = (h << 13).bitwise_or_(_srl(h, 19))                  # rotl 13
     h.mul_(5).add_(_signed(0xE6546B64))
@@ -185,13 +189,14 @@ def bernoulli(key: KeyLike, shape, p_keep: float, salt: int = 0) -> torch.Tensor
     return uniform(key, shape, salt) < p_keep
 
 
+@functools.lru_cache(maxsize=None)
 def draw_bits(p: float) -> tuple[int, int]:
     """The width ``b`` of :func:`dropout`'s draws for drop probability ``p`` and its threshold ``t``: the smallest
     ``b`` in (1, 2, 4, 8, 16) with ``p * 2**b`` a whole number (``p`` taken in float32), ``t = p * 2**b``;
     otherwise ``b = 16`` and ``t = ceil(p * 2**16)``.  A ``b``-bit draw ``u`` is kept when ``u >= t``: P(keep) =
     1 - p exactly for the first case, up to ``p``'s rounding to a multiple of 2**-16 for the second.
     E.g. p = 0.5 -> (1, 1): one bit per element; p = 0.25 -> (2, 1); p = 0.1 -> (16, 6554)."""
-    p32 = float(torch.tensor(p, dtype=torch.float32))
+    p32 = float(np.float32(p))
     for b in (1, 2, 4, 8, 16):
         if (p32 * 2 ** b).is_integer():
             return b, int(p32 * 2 ** b)
