@@ -159,8 +159,11 @@ class Embedding(nn.Module):
     def forward(self, x: torch.Tensor, key=None, salt: int = 0) -> torch.Tensor:
         if self.spatial:
             x = x.movedim(-3, -1)
-        y = F.relu(self.fc(x))
-        y = rng.dropout(y, self.p, key, self.training, salt=salt)
+        y = self.fc(x)
+        if self.training and self.p:  # relu(z) * m = relu(z * m) for the mask's m >= 0: one pass and buffer fewer
+            y = (y * rng.keep_mask(key, y.shape, self.p, salt).to(y.dtype)).relu_()
+        else:
+            y = F.relu(y)
         if self.spatial:
             y = y.movedim(-1, -3)
         return y

@@ -31,7 +31,7 @@ from typing import Union
 import numpy as np
 import torch
 
-__all__ = ["as_key", "fold", "fold_int", "split", "uniform", "bernoulli", "dropout", "draw_bits", "MASK32"]
+__all__ = ["as_key", "fold", "fold_int", "split", "uniform", "bernoulli", "dropout", "keep_mask", "draw_bits", "MASK32"]
 
 MASK32 = 0xFFFFFFFF
 _C1 = 0xCC9E2D51
@@ -218,6 +218,33 @@ def _fields(words: torch.Tensor, b: int, n: int) -> torch.Tensor:
     return (words[:, None] >> shifts).bitwise_and_(2 ** b - 1).reshape(-1)[:n]
 
 
+def keep_mask(key: KeyLike, shape, p: float, salt: int = 0) -> torch.Tensor:
+    """:func:`dropout`'s scaled keep mask: float32 ``1[u_i >= t] / (1 - p)`` (values 0 and ``1 / (1 - p)``).
+
+    For p = 0.5 the kept value 2.0 is the float32 whose bits are ``1 << 30``, so the one-bit draws are shifted
+    into the exponent field and the int32 words read as float32: no conversion pass over the mask.
+
+    Shapes: key () int64 -> ``shape``."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    if key is None:
+        raise ValueError("dropout in training mode needs an rng key (adapt.rng)")
+    shape = tuple(int(d) for d in shape)
+    n = math.prod(shape)
+    b, t = draw_bits(p)
+    words = _bits(key, (-(-n // (32 // b)),), salt)
+    if b == 1 and t == 1:  # p = 0.5: keep = 2.0 = bits 1 << 30, drop = 0.0 = bits 0
+        return _fields(words, 1, n).bitwise_left_shift_(30).view(torch.float32).reshape(shape)
+    if b == 16:  # int16 halves with the top bit flipped: u - 2**15
+        keep = words.bitwise_xor_(_signed(0x80008000)).view(torch.int16)[:n].to(torch.float32)
+        t -= 2 ** 15
+    else:
+        keep = _fields(words, b, n).to(torch.float32)
+    if b != 1:
+        keep.sub_(t - 1).clamp_min_(0.0).clamp_max_(1.0)
+    return keep.mul_(1.0 / (1.0 - p)).reshape(shape)
+
+
 def dropout(x: torch.Tensor, p: float, key: KeyLike = None, training: bool = True, salt: int = 0) -> torch.Tensor:
     """Inverted dropout (Srivastava et al. 2014) driven by the counter-based hash, ``b`` bits per draw.
 
@@ -231,25 +258,11 @@ def dropout(x: torch.Tensor, p: float, key: KeyLike = None, training: bool = Tru
     run's mask equals the mask of a separate call.  The test is done in float32 arithmetic,
     ``min(max(u - (t - 1), 0), 1)`` being exactly 1 or 0 (just ``u`` when ``b = 1``), because torch's bool
     comparison and bool-to-float kernels cost several times an arithmetic pass on the CPU.  For ``b = 16`` the
-    fields are read as int16 after flipping their top bits (``u - 2**15``), with no shift.
+    fields are read as int16 after flipping their top bits (``u - 2**15``), with no shift.  The mask itself is
+    :func:`keep_mask`.
 
     Shapes: x (...), key () int64 -> (...).
     """
     if not training or p == 0.0:
         return x
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-    if key is None:
-        raise ValueError("dropout in training mode needs an rng key (adapt.rng)")
-    n = x.numel()
-    b, t = draw_bits(p)
-    per_word = 32 // b
-    words = _bits(key, (-(-n // per_word),), salt)
-    if b == 16:  # int16 halves with the top bit flipped: u - 2**15
-        keep = words.bitwise_xor_(_signed(0x80008000)).view(torch.int16)[:n].to(torch.float32)
-        t -= 2 ** 15
-    else:
-        keep = _fields(words, b, n).to(torch.float32)
-    if b != 1:
-        keep.sub_(t - 1).clamp_min_(0.0).clamp_max_(1.0)
-    return x * keep.reshape(x.shape).to(x.dtype).mul_(1.0 / (1.0 - p))
+    return x * keep_mask(key, x.shape, p, salt).to(x.dtype)

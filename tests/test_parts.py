@@ -191,6 +191,28 @@ def test_embedding_vector_and_spatial():
     assert torch.allclose(out, torch.relu(conv), atol=1e-6)
 
 
+def test_embedding_training_is_dropout_of_relu_values_and_gradients():
+    # the embedding multiplies by the mask before the ReLU (one pass fewer); values and gradients are those of
+    # dropout(relu(W x + b)), for the exponent-bit mask of p = 0.5 and the converted masks of other p
+    for p in (0.5, 0.25, 0.1):
+        torch.manual_seed(0)
+        emb = parts.Embedding(8, 6, dropout=p)
+        x = torch.randn(4, 3, 8)
+        key = torch.tensor(11)
+        y = emb(x, key=key, salt=2)
+        want = rng.dropout(torch.relu(emb.fc(x)), p, key, salt=2)
+        assert torch.equal(y, want)
+        g = torch.randn_like(y)
+        got = torch.autograd.grad(y, list(emb.parameters()), g)
+        ref = torch.autograd.grad(want, list(emb.parameters()), g)
+        for a, b in zip(got, ref):
+            assert torch.allclose(a, b, atol=1e-6)
+        assert torch.equal(rng.keep_mask(key, (4, 3, 6), p, 2).unique().sort().values,
+                           torch.tensor([0.0, 1 / (1 - p)]))
+        with pytest.raises(ValueError):
+            emb(x)  # training mode needs a key
+
+
 def test_domain_discriminator_shape_and_reversed_gradient():
     torch.manual_seed(0)
     d = parts.DomainDiscriminator(16, hidden=100)
