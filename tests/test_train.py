@@ -261,3 +261,53 @@ def test_time_synchronised_correspondence(i3d_root, tmp_path):
         P.sync_correspondence_pairs = real
     assert len(calls) == 2 * FAST["steps"] and all(c > 0 for c in calls)  # both domains, other windows differ
     assert 0 <= final["target_top1"] <= 100
+
+
+@pytest.mark.parametrize("method", ["mmsada", "cia"])
+def test_stacked_linear_weights_take_their_gradients_contiguous_without_a_copy(i3d_root, tmp_path, method):
+    # under vmap each linear weight's gradient arrives laid out as the transpose of a contiguous (K, in, out)
+    # tensor; the trainer's leaf is that contiguous tensor (the model sees its transpose), so autograd hands the
+    # gradient over as it is and the fused optimiser works on contiguous tensors
+    import copy
+
+    from torch.func import functional_call, stack_module_state, vmap
+
+    from adapt.data import DomainPair
+    from adapt.model import AdaptModel
+    from adapt.objectives import compute_terms, initial_state
+    from adapt.train import _gradient_layout
+
+    cfg = cfg_for(i3d_root, method, tmp_path)
+    pair = DomainPair(cfg, torch.device("cpu"))
+    models = [AdaptModel(cfg, pair.modalities, pair.feature_shapes, pair.verb_classes, 0, pair.heads_units)
+              for _ in range(2)]
+    stacked, buffers = stack_module_state(models)
+    leaves, params = _gradient_layout({k: v.detach() for k, v in stacked.items()}, models[0], 2)
+    for v in leaves.values():
+        v.requires_grad_(True)
+    linear = [f"{n}.weight" for n, m in models[0].named_modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linear) >= 4
+    seen = {}
+    for name in linear:
+        assert leaves[name].is_contiguous()  # what the fused optimiser wants
+        torch.testing.assert_close(params()[name], stacked[name], rtol=0, atol=0)  # what the model sees
+        leaves[name].register_hook(lambda g, name=name: seen.__setitem__(name, g.stride()))
+    template = copy.deepcopy(models[0]).to("meta")
+    B = cfg.batch_source
+    x = {m: torch.randn(2, 2 * B, pair.heads_units, *pair.feature_shapes[m]) for m in pair.modalities}
+    y = torch.randint(0, pair.verb_classes, (2, B))
+    idx = torch.arange(B).expand(2, B)
+    state = initial_state(cfg, pair.modalities, pair.source.n, pair.target.n, torch.device("cpu"))
+
+    def one(p, b, x, y, idx, key):
+        out = functional_call(template, (p, b), (x, key, 0.5, B))
+        terms, _ = compute_terms(out, cfg, B, y, y, y, idx, idx, state)
+        return sum(terms.values())
+
+    vmap(one, in_dims=(0, 0, 0, 0, 0, 0), randomness="error")(params(), buffers, x, y, idx, torch.tensor([3, 4])) \
+        .sum().backward()
+    got = {n: s for n, s in seen.items()}
+    assert set(got) == {n for n in linear if leaves[n].grad is not None} and got
+    for name, stride in got.items():  # strides of size-1 dimensions do not matter
+        p = leaves[name]
+        assert [s for s, n in zip(stride, p.shape) if n > 1] == [s for s, n in zip(p.stride(), p.shape) if n > 1], name
