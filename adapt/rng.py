@@ -8,10 +8,10 @@ So every random draw here is a pure function of an integer *key*:
 
     uniform(key, shape, salt) = (hash(seed(key, salt), counter) >> 8) / 2**24,   counter = 0..numel-1
 
-(:func:`dropout` takes several narrower draws from each hash instead: 32 one-bit draws for p = 0.5). This is the counter-based design of Salmon et
-al., "Parallel random numbers: as easy as 1, 2, 3" (SC 2011), with simpler hashes. Keys (one int64 per run and
-step, a few per step) are derived with the SplitMix64 finaliser (Steele, Lea and Flood, OOPSLA 2014): a handful
-of int64 ops per scalar. The per-element hash is MurmurHash3_x86_32 (Appleby) of the 32-bit counter word with a
+(:func:`dropout` takes several narrower draws from each hash instead: 32 one-bit draws for p = 0.5).
+This is the counter-based design of Salmon et al., "Parallel random numbers: as easy as 1, 2, 3" (SC 2011), with
+simpler hashes. Keys (one int64 per run and step, a few per step) are derived with the SplitMix64 finaliser
+(Steele, Lea and Flood, OOPSLA 2014): a handful of int64 ops per scalar. The per-element hash is MurmurHash3_x86_32 (Appleby) of the 32-bit counter word with a
 32-bit seed, finished with its ``fmix32`` avalanche step; it runs in place on int32 tensors, whose products wrap
 modulo 2**32 as the C reference does, so a mask costs a few passes over memory. Because only elementwise integer
 ops are used, the same key gives the same bits whether the function is called alone or under ``vmap`` with other
@@ -31,7 +31,8 @@ from typing import Union
 import numpy as np
 import torch
 
-__all__ = ["as_key", "fold", "fold_int", "split", "uniform", "bernoulli", "dropout", "keep_mask", "draw_bits", "MASK32"]
+__all__ = ["as_key", "fold", "fold_int", "split", "uniform", "bernoulli", "dropout", "keep_mask", "draw_bits",
+           "MASK32"]
 
 MASK32 = 0xFFFFFFFF
 _C1 = 0xCC9E2D51
@@ -209,7 +210,6 @@ _FIELD_SHIFTS: dict = {}
 def _fields(words: torch.Tensor, b: int, n: int) -> torch.Tensor:
     """The first ``n`` ``b``-bit fields of int32 hash words, lowest field of each word first, as unsigned values
     in int32 (b < 16).  Shapes: words (m,) -> (n,)."""
-    r = 32 // b
     key = (b, str(words.device))
     shifts = _FIELD_SHIFTS.get(key)
     if shifts is None:

@@ -281,7 +281,8 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
             for key in ("verb_top1", "noun_top1", "action_top1", "verb_top5", "noun_top5", "action_top5"):
                 final[key] = metrics.last_mean([r[key] for r in h], c.last_evals)
         try:
-            torch.save({n: v[k].contiguous().clone() for n, v in stacked.items()}, d / "heads.pt")
+            heads = {n: v[k].clone(memory_format=torch.contiguous_format) for n, v in stacked.items()}
+            torch.save(heads, d / "heads.pt")
             if c.challenge and nouns:
                 _challenge(c, k, pair, evaluate, device, d)
             _write(d / "final.json", json.dumps(final, indent=1))  # last: marks the run complete
