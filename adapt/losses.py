@@ -25,6 +25,7 @@ __all__ = [
     "info_nce",
     "cross_modal_contrastive",
     "cross_domain_contrastive",
+    "memory_bank_rows",
     "update_memory_bank",
     "update_memory_labels",
     "entropy",
@@ -252,25 +253,33 @@ def cross_domain_contrastive(f_s: torch.Tensor, y_s: torch.Tensor, f_t: torch.Te
     return _masked_mean(per_anchor, use)
 
 
+def memory_bank_rows(bank: torch.Tensor, idx: torch.Tensor, feats: torch.Tensor, momentum: float = 0.5,
+                     normalize: bool = True) -> torch.Tensor:
+    """The new rows of a memory bank's momentum update (Kim et al. eq. 8, following Wu et al. 2018).
+
+    ``normalize(delta * M[idx_b] + (1 - delta) * F_b)`` with ``delta = momentum`` (0.5).  ``feats`` is detached
+    (banks carry no gradient).  A bank initialised with zeros therefore holds the normalised feature after its
+    first update.  The trainer writes these rows into its banks in place after the step
+    (:func:`adapt.objectives.apply_writes`): an out-of-place bank would be copied whole every step.
+
+    Shapes: bank (N, d), idx (B,) int64 in [0, N), feats (B, d) -> rows (B, d).
+    """
+    old = bank.index_select(0, idx.to(torch.int64))
+    new = momentum * old + (1.0 - momentum) * feats.detach().to(bank.dtype)
+    return F.normalize(new, dim=-1) if normalize else new
+
+
 def update_memory_bank(bank: torch.Tensor, idx: torch.Tensor, feats: torch.Tensor, momentum: float = 0.5,
                        normalize: bool = True) -> torch.Tensor:
-    """Momentum update of a memory bank (Kim et al. eq. 8, following Wu et al. 2018), out of place.
+    """Momentum update of a memory bank, out of place: :func:`memory_bank_rows` written into a copy.
 
-    ``M[idx_b] <- normalize(delta * M[idx_b] + (1 - delta) * F_b)`` with ``delta = momentum``
-    (0.5); other rows are unchanged.  ``feats`` is detached (banks carry no gradient).  A bank
-    initialised with zeros therefore holds the normalised feature after its first update.
-    ``idx`` must not repeat within one call (index_copy keeps an arbitrary one).  Use one bank
-    per domain and modality (M_s^a, M_s^m, M_t^a, M_t^m).
+    ``M[idx_b] <- normalize(delta * M[idx_b] + (1 - delta) * F_b)``; other rows are unchanged.  ``idx`` must not
+    repeat within one call (index_copy keeps an arbitrary one).  Use one bank per domain and modality (M_s^a,
+    M_s^m, M_t^a, M_t^m).
 
     Shapes: bank (N, d), idx (B,) int64 in [0, N), feats (B, d) -> new bank (N, d).
     """
-    idx = idx.to(torch.int64)
-    feats = feats.detach().to(bank.dtype)
-    old = bank.index_select(0, idx)
-    new = momentum * old + (1.0 - momentum) * feats
-    if normalize:
-        new = F.normalize(new, dim=-1)
-    return bank.index_copy(0, idx, new)
+    return bank.index_copy(0, idx.to(torch.int64), memory_bank_rows(bank, idx, feats, momentum, normalize))
 
 
 def update_memory_labels(labels: torch.Tensor, idx: torch.Tensor, new_labels: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,9 @@ def _mean(values) -> torch.Tensor:
 
 def compute_terms(out: dict, cfg, b_s: int, y_s: torch.Tensor, n_s: torch.Tensor | None, y_t: torch.Tensor,
                   idx_s: torch.Tensor, idx_t: torch.Tensor, state: dict) -> tuple[dict, dict]:
-    """All active loss terms (unweighted) and the new state (memory banks).  Shapes: see the module docstring."""
+    """All active loss terms (unweighted) and the state's writes: ``{name: (idx, rows)}``, the memory-bank rows
+    this step updates (:func:`apply_writes`), computed from the banks as they were.  Shapes: see the module
+    docstring."""
     zero = out["verb"].new_zeros(())
     terms = {t: zero for t in TERMS}
     verb_s, verb_t = out["verb"][:b_s], out["verb"][b_s:]
@@ -82,7 +84,7 @@ def compute_terms(out: dict, cfg, b_s: int, y_s: torch.Tensor, n_s: torch.Tensor
         pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
         terms["xmodal"] = _mean(losses.cross_modal_contrastive(z[a][sl], z[b][sl], cfg.tau)
                                 for a, b in pairs for sl in (slice(0, b_s), slice(b_s, None)))
-    new_state = dict(state)
+    writes = {}
     if cfg.w_xdomain:
         conf_t, pseudo_t = F.softmax(verb_t.detach(), dim=-1).max(dim=-1)
         xd = []
@@ -93,10 +95,10 @@ def compute_terms(out: dict, cfg, b_s: int, y_s: torch.Tensor, n_s: torch.Tensor
                                                       state["bank_s_labels"], cfg.pl_threshold, cfg.tau, "target"))
             xd.append(losses.cross_domain_contrastive(fs, y_s, ft, pseudo_t, conf_t, state[f"bank_t_{m}"],
                                                       state["bank_t_labels"], cfg.pl_threshold, cfg.tau, "source"))
-            new_state[f"bank_s_{m}"] = losses.update_memory_bank(state[f"bank_s_{m}"], idx_s, fs, cfg.bank_momentum)
-            new_state[f"bank_t_{m}"] = losses.update_memory_bank(state[f"bank_t_{m}"], idx_t, ft, cfg.bank_momentum)
-        new_state["bank_s_labels"] = losses.update_memory_labels(state["bank_s_labels"], idx_s, y_s)
-        new_state["bank_t_labels"] = losses.update_memory_labels(state["bank_t_labels"], idx_t, labels_t)
+            writes[f"bank_s_{m}"] = (idx_s, losses.memory_bank_rows(state[f"bank_s_{m}"], idx_s, fs, cfg.bank_momentum))
+            writes[f"bank_t_{m}"] = (idx_t, losses.memory_bank_rows(state[f"bank_t_{m}"], idx_t, ft, cfg.bank_momentum))
+        writes["bank_s_labels"] = (idx_s, y_s)
+        writes["bank_t_labels"] = (idx_t, labels_t)
         terms["xdomain"] = _mean(xd)
     if cfg.w_pseudo:
         terms["pseudo"] = losses.pseudo_label_ce(verb_t, cfg.pl_threshold)
@@ -104,7 +106,22 @@ def compute_terms(out: dict, cfg, b_s: int, y_s: torch.Tensor, n_s: torch.Tensor
         terms["attn_entropy"] = parts.attentive_entropy(out["verb"], out["disc_video"])
     if "verb2" in out:
         terms["mcd"] = losses.mcd_discrepancy(verb_t, out["verb2"][b_s:])
-    return terms, new_state
+    return terms, writes
+
+
+def apply_writes(state: dict, writes: dict) -> None:
+    """Write the rows a step computed into the state (memory banks), in place: ``state[name][k, idx[k]] =
+    rows[k]`` for each run ``k`` of the stack.
+
+    Done by the trainer after all the step's passes (their backward passes read the banks as they were), outside
+    vmap.  With a repeated index the last row written wins (``index_put_`` on the CPU), the same for a run alone
+    or stacked.
+
+    Shapes: state[name] (K, N, ...), writes[name] = (idx (K, B) int64, rows (K, B, ...))."""
+    for name, (idx, rows) in writes.items():
+        bank = state[name]
+        runs = torch.arange(bank.shape[0], device=bank.device)[:, None]
+        bank.index_put_((runs, idx.to(torch.int64)), rows.detach().to(bank.dtype))
 
 
 def initial_state(cfg, modalities, n_s: int, n_t: int, device) -> dict:

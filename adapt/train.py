@@ -23,7 +23,7 @@ from adapt import config as C
 from adapt import metrics, parts, rng
 from adapt.data import DomainPair, Gatherer, resolve_device, standardisation
 from adapt.model import AdaptModel
-from adapt.objectives import ALIGNMENT, TERMS, compute_terms, initial_state
+from adapt.objectives import ALIGNMENT, TERMS, apply_writes, compute_terms, initial_state
 from extract.allocator import retain_freed_memory
 from extract.errors import UserError
 
@@ -119,7 +119,7 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
     # ---- the step function of one run (vmapped over K) ------------------------------------------------------
     def one_run(p, b, x, y_s, n_s, y_t, idx_s, idx_t, key, coeff, stage2, w, st, phase):
         out = functional_call(template, (p, b), (x, key, coeff, Bs))
-        terms, new_st = compute_terms(out, cfg, Bs, y_s, n_s, y_t, idx_s, idx_t, st)
+        terms, writes = compute_terms(out, cfg, Bs, y_s, n_s, y_t, idx_s, idx_t, st)
         gate = {t: (stage2 if t in ALIGNMENT else 1.0) for t in TERMS}
         if phase == "classifiers":  # MCD step B: classifiers maximise the discrepancy
             total = w.get("w_cls", 0.0) * terms["cls"] - gate["mcd"] * w.get("w_mcd", 0.0) * terms["mcd"]
@@ -127,7 +127,7 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
             total = gate["mcd"] * w.get("w_mcd", 0.0) * terms["mcd"]
         else:
             total = sum(gate[t] * w[f"w_{t}"] * terms[t] for t in active if t != "mcd")
-        return total, torch.stack([terms[t] for t in TERMS]), new_st
+        return total, torch.stack([terms[t] for t in TERMS]), writes
 
     in_dims = (0, 0, 0, 0, 0, 0, 0, 0, 0, None, None, 0, 0)
 
@@ -241,14 +241,15 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
             for phase, opts in plan:
                 for o in optimisers:
                     o.zero_grad(set_to_none=True)
-                total, terms, new_state = phases[phase](params(), buffers, *args)
+                total, terms, phase_writes = phases[phase](params(), buffers, *args)
                 total.sum().backward()
                 for o in opts:
                     o.step()
                 if phase == "all":
-                    state = {k: v.detach() for k, v in new_state.items()}
+                    writes = phase_writes
                     bad = ~torch.isfinite(terms.detach())
                     first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, step), first_bad)
+            apply_writes(state, writes)  # the memory banks, in place, once every pass has read them
             clock.lap("step")
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 check_finite(step)

@@ -247,3 +247,25 @@ def test_update_memory_bank_under_vmap():
     batched = vmap(losses.update_memory_bank)(bank, idx, feats)
     for i in range(3):
         assert torch.allclose(batched[i], losses.update_memory_bank(bank[i], idx[i], feats[i]))
+
+
+def test_trainer_writes_bank_rows_in_place_per_run():
+    # the trainer's path: rows computed under vmap, written into the stacked banks in place after the step; the
+    # result equals the out-of-place update of each run's bank, and no bank is copied
+    from adapt.objectives import apply_writes
+    torch.manual_seed(0)
+    banks = _norm(torch.randn(3, 6, 4))
+    labels = torch.full((3, 6), -1)
+    idx = torch.tensor([[0, 5], [2, 3], [4, 0]])
+    feats = torch.randn(3, 2, 4, requires_grad=True)
+    want = [losses.update_memory_bank(banks[k], idx[k], feats[k], 0.5) for k in range(3)]
+    rows = vmap(lambda b, i, f: losses.memory_bank_rows(b, i, f, 0.5))(banks, idx, feats)
+    state = {"bank": banks, "labels": labels}
+    ptrs = {k: v.data_ptr() for k, v in state.items()}
+    apply_writes(state, {"bank": (idx, rows), "labels": (idx, torch.tensor([[1, 2], [3, 4], [5, 6]]))})
+    assert {k: v.data_ptr() for k, v in state.items()} == ptrs
+    for k in range(3):
+        torch.testing.assert_close(state["bank"][k], want[k])
+        assert state["labels"][k].tolist() == losses.update_memory_labels(
+            torch.full((6,), -1), idx[k], torch.tensor([[1, 2], [3, 4], [5, 6]])[k]).tolist()
+    assert not state["bank"].requires_grad
