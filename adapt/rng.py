@@ -11,9 +11,10 @@ So every random draw here is a pure function of an integer *key*:
 (:func:`dropout` takes several narrower draws from each hash instead: 32 one-bit draws for p = 0.5).
 This is the counter-based design of Salmon et al., "Parallel random numbers: as easy as 1, 2, 3" (SC 2011), with
 simpler hashes. Keys (one int64 per run and step, a few per step) are derived with the SplitMix64 finaliser
-(Steele, Lea and Flood, OOPSLA 2014): a handful of int64 ops per scalar. The per-element hash is MurmurHash3_x86_32 (Appleby) of the 32-bit counter word with a
-32-bit seed, finished with its ``fmix32`` avalanche step; it runs in place on int32 tensors, whose products wrap
-modulo 2**32 as the C reference does, so a mask costs a few passes over memory. Because only elementwise integer
+(Steele, Lea and Flood, OOPSLA 2014): a handful of int64 ops per scalar. The per-element hash is
+MurmurHash3_x86_32 (Appleby) of the 32-bit counter word with a 32-bit seed, finished with its ``fmix32`` avalanche
+step; it runs in place on int32 tensors, whose products wrap modulo 2**32 as the C reference does, so a mask costs
+a few passes over memory. Because only elementwise integer
 ops are used, the same key gives the same bits whether the function is called alone or under ``vmap`` with other
 keys.
 
