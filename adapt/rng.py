@@ -14,9 +14,8 @@ simpler hashes. Keys (one int64 per run and step, a few per step) are derived wi
 (Steele, Lea and Flood, OOPSLA 2014): a handful of int64 ops per scalar. The per-element hash is
 MurmurHash3_x86_32 (Appleby) of the 32-bit counter word with a 32-bit seed, finished with its ``fmix32`` avalanche
 step; it runs in place on int32 tensors, whose products wrap modulo 2**32 as the C reference does, so a mask costs
-a few passes over memory. Because only elementwise integer
-ops are used, the same key gives the same bits whether the function is called alone or under ``vmap`` with other
-keys.
+a few passes over memory. Because only elementwise integer ops are used, the same key gives the same bits whether
+the function is called alone or under ``vmap`` with other keys.
 
 Keys are int64 tensors (a scalar per run; a batched scalar under vmap).  Derive
 sub-keys with :func:`fold`, e.g. ``fold(run_key, step)`` per optimisation step
