@@ -10,6 +10,7 @@ same numbers as the run alone (per-run index sampling with numpy generators, per
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import shutil
 import time
@@ -28,8 +29,10 @@ from extract.allocator import retain_freed_memory
 from extract.errors import UserError
 
 
+@functools.cache
 def _fast_optimiser_option() -> dict:
-    """``fused=True`` where this torch has fused SGD and Adam kernels for the CPU and CUDA, else ``foreach=True``."""
+    """``fused=True`` where this torch has fused SGD and Adam kernels for the CPU and CUDA, else ``foreach=True``
+    (probed once, at the first training)."""
     try:
         p = torch.zeros(2, requires_grad=True)
         p.grad = torch.ones(2)
@@ -38,9 +41,6 @@ def _fast_optimiser_option() -> dict:
         return {"fused": True}
     except (RuntimeError, TypeError, ValueError):
         return {"foreach": True}
-
-
-_FAST = _fast_optimiser_option()
 
 
 class TrainingError(UserError):
@@ -98,10 +98,10 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
         # fused: one pass over each parameter per step (the foreach form makes one per term: weight decay,
         # momentum, update); on the CPU an I3D-size stacked K = 8 SGD step takes 7.7 ms against 28 ms.  The update
         # is element-wise either way, so a run's parameters move as they would alone
-        ps = [leaves[n] for n in names_]
+        ps, fast = [leaves[n] for n in names_], _fast_optimiser_option()
         if cfg.optimizer == "adam":
-            return torch.optim.Adam(ps, lr=cfg.lr, weight_decay=cfg.weight_decay, **_FAST)
-        return torch.optim.SGD(ps, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **_FAST)
+            return torch.optim.Adam(ps, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast)
+        return torch.optim.SGD(ps, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fast)
     opt_gen, opt_cls = (make_opt(gen_names), make_opt(cls_names)) if cfg.mcd else (make_opt(list(leaves)), None)
     optimisers = [o for o in (opt_gen, opt_cls) if o is not None]
 
