@@ -9,11 +9,40 @@ import typer
 from rich.table import Table
 
 
+def _method_names() -> list[str]:
+    from adapt.methods import REGISTRY
+    return list(REGISTRY)
+
+
 def register(command, console):
+    @command("methods")
+    def methods_cmd(
+        name: Optional[str] = typer.Argument(None, help="A method: print its facts (setting, value, reference)."),
+        markdown: bool = typer.Option(False, "--markdown", help="Print the README's method table."),
+    ):
+        """The methods: their papers and presets; with a name, every fact of its preset and where it comes from."""
+        from adapt.methods import REGISTRY, markdown_table
+        from extract.errors import UserError
+        if name is None:
+            if markdown:
+                print(markdown_table())
+                return
+            table = Table("method", "paper", "composition")
+            for m in REGISTRY.values():
+                table.add_row(m.name, m.title, m.composition)
+            console.print(table)
+            return
+        if name not in REGISTRY:
+            raise UserError(f"unknown method {name!r}: one of {', '.join(REGISTRY)}")
+        m = REGISTRY[name]
+        print(f"# {m.title}\n\n{m.citation}\n\n{m.table()}")
+        for d in m.differences:
+            print(f"\n- {d}")
+
     @command("train")
     def train_cmd(
-        method: str = typer.Option("source_only", help="Method preset: source_only, target_only, adabn, mmd, mcd, "
-                                                       "dann, pseudo_label, mmsada, contrastive, ta3n, m3em, cia."),
+        method: str = typer.Option("source_only", help="Method preset (`adapt methods` lists them): "
+                                                       + ", ".join(_method_names()) + "."),
         backbone: str = typer.Option("i3d", help="Backbone of the feature stores: i3d or tbn."),
         source: str = typer.Option(..., help="Labelled source: a domain (D1), split (D1_train) or store path."),
         target: str = typer.Option(..., help="Unlabelled target: a domain (D2), split or store path."),

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adapt import parts
 from extract import manifests as M
 from extract.errors import UserError
 from extract.store import FeatureStore, check_compatible
@@ -38,9 +39,9 @@ def store_path(name: str, role: str, backbone: str, features_root: str | Path) -
     ``role`` is 'train' or 'test' and picks the split of a domain.
     """
     text = str(name)
-    if text.endswith(".zarr") or Path(text).is_dir():
-        return Path(text), "custom"
     registry = M.load_registry()
+    if text.endswith(".zarr") or Path(text).is_dir():
+        return Path(text), _dataset_of_store(Path(text), registry)
     if text in registry["domains"]:
         dom = registry["domains"][text]
         return Path(features_root) / backbone / f"{dom[role]}.zarr", dom["dataset"]
@@ -48,6 +49,17 @@ def store_path(name: str, role: str, backbone: str, features_root: str | Path) -
         return Path(features_root) / backbone / f"{text}.zarr", registry["splits"][text]["dataset"]
     raise UserError(f"unknown domain, split or store {text!r}: one of {', '.join(registry['domains'])}, "
                     f"a split name, or a path to a .zarr store")
+
+
+def _dataset_of_store(path: Path, registry: dict) -> str:
+    """The dataset of a store's manifest (its ``manifest_name`` attribute, a registered split), else "custom"."""
+    try:
+        import zarr
+        name = zarr.open_group(str(path), mode="r").attrs.get("manifest_name")
+    except Exception:  # noqa: BLE001 - not readable here: the trainer's own checks will name the problem
+        return "custom"
+    entry = registry["splits"].get(str(name)) if name else None
+    return entry["dataset"] if entry else "custom"
 
 
 @dataclass
@@ -156,7 +168,7 @@ class DomainPair:
                                  for t in d.feats.values())
 
     # ------------------------------------------------------------------------------------------------------
-    # index sampling (numpy, per run) and gathering (torch, on the device)
+    # the units a clip's heads see
 
     def sample_units(self, rng: np.random.Generator, batch: int) -> np.ndarray:
         """(batch, T) stored-unit indices: one random window (I3D), or one random segment per group (TBN)."""
@@ -166,13 +178,67 @@ class DomainPair:
         bounds = np.linspace(0, U, T + 1).astype(int)
         return np.stack([rng.integers(bounds[i], bounds[i + 1], size=batch) for i in range(T)], axis=1)
 
+    def fixed_units(self) -> np.ndarray:
+        """(T,) the group centres: TBN's 2, 7, 12, 17, 22 of 25 (TA3N dataset.py:147-160); I3D's middle window."""
+        U, T = self.units_per_clip, self.heads_units
+        bounds = np.linspace(0, U, T + 1)
+        return ((bounds[:-1] + bounds[1:]) / 2).astype(int)
+
     def eval_views(self) -> list[np.ndarray]:
         """The unit sets that evaluation averages over: each window (I3D) or the group centres (TBN)."""
-        U, T = self.units_per_clip, self.heads_units
-        if T == 1:
+        if self.heads_units == 1:
             return [np.array([w]) for w in range(self.eval.units)]
-        bounds = np.linspace(0, U, T + 1)
-        return [((bounds[:-1] + bounds[1:]) / 2).astype(int)]
+        return [self.fixed_units()]
+
+
+class EpochSampler:
+    """Clip indices drawn epoch by epoch without replacement, as both reference codes do (MM-SADA
+    batch_generator.py:87-100; TA3N's RandomSampler): a permutation is consumed in order, and when it runs out a new
+    one tops the batch up, skipping clips already in it (unless the domain has fewer clips than a batch)."""
+
+    def __init__(self, n: int, rng: np.random.Generator):
+        self.n, self.rng, self.pool = n, rng, np.empty(0, dtype=np.int64)
+
+    def draw(self, batch: int) -> np.ndarray:
+        take = list(self.pool[:batch])
+        self.pool = self.pool[batch:]
+        while len(take) < batch:
+            fresh = self.rng.permutation(self.n)
+            if self.n >= batch:
+                used = np.isin(fresh, take)
+                fresh = np.concatenate([fresh[~used], fresh[used]])
+            need = batch - len(take)
+            take += list(fresh[:need])
+            self.pool = fresh[need:]
+        return np.asarray(take, dtype=np.int64)
+
+
+def draw_batch(pair: "DomainPair", cfg, rng: np.random.Generator, samplers: tuple, sizes: tuple,
+               correspondence: bool) -> list[dict]:
+    """One run's clips and units for one step: per domain (source, target) ``{m: (clip idx (B,), units (B, T))}``.
+
+    Units: the fixed group centres (``units=fixed``, TA3N), else drawn per clip, independently for each modality
+    (MM-SADA batch_generator.py:294-298; Kim et al. Table 5) or shared by them (``sync_windows``).  With the
+    correspondence head, the first half of each domain's clips take their flow (clip and window) from the next
+    clip of that half: MM-SADA's negatives (batch_generator.py:110-119)."""
+    out = []
+    for sampler, B in zip(samplers, sizes):
+        idx = sampler.draw(B)
+        if cfg.units == "fixed":
+            fixed = np.broadcast_to(pair.fixed_units(), (B, pair.heads_units))
+            units = {m: fixed for m in pair.modalities}
+        elif cfg.sync_windows:
+            shared = pair.sample_units(rng, B)
+            units = {m: shared for m in pair.modalities}
+        else:
+            units = {m: pair.sample_units(rng, B) for m in pair.modalities}
+        sel = {m: (idx, units[m]) for m in pair.modalities}
+        if correspondence and "flow" in sel:
+            n = parts.correspondence_negatives(B)
+            order = np.concatenate([np.roll(np.arange(n), -1), np.arange(n, B)])
+            sel["flow"] = (idx[order], units["flow"][order])
+        out.append(sel)
+    return out
 
 
 class Gatherer:
@@ -197,15 +263,17 @@ class Gatherer:
         return b[:shape[0]]
 
     def __call__(self, parts: list, modalities, key: str = "train") -> dict:
-        """{m: (K, sum of B, T, ...) float32} for the modalities given."""
-        K, T = parts[0][2].shape[0], parts[0][2].shape[2]
-        total = sum(p[1].shape[1] for p in parts)
+        """{m: (K, sum of B, T, ...) float32} for the modalities given; a part is ``(domain, sel, statistics)``
+        with ``sel[m] = (clip index (K, B), units (K, B, T))`` per modality, or one such pair for all."""
         out = {}
         for m in modalities:
+            sels = [sel[m] if isinstance(sel, dict) else sel for _, sel, _ in parts]
+            K, T = sels[0][1].shape[0], sels[0][1].shape[2]
+            total = sum(idx.shape[1] for idx, _ in sels)
             feat = tuple(parts[0][0].feats[m].shape[2:])
             x = self._buffer((key, m), (K * total * T, *feat), torch.float32).view(K, total, T, *feat)
             at = 0
-            for dom, idx, units, stats in parts:
+            for (dom, _, stats), (idx, units) in zip(parts, sels):
                 f = dom.feats[m]
                 B = idx.shape[1]
                 rows = (idx.unsqueeze(-1) * f.shape[1] + units).reshape(-1).to(f.device)

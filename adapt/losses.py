@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +22,7 @@ __all__ = [
     "cross_entropy",
     "mk_mmd",
     "multi_gaussian_kernel",
+    "mmsada_mmd",
     "mcd_discrepancy",
     "info_nce",
     "cross_modal_contrastive",
@@ -107,6 +109,24 @@ def mk_mmd(x_s: torch.Tensor, x_t: torch.Tensor, kernel_mul: float = 2.0, kernel
     return m_ss + m_tt - 2.0 * k_st.mean()
 
 
+MMSADA_BANDWIDTHS = tuple(float(9.7 * 2.0 ** g) for g in np.arange(-8, 8, np.sqrt(2)))
+"""The 12 RBF bandwidths of MM-SADA's MMD baseline (model.py:521-522, 530-531): 9.7 x 2^g, g = -8, -8 + sqrt 2, ..."""
+
+
+def mmsada_mmd(x_s: torch.Tensor, x_t: torch.Tensor, bandwidths=MMSADA_BANDWIDTHS) -> torch.Tensor:
+    """Biased MMD^2 with the sum of RBF kernels ``k(x, y) = sum_g exp(-||x - y||^2 / gamma_g)`` (MM-SADA mmd.py:27-54,
+    ``mix_rbf_mmd2`` with ``biased=True``): ``mean K_ss + mean K_tt - 2 mean K_st``.
+
+    Shapes: x_s (n_s, d), x_t (n_t, d) -> scalar.
+    """
+    ns = x_s.shape[0]
+    x = torch.cat([x_s, x_t], dim=0)
+    d2 = _sq_dists(x, x)
+    gammas = torch.tensor(bandwidths, dtype=x.dtype, device=x.device)
+    K = torch.exp(-d2[None] / gammas[:, None, None]).sum(0)
+    return K[:ns, :ns].mean() + K[ns:, ns:].mean() - 2.0 * K[:ns, ns:].mean()
+
+
 # --------------------------------------------------------------------------------------
 # MCD
 # --------------------------------------------------------------------------------------
@@ -190,67 +210,38 @@ def cross_modal_contrastive(z_a: torch.Tensor, z_b: torch.Tensor, tau: float = 0
     return 0.5 * (l_ab + l_ba)
 
 
-def cross_domain_contrastive(f_s: torch.Tensor, y_s: torch.Tensor, f_t: torch.Tensor, pseudo_t: torch.Tensor,
-                             conf_t: torch.Tensor, bank_feats: Optional[torch.Tensor] = None,
-                             bank_labels: Optional[torch.Tensor] = None, threshold: float = 0.8, tau: float = 0.1,
-                             anchor: str = "target", normalize: bool = True) -> torch.Tensor:
-    """Cross-domain contrastive loss of Kim et al. (ICCV 2021, eqs. 4-6), one modality at a time.
+def cross_domain_contrastive(anchors: torch.Tensor, anchor_labels: torch.Tensor, use: torch.Tensor,
+                             keys: torch.Tensor, key_labels: torch.Tensor, tau: float = 0.1,
+                             normalize: bool = True) -> torch.Tensor:
+    """Cross-domain contrastive loss of Kim et al. (ICCV 2021, eqs. 4-6), one modality.
 
-    Reading of eq. 5 (``anchor='target'``, default): anchors are the target clips whose
-    pseudo-label confidence ``conf_t`` is strictly above ``threshold`` (0.8; the set V^_t).
-    Candidates are the source clips of the batch (labels ``y_s``) plus the memory-bank entries
-    (``bank_feats``/``bank_labels`` = the *source* bank of this modality; entries with label < 0
-    are empty and ignored).  For anchor i, positives P_i are candidates whose label equals the
-    pseudo-label, the rest are negatives, and with ``phi = exp(f_t_i . f_j / tau)`` (eq. 4, no
-    projection head, features L2-normalised if ``normalize``):
+    Anchors are the target clips whose pseudo-label is confident (``use``: softmax of the two streams' averaged
+    logits above 0.8); keys are the source memory bank's entries (eq. 8; ``key_labels`` their ground-truth labels,
+    < 0 for slots not written yet).  For anchor i, positives P_i are the keys of its pseudo-class, negatives the
+    keys of other classes, and with ``phi = exp(f_i . k_j / tau)`` (eq. 4: no projection head; L2-normalised if
+    ``normalize``):
 
-        ``l_i = -log( sum_{j in P_i} phi_ij / sum_{j valid} phi_ij )``.
+        ``l_i = -log( sum_{j in P_i} phi_ij / sum_{j valid} phi_ij )``,
 
-    The loss is the mean of l_i over confident anchors with at least one positive (0 if none).
-    The ``sum_{t_i}`` inside the log of eq. 5 is read as this per-anchor average.
+    the per-anchor reading of eq. 5's ratio; the loss is the mean over confident anchors with at least one
+    positive (0 when there is none).
 
-    ``anchor='source'``: the symmetric direction; anchors are all source clips (label y_s),
-    candidates are the confident target clips (pseudo-labels; unconfident ones ignored) plus the
-    bank, which must then be the *target* bank with pseudo-labels (-1 where not confident).
-
-    Shapes: f_s (B_s, d), y_s (B_s,) int, f_t (B_t, d), pseudo_t (B_t,) int, conf_t (B_t,) float,
-    bank_feats (M, d), bank_labels (M,) int -> scalar.
+    Shapes: anchors (A, d), anchor_labels (A,) int, use (A,) bool, keys (M, d), key_labels (M,) int -> scalar.
     """
     if normalize:
-        f_s = F.normalize(f_s, dim=-1)
-        f_t = F.normalize(f_t, dim=-1)
-    confident = conf_t > threshold
-    if anchor == "target":
-        anchors, a_lab, a_use = f_t, pseudo_t, confident
-        cands, c_lab = f_s, y_s
-    elif anchor == "source":
-        anchors, a_lab, a_use = f_s, y_s, torch.ones_like(y_s, dtype=torch.bool)
-        cands, c_lab = f_t, torch.where(confident, pseudo_t, torch.full_like(pseudo_t, -1))
-    else:
-        raise ValueError(f"anchor must be 'target' or 'source', got {anchor!r}")
-    if bank_feats is not None:
-        if bank_labels is None:
-            raise ValueError("bank_feats needs bank_labels")
-        bank = F.normalize(bank_feats, dim=-1) if normalize else bank_feats
-        cands = torch.cat([cands, bank.to(cands.dtype)], dim=0)
-        c_lab = torch.cat([c_lab.to(torch.int64), bank_labels.to(torch.int64)], dim=0)
-    c_lab = c_lab.to(torch.int64)
-    a_lab = a_lab.to(torch.int64)
-    sim = anchors @ cands.transpose(-1, -2) / tau  # (A, C)
-    valid = (c_lab >= 0)[None, :].expand_as(sim)
-    pos = valid & (a_lab[:, None] == c_lab[None, :])
+        anchors = F.normalize(anchors, dim=-1)
+        keys = F.normalize(keys, dim=-1)
+    sim = anchors @ keys.to(anchors.dtype).transpose(-1, -2) / tau  # (A, M)
+    valid = (key_labels >= 0)[None, :].expand_as(sim)
+    pos = valid & (anchor_labels.to(torch.int64)[:, None] == key_labels.to(torch.int64)[None, :])
     has_pos = pos.any(dim=1)
-    has_valid = valid.any(dim=1)
-    # Rows without positives (or without candidates) get a dummy finite mask and are masked out
-    # of the mean below; this keeps logsumexp and its gradient finite (no NaN).
+    # rows without a positive get a dummy mask (kept finite, masked out of the mean)
     pos_safe = torch.where(has_pos[:, None], pos, torch.ones_like(pos))
-    valid_safe = torch.where(has_valid[:, None], valid, torch.ones_like(valid))
+    valid_safe = torch.where(has_pos[:, None], valid, torch.ones_like(valid))
     neg_inf = torch.full_like(sim, float("-inf"))
-    lse_pos = torch.logsumexp(torch.where(pos_safe, sim, neg_inf), dim=1)
-    lse_all = torch.logsumexp(torch.where(valid_safe, sim, neg_inf), dim=1)
-    per_anchor = lse_all - lse_pos
-    use = a_use & has_pos
-    return _masked_mean(per_anchor, use)
+    per_anchor = (torch.logsumexp(torch.where(valid_safe, sim, neg_inf), dim=1)
+                  - torch.logsumexp(torch.where(pos_safe, sim, neg_inf), dim=1))
+    return _masked_mean(per_anchor, use & has_pos)
 
 
 def memory_bank_rows(bank: torch.Tensor, idx: torch.Tensor, feats: torch.Tensor, momentum: float = 0.5,

@@ -42,8 +42,9 @@ __all__ = [
     "Embedding",
     "DomainDiscriminator",
     "CorrespondenceHead",
-    "correspondence_pairs",
-    "sync_correspondence_pairs",
+    "correspondence_negatives",
+    "keyed_dropout",
+    "init_normal",
     "ProjectionHead",
     "GatingUnit",
     "MutualRefinement",
@@ -169,11 +170,34 @@ class Embedding(nn.Module):
         return y
 
 
+def keyed_dropout(x: torch.Tensor, p: float, key, salt: int, training: bool) -> torch.Tensor:
+    """Inverted dropout with a mask from :func:`adapt.rng.keep_mask` (``key``, ``salt``); identity when not training
+    or ``p = 0``.  Shapes: x (...) -> (...)."""
+    if not training or not p:
+        return x
+    return x * rng.keep_mask(key, x.shape, p, salt).to(x.dtype)
+
+
+def init_normal(layer: nn.Linear, std: float, truncated: bool = False) -> None:
+    """Weights from N(0, std) (truncated at two standard deviations, TensorFlow's ``truncated_normal``, when
+    ``truncated``), bias zero: TA3N's ``normal_(w, 0, 0.001)`` (models.py:132-147) and MM-SADA's
+    ``truncated_normal(stddev=0.1)`` heads (arch.py:47-50, 58-63)."""
+    with torch.no_grad():
+        if truncated:
+            nn.init.trunc_normal_(layer.weight, 0.0, std, -2 * std, 2 * std)
+        else:
+            nn.init.normal_(layer.weight, 0.0, std)
+        nn.init.zeros_(layer.bias)
+
+
 # --------------------------------------------------------------------------------------
 # MM-SADA heads
 # --------------------------------------------------------------------------------------
 class DomainDiscriminator(nn.Module):
-    """Per-modality domain discriminator D_m (MM-SADA eq. 2): GRL -> FC(in-hidden) -> ReLU -> FC(hidden-2).
+    """Domain discriminator D_m (MM-SADA eq. 2): GRL -> FC(in-hidden) -> ReLU -> FC(hidden-2).
+
+    ``hidden`` 100 in MM-SADA (arch.py:47-50); ``None`` = the input's width, as TA3N's frame (512-512-2), video
+    (256-256-2) and relation (256-256-2) discriminators (models.py:165-178, 280-298, 303-311).
 
     ``L_d^m = sum_x -d log D_m(F_m(x)) - (1 - d) log(1 - D_m(F_m(x)))`` is the cross-entropy
     of the returned 2-way logits (computed by the caller).  The GRL (coefficient ``coeff``,
@@ -182,8 +206,9 @@ class DomainDiscriminator(nn.Module):
     Shapes: x (..., in_dim), coeff () -> logits (..., num_domains).
     """
 
-    def __init__(self, in_dim: int, hidden: int = 100, num_domains: int = 2):
+    def __init__(self, in_dim: int, hidden: Optional[int] = 100, num_domains: int = 2):
         super().__init__()
+        hidden = in_dim if hidden is None else hidden
         self.fc1 = nn.Linear(in_dim, hidden)
         self.fc2 = nn.Linear(hidden, num_domains)
 
@@ -192,43 +217,10 @@ class DomainDiscriminator(nn.Module):
         return self.fc2(F.relu(self.fc1(x)))
 
 
-def correspondence_pairs(rgb: torch.Tensor, flow: torch.Tensor, neg_fraction: float = 0.5, shift: int = 1):
-    """Build MM-SADA self-supervised correspondence pairs inside one domain's batch (MM-SADA eq. 3).
-
-    The first ``n_neg = floor(neg_fraction * B)`` samples are negatives: RGB of sample i is
-    paired with the flow of sample ``(i + shift) mod B`` (a fixed derangement of the same
-    domain's batch, "roll by one"); the remaining ``B - n_neg`` are positives (RGB and flow of
-    the same sample).  Targets: 1 = corresponding, 0 = not.  Needs ``B >= 2`` (the roll of a
-    single sample is itself).  Call it separately for source and target batches.
-
-    Shapes: rgb (B, d_r), flow (B, d_f) -> (rgb (B, d_r), flow_paired (B, d_f), targets (B,) int64).
-    """
-    B = rgb.shape[0]
-    n_neg = int(math.floor(neg_fraction * B))
-    is_neg = torch.arange(B, device=rgb.device) < n_neg
-    rolled = torch.roll(flow, shifts=-shift, dims=0)  # rolled[i] = flow[(i + shift) % B]
-    mask = is_neg.view((B,) + (1,) * (flow.dim() - 1))
-    flow_paired = torch.where(mask, rolled, flow)
-    targets = (~is_neg).to(torch.int64)
-    return rgb, flow_paired, targets
-
-
-def sync_correspondence_pairs(rgb: torch.Tensor, flow: torch.Tensor, flow_other: torch.Tensor,
-                              neg_fraction: float = 0.5):
-    """Time-synchronised variant of MM-SADA's correspondence (MM-SADA sec. 3.4, "synchronised").
-
-    Negatives pair RGB of window t with flow of *another window* of the same clip
-    (``flow_other``, sampled by the caller); the first ``floor(neg_fraction * B)`` samples are
-    negatives, the rest positives.  Targets: 1 = synchronised, 0 = not.
-
-    Shapes: rgb (B, d_r), flow (B, d_f), flow_other (B, d_f) -> (rgb, flow_paired (B, d_f), targets (B,)).
-    """
-    B = rgb.shape[0]
-    n_neg = int(math.floor(neg_fraction * B))
-    is_neg = torch.arange(B, device=rgb.device) < n_neg
-    mask = is_neg.view((B,) + (1,) * (flow.dim() - 1))
-    flow_paired = torch.where(mask, flow_other, flow)
-    return rgb, flow_paired, (~is_neg).to(torch.int64)
+def correspondence_negatives(batch: int) -> int:
+    """How many of a domain's ``batch`` clips are correspondence negatives: the first ``batch // 2`` (MM-SADA
+    batch_generator.py:110-119: half of each domain's clips, their flow taken from the next clip of that half)."""
+    return batch // 2
 
 
 class CorrespondenceHead(nn.Module):
@@ -238,9 +230,10 @@ class CorrespondenceHead(nn.Module):
     with ``L_c = sum_x -c log C(x) - (1 - c) log(1 - C(x))`` on source and target; ``c`` is 1 when
     the modalities correspond.  ``in_dim = d_rgb + d_flow`` (2048 for I3D).
 
-    * ``forward(rgb, flow)``: rgb (..., d_r), flow (..., d_f) -> logits (..., 2).
-    * ``pairs(rgb, flow)``: builds pairs with :func:`correspondence_pairs` -> (logits (B, 2), targets (B,)).
-    * ``sync_pairs(rgb, flow, flow_other)``: same with :func:`sync_correspondence_pairs`.
+    Its input are the features before dropout (MM-SADA model.py:446-449; arch.py:53-63), with no GRL.  The pairs
+    are made by the trainer's sampler: the negatives' flow comes from another clip of the same domain.
+
+    Shapes: rgb (..., d_r), flow (..., d_f) -> logits (..., 2).
     """
 
     def __init__(self, in_dim: int = 2048, hidden: int = 100):
@@ -250,15 +243,6 @@ class CorrespondenceHead(nn.Module):
 
     def forward(self, rgb: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.relu(self.fc1(torch.cat([rgb, flow], dim=-1))))
-
-    def pairs(self, rgb: torch.Tensor, flow: torch.Tensor, neg_fraction: float = 0.5, shift: int = 1):
-        r, f, t = correspondence_pairs(rgb, flow, neg_fraction, shift)
-        return self(r, f), t
-
-    def sync_pairs(self, rgb: torch.Tensor, flow: torch.Tensor, flow_other: torch.Tensor,
-                   neg_fraction: float = 0.5):
-        r, f, t = sync_correspondence_pairs(rgb, flow, flow_other, neg_fraction)
-        return self(r, f), t
 
 
 # --------------------------------------------------------------------------------------
@@ -578,49 +562,55 @@ def time_mean(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
 
 
 class TRNMultiScale(nn.Module):
-    """Multi-scale temporal relation module (TRN, Zhou et al. 2018, eq. 3; as used by TA3N).
+    """Multi-scale temporal relations as TA3N runs them (TRN, Zhou et al. ECCV 2018, eq. 3; TA3N's TRNmodule.py
+    ``RelationModuleMultiScale``).
 
-    ``MT_N(V) = sum_{s=2..n} mean_{(t_1<...<t_s)} g_s(concat(x_{t_1}, ..., x_{t_s}))`` with
-    ``g_s = Linear(256 -> out_dim) o ReLU o Linear(s*d -> bottleneck) o ReLU``.
-    Unlike TRN/TA3N, which randomly subsample at most 3 ordered subsets per scale below n
-    during training, this uses **all** C(n, s) time-ordered subsets of every scale, always
-    (deterministic; vmap-safe).  For n = 5: 10 + 10 + 5 + 1 = 26 subsets.
+    For each scale ``s = n, n-1, ..., 2`` the candidate relations are the time-ordered subsets of ``s`` of the
+    ``n`` frames in lexicographic order; at most ``relations`` of them (3) are used, the same ones in training and
+    at test: candidates ``ceil(i * N_s / r)`` for ``i < r`` (TRNmodule.py:71, the random draw commented out at :73).
+    For 5 frames: {01234}; {0123, 0134, 1234}; {012, 024, 124}; {01, 12, 23}.  Each scale has one MLP
+    ``g_s = ReLU o Linear(s*d -> out_dim) o ReLU`` applied to the frames of a relation concatenated in time order,
+    and its relations' outputs are **summed** (TRNmodule.py:48-52, 67-79).
 
-    Shapes: x (B, n, d) -> (B, out_dim); with ``return_scales=True`` also the per-scale relation
-    features (B, n-1, out_dim) ordered by scale 2, 3, ..., n (input to TA3N's relation
-    discriminators).  Parameters: ``sum_s (s*d*bottleneck + bottleneck + bottleneck*out + out)``.
+    ``relations=0`` uses every subset (C(n, s) per scale).
+
+    Shapes: x (B, n, d) -> per-scale relation features (B, n-1, out_dim), ordered by scale n, n-1, ..., 2; the
+    video feature is their sum over scales (after TA3N's domain attention, in the model).
     """
 
-    def __init__(self, in_dim: int, num_segments: int, out_dim: int = 256, bottleneck: int = 256):
+    def __init__(self, in_dim: int, num_segments: int, out_dim: int = 256, relations: int = 3):
         super().__init__()
         if num_segments < 2:
             raise ValueError("TRN needs at least 2 segments")
         self.num_segments = num_segments
-        self.scales = list(range(2, num_segments + 1))
+        self.scales = list(range(num_segments, 1, -1))
         self.mlps = nn.ModuleList()
         for s in self.scales:
-            self.mlps.append(nn.Sequential(nn.ReLU(), nn.Linear(s * in_dim, bottleneck), nn.ReLU(),
-                                           nn.Linear(bottleneck, out_dim)))
-            idx = torch.tensor(list(itertools.combinations(range(num_segments), s)), dtype=torch.int64)
-            self.register_buffer(f"subsets_{s}", idx, persistent=False)
+            self.mlps.append(nn.Sequential(nn.ReLU(), nn.Linear(s * in_dim, out_dim), nn.ReLU()))
+            self.register_buffer(f"subsets_{s}", relation_subsets(num_segments, s, relations), persistent=False)
 
     def subsets(self, s: int) -> torch.Tensor:
-        """All time-ordered subsets of size s: (C(n, s), s) int64."""
+        """The time-ordered subsets of size s that the module uses: (R_s, s) int64."""
         return getattr(self, f"subsets_{s}")
 
-    def forward(self, x: torch.Tensor, return_scales: bool = False):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, n, d = x.shape
         if n != self.num_segments:
             raise ValueError(f"expected {self.num_segments} segments, got {n}")
         per_scale = []
         for s, mlp in zip(self.scales, self.mlps):
-            idx = self.subsets(s)  # (S, s)
-            g = x[:, idx]  # (B, S, s, d)
-            g = g.reshape(B, idx.shape[0], s * d)
-            per_scale.append(mlp(g).mean(dim=1))  # (B, out)
-        scales = torch.stack(per_scale, dim=1)  # (B, n-1, out)
-        out = scales.sum(dim=1)
-        return (out, scales) if return_scales else out
+            idx = self.subsets(s)  # (R, s)
+            g = x[:, idx].reshape(B, idx.shape[0], s * d)
+            per_scale.append(mlp(g).sum(dim=1))  # (B, out)
+        return torch.stack(per_scale, dim=1)  # (B, n-1, out)
+
+
+def relation_subsets(n: int, s: int, relations: int = 3) -> torch.Tensor:
+    """The relations of scale ``s`` among ``n`` frames that TA3N's TRN uses (see :class:`TRNMultiScale`)."""
+    combos = list(itertools.combinations(range(n), s))
+    if relations and len(combos) > relations:
+        combos = [combos[math.ceil(i * len(combos) / relations)] for i in range(relations)]
+    return torch.tensor(combos, dtype=torch.int64)
 
 
 # --------------------------------------------------------------------------------------

@@ -205,7 +205,8 @@ def adapted_features(cfg, pair, model, params, dom, idx: np.ndarray, batch: int 
             for lo in range(0, len(idx), batch):
                 rows = torch.from_numpy(idx[lo:lo + batch])
                 units = torch.from_numpy(view).expand(len(rows), -1)
-                x = {m: v[0] for m, v in gatherer([(dom, rows[None], units[None], stats)], list(dom.feats)).items()}
+                x = {m: v[0] for m, v in gatherer([(dom, (rows[None], units[None]), stats)],
+                                                  list(dom.feats)).items()}
                 out = functional_call(model, params, (x, key, 0.0))
                 parts.append({m: v.float() for m, v in out["video"].items()})
             v = {m: torch.cat([p[m] for p in parts]) for m in parts[0]}

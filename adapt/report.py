@@ -148,8 +148,8 @@ def _label(row: dict, backbones: int) -> str:
 
 
 def _row_order(rows: list[dict], backbones: int) -> list[str]:
-    from adapt.config import METHODS
-    order = list(METHODS)
+    from adapt.methods import REGISTRY
+    order = list(REGISTRY)
     first = {}
     for i, r in enumerate(rows):
         rank = order.index(r["method"]) if r.get("method") in order else len(order)

@@ -122,31 +122,8 @@ def _fmt(v) -> str:
 
 def _typed(name: str, value, where: str):
     """A spec value converted to the type of TrainConfig's field ``name`` (strings go through resolve's parser)."""
-    from adapt.config import TrainConfig
-    defaults = TrainConfig()
-    if name not in {f.name for f in dataclasses.fields(TrainConfig)}:
-        raise UserError(f"{where}: unknown setting {name!r} (see `adapt train --settings`)")
-    current = getattr(defaults, name)
-    if isinstance(value, str):
-        return value  # resolve() converts strings with the --set rules
-    bad = UserError(f"{where}: {name} = {value!r}: expected a {type(current).__name__}")
-    if isinstance(current, bool):
-        if not isinstance(value, bool):
-            raise bad
-        return value
-    if isinstance(current, int):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
-            raise bad
-        return int(value)
-    if isinstance(current, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad
-        return float(value)
-    if isinstance(current, list):
-        if not isinstance(value, list):
-            raise bad
-        return list(value)
-    return value
+    from adapt.config import typed_value
+    return typed_value(name, value, where)
 
 
 def _table(spec: dict, key: str, where: str) -> dict:
@@ -184,6 +161,7 @@ def pair_label(source: str, target: str) -> str:
 def expand(spec: dict, where: str = "spec", out: str | None = None, extra_set: dict | None = None) -> list[Run]:
     """The runs of a spec in order pair, method, grid point, seed (see the module docstring for the format)."""
     from adapt import config as C
+    from adapt.methods import REGISTRY
     from adapt.data import store_path
 
     unknown = set(spec) - SPEC_KEYS
@@ -200,8 +178,8 @@ def expand(spec: dict, where: str = "spec", out: str | None = None, extra_set: d
     if not methods or not isinstance(methods, list):
         raise UserError(f"{where}: methods must list method presets, e.g. methods = [\"source_only\", \"cia\"]")
     for m in list(methods) + list(per_method):
-        if m not in C.METHODS:
-            raise UserError(f"{where}: unknown method {m!r}: one of {', '.join(C.METHODS)}")
+        if m not in REGISTRY:
+            raise UserError(f"{where}: unknown method {m!r}: one of {', '.join(REGISTRY)}")
     for m, v in per_method.items():
         if not isinstance(v, dict) or set(v) - METHOD_KEYS:
             raise UserError(f"{where}: per_method.{m} may hold only set and grid tables")

@@ -166,36 +166,34 @@ def _cross_domain_loop(fs, ys, ft, pt, ct, bank=None, blab=None, thr=0.8, tau=0.
 
 
 def test_cross_domain_contrastive_matches_loop():
+    """Kim et al. eq. 5: confident target anchors against the source bank's entries (empty slots ignored)."""
     torch.manual_seed(2)
     d = 4
-    fs = torch.randn(6, d, dtype=torch.float64)
-    ys = torch.tensor([0, 1, 2, 0, 1, 1])
     ft = torch.randn(5, d, dtype=torch.float64)
     pt = torch.tensor([0, 1, 3, 2, 1])  # class 3 has no source positive
     ct = torch.tensor([0.9, 0.95, 0.99, 0.5, 0.81], dtype=torch.float64)  # sample 3 not confident
-    bank = torch.randn(4, d, dtype=torch.float64)
-    blab = torch.tensor([2, -1, 0, 1])  # slot 1 empty
-    got = losses.cross_domain_contrastive(fs, ys, ft, pt, ct, threshold=0.8, tau=0.1)
-    assert got.item() == pytest.approx(_cross_domain_loop(fs, ys, ft, pt, ct), rel=1e-9)
-    got_b = losses.cross_domain_contrastive(fs, ys, ft, pt, ct, bank, blab, threshold=0.8, tau=0.1)
-    assert got_b.item() == pytest.approx(_cross_domain_loop(fs, ys, ft, pt, ct, bank, blab), rel=1e-9)
-    got_s = losses.cross_domain_contrastive(fs, ys, ft, pt, ct, bank, blab, anchor="source", tau=0.2)
-    assert got_s.item() == pytest.approx(
-        _cross_domain_loop(fs, ys, ft, pt, ct, bank, blab, tau=0.2, anchor="source"), rel=1e-9)
+    bank = torch.randn(6, d, dtype=torch.float64)
+    blab = torch.tensor([2, -1, 0, 1, 1, 0])  # slot 1 empty
+    got = losses.cross_domain_contrastive(ft, pt, ct > 0.8, bank, blab, tau=0.1)
+    keep = blab >= 0
+    expect = _cross_domain_loop(bank[keep], blab[keep], ft, pt, ct)
+    assert got.item() == pytest.approx(expect, rel=1e-9)
+    got2 = losses.cross_domain_contrastive(ft, pt, ct > 0.8, bank, blab, tau=0.2)
+    assert got2.item() == pytest.approx(_cross_domain_loop(bank[keep], blab[keep], ft, pt, ct, tau=0.2), rel=1e-9)
 
 
 def test_cross_domain_contrastive_no_confident_anchor_is_zero_without_nan():
-    fs = torch.randn(4, 3, requires_grad=True)
+    bank = torch.randn(4, 3)
     ft = torch.randn(3, 3, requires_grad=True)
-    loss = losses.cross_domain_contrastive(fs, torch.tensor([0, 1, 0, 1]), ft, torch.tensor([0, 1, 2]),
-                                           torch.tensor([0.1, 0.2, 0.3]))
+    loss = losses.cross_domain_contrastive(ft, torch.tensor([0, 1, 2]), torch.tensor([False] * 3), bank,
+                                           torch.tensor([0, 1, 0, 1]))
     assert loss.item() == 0.0
     loss.backward()
-    assert torch.all(torch.isfinite(fs.grad)) and torch.all(torch.isfinite(ft.grad))
+    assert torch.all(torch.isfinite(ft.grad))
     # confident anchor without any positive: masked out, gradients finite
     ft2 = torch.randn(2, 3, requires_grad=True)
-    loss2 = losses.cross_domain_contrastive(fs, torch.tensor([0, 1, 0, 1]), ft2, torch.tensor([5, 0]),
-                                            torch.tensor([0.99, 0.99]))
+    loss2 = losses.cross_domain_contrastive(ft2, torch.tensor([5, 0]), torch.tensor([True, True]), bank,
+                                            torch.tensor([0, 1, 0, 1]))
     loss2.backward()
     assert torch.isfinite(loss2) and torch.all(torch.isfinite(ft2.grad))
     assert torch.all(ft2.grad[0] == 0)
@@ -203,15 +201,14 @@ def test_cross_domain_contrastive_no_confident_anchor_is_zero_without_nan():
 
 def test_cross_domain_contrastive_under_vmap():
     torch.manual_seed(3)
-    fs, ft = torch.randn(3, 6, 4), torch.randn(3, 5, 4)
-    ys = torch.randint(0, 3, (3, 6))
+    ft = torch.randn(3, 5, 4)
     pt = torch.randint(0, 3, (3, 5))
-    ct = torch.rand(3, 5) * 0.4 + 0.6
+    use = torch.rand(3, 5) > 0.3
     bank, blab = torch.randn(3, 7, 4), torch.randint(-1, 3, (3, 7))
-    batched = vmap(losses.cross_domain_contrastive)(fs, ys, ft, pt, ct, bank, blab)
+    batched = vmap(losses.cross_domain_contrastive)(ft, pt, use, bank, blab)
     for i in range(3):
-        assert torch.allclose(batched[i], losses.cross_domain_contrastive(fs[i], ys[i], ft[i], pt[i], ct[i],
-                                                                          bank[i], blab[i]), atol=1e-6)
+        assert torch.allclose(batched[i], losses.cross_domain_contrastive(ft[i], pt[i], use[i], bank[i], blab[i]),
+                              atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------
@@ -269,3 +266,19 @@ def test_trainer_writes_bank_rows_in_place_per_run():
         assert state["labels"][k].tolist() == losses.update_memory_labels(
             torch.full((6,), -1), idx[k], torch.tensor([[1, 2], [3, 4], [5, 6]])[k]).tolist()
     assert not state["bank"].requires_grad
+
+
+def test_mmsada_mmd_is_the_codes_fixed_bandwidth_biased_estimate():
+    """MM-SADA model.py:521-531, mmd.py:27-54: 12 RBF kernels exp(-d^2 / g), g = 9.7 x 2^k, k = -8, -8 + sqrt 2, ...,
+    summed; biased MMD^2 of the source and target halves."""
+    bw = losses.MMSADA_BANDWIDTHS
+    assert len(bw) == 12 and bw[0] == pytest.approx(9.7 / 256) and bw[-1] == pytest.approx(9.7 * 2 ** (-8 + 11 * 2 ** 0.5))
+    torch.manual_seed(0)
+    xs, xt = torch.randn(5, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64) + 0.5
+
+    def k(a, b):
+        d2 = float(((a - b) ** 2).sum())
+        return sum(math.exp(-d2 / g) for g in bw)
+    mean = lambda A, B: sum(k(a, b) for a in A for b in B) / (len(A) * len(B))  # noqa: E731
+    expect = mean(xs, xs) + mean(xt, xt) - 2 * mean(xs, xt)
+    assert losses.mmsada_mmd(xs, xt).item() == pytest.approx(expect, rel=1e-9)

@@ -227,30 +227,14 @@ def test_domain_discriminator_shape_and_reversed_gradient():
     assert torch.allclose(g_rev, -0.5 * x.grad, atol=1e-6)
 
 
-def test_correspondence_pairs():
-    B = 6
-    rgb = torch.arange(B, dtype=torch.float32)[:, None].repeat(1, 3)
-    flow = 100 + torch.arange(B, dtype=torch.float32)[:, None].repeat(1, 2)
-    r, f, t = parts.correspondence_pairs(rgb, flow)
-    assert torch.equal(r, rgb)
-    assert t.tolist() == [0, 0, 0, 1, 1, 1]
-    assert f[:, 0].tolist() == [101, 102, 103, 103, 104, 105]
-    # every negative is flow of a different sample
-    assert all(f[i, 0] - 100 != i for i in range(3))
-    # odd batch: floor(0.5 * 5) = 2 negatives
-    _, f5, t5 = parts.correspondence_pairs(rgb[:5], flow[:5])
-    assert t5.tolist() == [0, 0, 1, 1, 1] and f5[:, 0].tolist() == [101, 102, 102, 103, 104]
-    other = -flow
-    _, fs, ts = parts.sync_correspondence_pairs(rgb, flow, other)
-    assert ts.tolist() == [0, 0, 0, 1, 1, 1]
-    assert torch.equal(fs[:3], other[:3]) and torch.equal(fs[3:], flow[3:])
+def test_correspondence_head_and_negatives():
+    # MM-SADA batch_generator.py:110-119: half of a domain's clips are negatives
+    assert [parts.correspondence_negatives(b) for b in (4, 5, 64)] == [2, 2, 32]
+    rgb, flow = torch.randn(6, 3), torch.randn(6, 2)
     head = parts.CorrespondenceHead(in_dim=5, hidden=100)
-    logits, targets = head.pairs(rgb, flow)
-    assert logits.shape == (B, 2) and torch.equal(targets, t)
-    assert torch.allclose(logits, head.fc2(torch.relu(head.fc1(torch.cat([rgb, f], -1)))))
-    logits_s, targets_s = head.sync_pairs(rgb, flow, other)
-    assert logits_s.shape == (B, 2) and torch.equal(targets_s, ts)
-
+    logits = head(rgb, flow)
+    assert logits.shape == (6, 2)
+    assert torch.allclose(logits, head.fc2(torch.relu(head.fc1(torch.cat([rgb, flow], -1)))))
 
 def test_projection_head():
     h = parts.ProjectionHead(16, 8)
@@ -366,23 +350,26 @@ def test_temporal_average():
     assert torch.equal(one.grad, torch.ones_like(one))
 
 
-def test_trn_multiscale_matches_loop():
+def test_trn_multiscale_is_ta3ns_relation_module():
+    """TA3N TRNmodule.py: scales 5..2, at most 3 relations each at fixed lexicographic positions ceil(i N / 3), one
+    ReLU-Linear-ReLU per scale, relations summed within a scale."""
     torch.manual_seed(0)
     n, d, out_dim = 5, 6, 4
-    trn = parts.TRNMultiScale(d, n, out_dim=out_dim, bottleneck=8)
-    assert sum(trn.subsets(s).shape[0] for s in trn.scales) == 26
+    trn = parts.TRNMultiScale(d, n, out_dim=out_dim, relations=3)
+    assert trn.scales == [5, 4, 3, 2]
+    got = {s: [tuple(r) for r in trn.subsets(s).tolist()] for s in trn.scales}
+    assert got == {5: [(0, 1, 2, 3, 4)], 4: [(0, 1, 2, 3), (0, 1, 3, 4), (1, 2, 3, 4)],
+                   3: [(0, 1, 2), (0, 2, 4), (1, 2, 4)], 2: [(0, 1), (1, 2), (2, 3)]}
+    assert [m[1].in_features for m in trn.mlps] == [5 * d, 4 * d, 3 * d, 2 * d]
+    assert all(isinstance(m[0], nn.ReLU) and isinstance(m[2], nn.ReLU) and len(m) == 3 for m in trn.mlps)
     x = torch.randn(3, n, d)
-    out, per_scale = trn(x, return_scales=True)
-    assert out.shape == (3, out_dim) and per_scale.shape == (3, n - 1, out_dim)
-    expect_scales = []
-    for s, mlp in zip(range(2, n + 1), trn.mlps):
-        rel = [mlp(torch.cat([x[:, t] for t in comb], dim=-1)) for comb in itertools.combinations(range(n), s)]
-        expect_scales.append(torch.stack(rel).mean(0))
-    expect = torch.stack(expect_scales, 1)
-    assert torch.allclose(per_scale, expect, atol=1e-5)
-    assert torch.allclose(out, expect.sum(1), atol=1e-5)
-    assert torch.equal(trn(x), out)
-
+    per_scale = trn(x)
+    assert per_scale.shape == (3, n - 1, out_dim)
+    for j, (s, mlp) in enumerate(zip(trn.scales, trn.mlps)):
+        expect = sum(mlp(torch.cat([x[:, t] for t in rel], dim=-1)) for rel in got[s])
+        assert torch.allclose(per_scale[:, j], expect, atol=1e-5)
+    every = parts.TRNMultiScale(d, n, out_dim=out_dim, relations=0)
+    assert sum(every.subsets(s).shape[0] for s in every.scales) == 26
 
 def test_domain_attention_and_attentive_entropy():
     att = parts.DomainAttention()
@@ -422,7 +409,7 @@ class _Tiny(nn.Module):
         self.mr = parts.MutualRefinement(("rgb", "flow", "audio"), 16, reduction=4)
         self.sc = parts.SpatialConsensus(32, 8, k=2)
         self.disc = parts.DomainDiscriminator(32, hidden=10)
-        self.trn = parts.TRNMultiScale(32, 3, out_dim=12, bottleneck=8)
+        self.trn = parts.TRNMultiScale(32, 3, out_dim=12)
         self.cls = parts.Classifier(12 + 64, 5)
 
     def forward(self, feats, key, coeff):
@@ -431,7 +418,7 @@ class _Tiny(nn.Module):
         r = self.mr(e)
         pooled, cmap = self.sc(r)  # (B, n, 32) each
         dom = self.disc(pooled["rgb"], coeff)
-        rel = self.trn(pooled["audio"])
+        rel = self.trn(pooled["audio"]).sum(1)
         video = torch.cat([rel, pooled["rgb"].mean(1), pooled["flow"].mean(1)], -1)
         return self.cls(video), dom, cmap
 

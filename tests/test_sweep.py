@@ -24,7 +24,7 @@ seeds = [0, 1]
 backbone = "i3d"
 features_root = "feats"
 out = "OUT"
-set = {steps = 8, eval_every = 4}
+set = {steps = 8, stage1_steps = 4, eval_every = 4}
 grid = {w_cls = [1, 0.5]}
 
 [per_method.source_only]
@@ -44,7 +44,7 @@ seeds: [0, 1]
 backbone: i3d
 features_root: feats
 out: OUT
-set: {steps: 8, eval_every: 4}
+set: {steps: 8, stage1_steps: 4, eval_every: 4}
 grid: {w_cls: [1, 0.5]}
 per_method:
   source_only: {set: {w_cls: 1.0}}

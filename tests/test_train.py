@@ -11,13 +11,13 @@ import zarr
 from typer.testing import CliRunner
 
 from adapt import config as C
-from adapt.config import METHODS
+from adapt.methods import REGISTRY as METHODS
 from adapt.train import TrainingError, train
 from cli import app
 from extract.errors import UserError
 from tests.featstores import make_pair, make_store
 
-FAST = dict(steps=12, stage1_steps=4, eval_every=4, batch_source=8, batch_target=8, embed_dim=32, sc_dim=8)
+FAST = dict(steps=12, stage1_steps=4, eval_every=4, last_eval_every=4, batch_source=8, batch_target=8, embed_dim=32, sc_dim=8)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,8 @@ def test_each_method_end_to_end_i3d(i3d_root, tmp_path, method):
     for key in ("method", "source", "target", "seed", "target_top1", "target_top1_per_eval", "per_modality"):
         assert key in saved
     assert len(saved["target_top1_per_eval"]) == 3 and 0 <= saved["target_top1"] <= 100
-    assert set(saved["per_modality"]) == {"rgb", "flow"}
+    streams = {"ta3n": {"rgb+flow"}, "m3em": {"rgb+flow"}}.get(method, {"rgb", "flow"})
+    assert set(saved["per_modality"]) == set(saved["streams"]) == streams
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
     assert json.loads((run / "config.json").read_text())["method"] == method
     assert (run / "heads.pt").is_file()
@@ -57,9 +58,9 @@ def test_each_method_end_to_end_i3d(i3d_root, tmp_path, method):
 @pytest.mark.parametrize("method", ["source_only", "ta3n", "cia", "m3em", "contrastive"])
 def test_tbn_three_modalities_verb_noun(tbn_root, tmp_path, method):
     cfg = cfg_for(tbn_root, method, tmp_path, backbone="tbn")
-    assert cfg.temporal == ("trn" if method in ("ta3n", "cia") else "avg")
     final = train([cfg], progress=False)[0]
-    assert set(final["per_modality"]) == {"rgb", "flow", "audio"}
+    assert set(final["per_modality"]) == set(final["streams"])
+    assert "".join(sorted("".join(final["streams"]).replace("+", ""))) == "".join(sorted("rgbflowaudio"))
     for k in ("verb_top1", "noun_top1", "action_top1", "verb_top5", "noun_top5", "action_top5"):
         assert 0 <= final[k] <= 100
     assert final["action_top1"] <= min(final["verb_top1"], final["noun_top1"]) + 1e-9
@@ -78,7 +79,7 @@ def test_challenge_json(tbn_root, tmp_path):
 
 
 def test_last_nine_protocol_and_learning(i3d_root, tmp_path):
-    cfg = cfg_for(i3d_root, "source_only", tmp_path, steps=60, stage1_steps=60, eval_every=5)
+    cfg = cfg_for(i3d_root, "source_only", tmp_path, steps=60, stage1_steps=60, eval_every=5, last_eval_every=5)
     final = train([cfg], progress=False)[0]
     per_eval = final["target_top1_per_eval"]
     assert len(per_eval) == 12 and final["eval_steps"][-1] == 60
@@ -124,7 +125,7 @@ def test_gatherer_equals_plain_indexing_and_reuses_its_buffers(i3d_root):
     gen = torch.Generator().manual_seed(0)
     idx_a, idx_b = (torch.randint(0, dom.n, (2, b), generator=gen) for b in (5, 3))
     u_a, u_b = (torch.randint(0, dom.units, (2, b, 1), generator=gen) for b in (5, 3))
-    out = g([(dom, idx_a, u_a, stats), (dom, idx_b, u_b, None)], ["rgb", "flow"])
+    out = g([(dom, (idx_a, u_a), stats), (dom, (idx_b, u_b), None)], ["rgb", "flow"])
     for m in ("rgb", "flow"):
         f = dom.feats[m]
         want_a = (f[idx_a.unsqueeze(-1), u_a].float() - stats[m][0]) / stats[m][1]
@@ -133,7 +134,7 @@ def test_gatherer_equals_plain_indexing_and_reuses_its_buffers(i3d_root):
         torch.testing.assert_close(out[m][:, :5], want_a, rtol=1e-6, atol=1e-6)
         assert torch.equal(out[m][:, 5:], want_b)
     first = out["rgb"].data_ptr()
-    again = g([(dom, idx_b, u_b, None), (dom, idx_a, u_a, stats)], ["rgb", "flow"])
+    again = g([(dom, (idx_b, u_b), None), (dom, (idx_a, u_a), stats)], ["rgb", "flow"])
     assert again["rgb"].data_ptr() == first   # the same buffer, refilled
 
 
@@ -243,26 +244,6 @@ def test_runs_with_other_active_terms_do_not_stack(i3d_root, tmp_path):
         train([a, b], progress=False)
 
 
-def test_time_synchronised_correspondence(i3d_root, tmp_path):
-    """MM-SADA's synchronised variant: the correspondence negatives are flow of another window of the same clip."""
-    import adapt.parts as P
-
-    calls = []
-    real = P.sync_correspondence_pairs
-
-    def spy(rgb, flow, other, *a, **kw):
-        calls.append(float((flow - other).detach().abs().sum()))
-        return real(rgb, flow, other, *a, **kw)
-
-    P.sync_correspondence_pairs = spy
-    try:
-        final = train([cfg_for(i3d_root, "mmsada", tmp_path, corr_sync=True)], progress=False)[0]
-    finally:
-        P.sync_correspondence_pairs = real
-    assert len(calls) == 2 * FAST["steps"] and all(c > 0 for c in calls)  # both domains, other windows differ
-    assert 0 <= final["target_top1"] <= 100
-
-
 @pytest.mark.parametrize("method", ["mmsada", "cia"])
 def test_stacked_linear_weights_take_their_gradients_contiguous_without_a_copy(i3d_root, tmp_path, method):
     # under vmap each linear weight's gradient arrives laid out as the transpose of a contiguous (K, in, out)
@@ -275,7 +256,7 @@ def test_stacked_linear_weights_take_their_gradients_contiguous_without_a_copy(i
     from adapt.data import DomainPair
     from adapt.model import AdaptModel
     from adapt.objectives import compute_terms, initial_state
-    from adapt.train import _gradient_layout
+    from adapt.train import _gradient_layout, active_terms
 
     cfg = cfg_for(i3d_root, method, tmp_path)
     pair = DomainPair(cfg, torch.device("cpu"))
@@ -297,11 +278,11 @@ def test_stacked_linear_weights_take_their_gradients_contiguous_without_a_copy(i
     x = {m: torch.randn(2, 2 * B, pair.heads_units, *pair.feature_shapes[m]) for m in pair.modalities}
     y = torch.randint(0, pair.verb_classes, (2, B))
     idx = torch.arange(B).expand(2, B)
-    state = initial_state(cfg, pair.modalities, pair.source.n, pair.target.n, torch.device("cpu"))
+    state = initial_state(cfg, models[0].streams, pair.source.n, pair.target.n, cfg.embed_dim, torch.device("cpu"))
 
     def one(p, b, x, y, idx, key):
-        out = functional_call(template, (p, b), (x, key, 0.5, B))
-        terms, _ = compute_terms(out, cfg, B, y, y, y, idx, idx, state)
+        out = functional_call(template, (p, b), (x, key, torch.full((5,), 0.5), B))
+        terms, _ = compute_terms(out, cfg, B, {"y_s": y, "idx_s": idx, "idx_t": idx}, state, active_terms(cfg))
         return sum(terms.values())
 
     vmap(one, in_dims=(0, 0, 0, 0, 0, 0), randomness="error")(params(), buffers, x, y, idx, torch.tensor([3, 4])) \

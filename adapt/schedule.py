@@ -1,0 +1,71 @@
+"""A run's schedule, resolved from its configuration and the sizes of its stores: how many steps, the batch sizes,
+the learning rate and the gradient-reversal coefficients at each step, and the steps that are evaluated.
+
+* Epochs (TA3N, ``epochs`` set): an epoch is one pass of ``zip(source loader, target loader)``, so
+  ``min(ceil(n_s / B_s), ceil(n_t / B_t))`` steps (EPIC-100: 126 = ceil(16115 / 128); TA3N main.py:329).
+* Target batch (``batch_target`` none): ``floor(B_s * n_t / n_s)`` (TA3N script_test_ta3n.sh:80: 207).
+* Learning rate: ``lr`` in stage 1, ``lr_stage2`` (none = ``lr``) from ``stage1_steps`` on, multiplied by
+  ``lr_decay`` after each of ``lr_steps`` (steps) or at the start of each of ``lr_epochs`` (1-based epochs,
+  TA3N main.py:208-212).
+* Gradient reversal (Ganin et al. 2016 sec. 5.2.2): ``beta x (2 / (1 + exp(-gamma p)) - 1)`` per discriminator
+  level, ``p = grl_p0 + (step - start) / (steps - start)`` where ``start`` is ``stage1_steps`` when ``grl_restart``
+  (the MM-SADA code restarts its step counter for stage 2: utils.py:86-91, train.py:116-117) and 0 otherwise.
+  TA3N uses gamma 1 and p from 1/30 (main.py:332-333, 355-361).
+* Evaluations: every ``eval_every`` steps, and at the ``last_evals`` steps ``last_eval_every`` apart that end the run
+  (MM-SADA submit_test.sh:11: 5600..6000 every 50); the reported top-1 is their mean.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+LEVELS = ("adv", "video", "frame", "relation", "mcd")  # the GRL coefficient vector's order
+
+
+@dataclass
+class Schedule:
+    steps: int
+    epoch_steps: int
+    batch_source: int
+    batch_target: int
+    stage1_steps: int
+    lr_milestones: list
+    final_steps: list                # the evaluations whose mean is the reported top-1
+    eval_steps: list                 # every evaluated step, ascending (1-based: after that many steps)
+
+    @classmethod
+    def of(cls, cfg, n_source: int, n_target: int) -> "Schedule":
+        bs = cfg.batch_source
+        bt = cfg.batch_target if cfg.batch_target is not None else max(1, bs * n_target // n_source)
+        epoch_steps = max(1, min(math.ceil(n_source / bs), math.ceil(n_target / bt)))
+        steps = cfg.epochs * epoch_steps if cfg.epochs else cfg.steps
+        milestones = sorted([int(s) for s in cfg.lr_steps] + [int((e - 1) * epoch_steps) for e in cfg.lr_epochs])
+        final = sorted(s for s in {steps - j * cfg.last_eval_every for j in range(cfg.last_evals)} if s > 0)
+        every = set(range(cfg.eval_every, steps + 1, cfg.eval_every))
+        return cls(steps, epoch_steps, bs, bt, min(cfg.stage1_steps, steps), milestones, final,
+                   sorted(every | set(final) | {steps}))
+
+    def stage(self, step: int) -> int:
+        return 1 if step < self.stage1_steps else 2
+
+    def lr(self, cfg, step: int) -> float:
+        base = cfg.lr if step < self.stage1_steps or cfg.lr_stage2 is None else cfg.lr_stage2
+        return base * cfg.lr_decay ** sum(1 for m in self.lr_milestones if step >= m)
+
+    def grl_progress(self, cfg, step: int) -> float:
+        start = self.stage1_steps if cfg.grl_restart else 0
+        return max(0.0, cfg.grl_p0 + (step - start) / max(1, self.steps - start))
+
+    def grl(self, cfg, step: int) -> np.ndarray:
+        """The GRL coefficient of each discriminator level (:data:`LEVELS`) at ``step``."""
+        p = self.grl_progress(cfg, step)
+        warm = 2.0 / (1.0 + math.exp(-cfg.grl_gamma * p)) - 1.0
+        return np.array([getattr(cfg, f"beta_{lvl}") * warm for lvl in LEVELS], dtype=np.float32)
+
+    def to_dict(self) -> dict:
+        return {"steps": self.steps, "epoch_steps": self.epoch_steps, "batch_source": self.batch_source,
+                "batch_target": self.batch_target, "stage1_steps": self.stage1_steps,
+                "lr_milestones": self.lr_milestones, "final_steps": self.final_steps}
