@@ -75,7 +75,9 @@ def register(command, console):
         table = Table(title=f"{method}: {source} -> {target} (seed {seed})")
         table.add_column("metric")
         table.add_column("value", justify="right")
-        table.add_row("target top-1 (mean of last 9 evals)", f"{final['target_top1']:.2f}")
+        at = final["final_steps"]
+        table.add_row(f"target top-1 (mean at steps {at[0]}..{at[-1]})" if len(at) > 1 else
+                      f"target top-1 (step {at[0]})", f"{final['target_top1']:.2f}")
         table.add_row("final evaluation top-1", f"{final['final_top1']:.2f}")
         for m, v in final["per_modality"].items():
             table.add_row(f"  {m} stream top-1", f"{v:.2f}")
