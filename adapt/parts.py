@@ -38,7 +38,6 @@ from . import rng
 __all__ = [
     "GradReverse",
     "grad_reverse",
-    "grl_coefficient",
     "Embedding",
     "DomainDiscriminator",
     "CorrespondenceHead",
@@ -95,7 +94,7 @@ def grad_reverse(x: torch.Tensor, coeff: Union[float, torch.Tensor] = 1.0) -> to
     """Gradient reversal layer R (Ganin et al. 2016; MM-SADA sec. 3.3).
 
     Forward ``R(x) = x``; backward ``dR/dx = -coeff * I``.  ``coeff`` may be a Python float
-    or a tensor (e.g. a per-run scalar batched under vmap, from :func:`grl_coefficient`);
+    or a tensor (e.g. a per-run scalar batched under vmap; the schedule is :mod:`adapt.schedule`);
     it receives no gradient.
 
     Shapes: x (...), coeff () -> (...).
@@ -120,21 +119,6 @@ class GradReverse(nn.Module):
 
     def forward(self, x: torch.Tensor, coeff: Union[None, float, torch.Tensor] = None) -> torch.Tensor:
         return grad_reverse(x, self.coeff if coeff is None else coeff)
-
-
-def grl_coefficient(step, total_steps, lam: float = 1.0, gamma: float = 10.0):
-    """GRL schedule of DANN (Ganin et al. 2016, sec. 5.2.2) used by MM-SADA.
-
-    ``coeff = (2 / (1 + exp(-gamma * p)) - 1) * lam``, ``p = clamp(step / total_steps, 0, 1)``,
-    ``gamma = 10``.  Values: p=0 -> 0, p=0.5 -> 0.98661 lam, p=1 -> 0.99991 lam.
-    Accepts Python numbers (returns float) or tensors (returns a tensor, usable under vmap).
-    """
-    if isinstance(step, torch.Tensor) or isinstance(total_steps, torch.Tensor) or isinstance(lam, torch.Tensor):
-        step = torch.as_tensor(step, dtype=torch.float32)
-        p = torch.clamp(step / total_steps, 0.0, 1.0)
-        return (2.0 / (1.0 + torch.exp(-gamma * p)) - 1.0) * lam
-    p = min(max(float(step) / float(total_steps), 0.0), 1.0)
-    return (2.0 / (1.0 + math.exp(-gamma * p)) - 1.0) * lam
 
 
 # --------------------------------------------------------------------------------------
