@@ -132,6 +132,22 @@ def inspect_cmd(
         console.print(f"  failed {clip}: {reason}")
 
 
+@command("convert-store")
+def convert_store_cmd(
+    store: Path = typer.Argument(..., help="A feature store (.zarr folder) of an earlier schema version."),
+    out: Optional[Path] = typer.Option(None, help="Write the converted store here (default: convert in place)."),
+):
+    """Rewrite a store in the current layout (schema version 2: one-unit inner chunks in shards, checksummed);
+    resumable: run it again after an interruption."""
+    from rich.progress import Progress
+
+    from extract.store import convert_store
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task(f"converting {store}", total=None)
+        path = convert_store(store, out, progress=lambda d, t: bar.update(task, completed=d, total=t))
+    console.print(f"{path}: schema version 2")
+
+
 # ------------------------------------------------------------------------------------------------------------
 # the stages' own commands live beside their code and register themselves here
 

@@ -52,6 +52,10 @@ def register(command, console):
         features_root: str = typer.Option("features", help="Root of the feature stores."),
         out: str = typer.Option("runs", help="Folder of the run folders."),
         device: str = typer.Option("auto", help="auto, cpu or cuda."),
+        memory_budget: Optional[str] = typer.Option(
+            None, "--memory-budget", help="Memory the features may take, e.g. 24G; stores that do not fit are "
+                                          "streamed from disk (default: 90% of the GPU's free memory, or 80% of "
+                                          "the host's available memory)."),
         modalities: Optional[str] = typer.Option(None, help="Comma-separated subset, e.g. rgb,flow."),
         challenge: Optional[str] = typer.Option(None, help="EPIC-100: store to predict for the challenge test.json."),
         set_: List[str] = typer.Option([], "--set", help="Change any setting: --set w_adv=0 --set sc=false."),
@@ -64,7 +68,7 @@ def register(command, console):
         from adapt.train import train
         _, dataset = store_path(source, "train", backbone, features_root)
         given = dict(backbone=backbone, seed=seed, steps=steps, features_root=features_root, out=out, device=device,
-                     eval=eval, challenge=challenge,
+                     eval=eval, challenge=challenge, memory_budget=memory_budget,
                      modalities=[m for m in (modalities or "").split(",") if m] or None)
         cfg = C.resolve(method, dataset, C.parse_sets(set_), source=source, target=target, **given)
         if settings:

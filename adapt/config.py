@@ -39,6 +39,7 @@ class TrainConfig:
     tag: str = ""                    # distinguishes runs of one method and pair (set by sweeps)
     challenge: str = ""              # EPIC-100: a store to predict for the challenge's test.json
     device: str = "auto"
+    memory_budget: typing.Optional[str] = None  # "24G": stores that do not fit are streamed; none = what is free
     form: str = "code"               # "code" | "paper": where a paper and its released code differ (adapt/methods)
     # schedule (MM-SADA code: stage 1 = 3K steps, stage 2 = 6K steps restored from it; batch 64 + 64)
     steps: int = 9000
@@ -141,7 +142,7 @@ class TrainConfig:
     def architecture_key(self) -> str:
         """Everything except the seed and the loss weights: runs with equal keys can be trained stacked."""
         d = self.to_dict()
-        for k in ("seed", "out", "tag", *self.WEIGHTS):
+        for k in ("seed", "out", "tag", "memory_budget", *self.WEIGHTS):
             d.pop(k)
         d["active_terms"] = [w for w in self.WEIGHTS if getattr(self, w)]  # a zero weight removes its head
         return json.dumps(d, sort_keys=True)

@@ -64,7 +64,8 @@ def _dataset_of_store(path: Path, registry: dict) -> str:
 
 @dataclass
 class Domain:
-    """One store in memory: ``feats[m]`` (N, U, C[, H, W]) float16 on the device, labels, ids."""
+    """One store: ``feats[m]`` is (N, U, C[, H, W]) float16 on the device (in memory) or a :class:`StreamSource`
+    read per batch (streamed); labels and ids in memory either way."""
 
     name: str
     path: Path
@@ -73,28 +74,82 @@ class Domain:
     noun: torch.Tensor
     ids: np.ndarray
     units: int
+    streamed: bool = False
 
     @property
     def n(self) -> int:
         return len(self.ids)
 
 
-def load_domain(path: Path, name: str, modalities: list[str], device: torch.device, spatial: bool,
-                labels: bool = True) -> Domain:
-    """Read a complete store into memory (failed clips are left out; the store must be otherwise complete)."""
-    store = FeatureStore.open(path, require_complete=True)
+class StreamSource:
+    """A modality of a streamed store: ``read(clips, units)`` reads those (clip, unit) features from the store
+    (tensorstore: only their inner chunks in a version-2 store), pooled over space like ``load_domain`` pools when
+    the run uses pooled features.  ``shape`` is the in-memory tensor's shape it stands for."""
+
+    def __init__(self, store: FeatureStore, modality: str, rows: np.ndarray, pool: bool):
+        self.store, self.modality, self.rows, self.pool = store, modality, rows, pool
+        self.reader = store.reader(modality)
+        full = self.reader.shape
+        self.shape = (len(rows), full[1], *(full[2:3] if pool else full[2:]))
+        self.dtype = torch.float16
+        self.ids = store.meta("id")
+
+    def read(self, clips: np.ndarray, units: np.ndarray) -> torch.Tensor:
+        """clips (N,) domain rows, units (N, T) -> (N, T, ...) float16 (CPU)."""
+        block = self.reader.units(self.rows[clips], units)
+        finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
+        if not finite.all():
+            bad = self.ids[self.rows[clips][int(np.flatnonzero(~finite)[0])]]
+            raise UserError(f"{self.store.path}: non-finite {self.modality} features in clip {bad}")
+        x = torch.from_numpy(block)
+        return x.float().mean(dim=(-2, -1)).half() if self.pool else x
+
+    def rows_block(self, lo: int, hi: int) -> torch.Tensor:
+        """Domain rows lo..hi-1 with all their units (for statistics), float16 (CPU)."""
+        units = np.broadcast_to(np.arange(self.shape[1]), (hi - lo, self.shape[1]))
+        return self.read(np.arange(lo, hi), units)
+
+
+def _kept_rows(store: FeatureStore, path: Path) -> np.ndarray:
     keep = np.flatnonzero(store.done_mask())
     if len(keep) == 0:
         raise UserError(f"{path}: no extracted clips")
+    return keep
+
+
+def memory_bytes(store: FeatureStore, modalities: list[str], spatial: bool) -> int:
+    """The bytes a store takes in memory (float16; pooled over space unless the run keeps the maps)."""
+    n = int(store.attrs.get("num_done") or store.done_mask().sum())
+    total = 0
+    for m in modalities:
+        shape = store.attrs["window_shapes"][m]
+        per_unit = shape[1] if (not spatial and len(shape) == 4) else int(np.prod(shape[1:]))
+        total += n * shape[0] * per_unit * 2
+    return total
+
+
+def load_domain(path: Path, name: str, modalities: list[str], device: torch.device, spatial: bool,
+                labels: bool = True, streamed: bool = False) -> Domain:
+    """A complete store (failed clips left out; otherwise every clip must be done), read into memory chunk by chunk
+    (the peak is the result plus one chunk), or opened for streaming (``streamed``: read per batch)."""
+    store = FeatureStore.open(path, require_complete=True)
+    keep = _kept_rows(store, path)
     feats = {}
     ids = store.meta("id")
     keep_mask = np.zeros(store.num_clips, dtype=bool)
     keep_mask[keep] = True
+    redo = "re-run `adapt extract` with this store as --out to redo it"
     for m in modalities:
-        # chunk by chunk into one preallocated tensor: the peak is the result plus one chunk
-        arr = store.array(m)
-        pool = not spatial and arr.ndim == 5
-        shape = arr.shape[1:3] if pool else arr.shape[1:]
+        pool = not spatial and len(store.attrs["window_shapes"][m]) == 4
+        for chunk in np.unique(keep // store.chunk_clips):
+            # a chunk file that is gone would read as zeros: refused (one that was cut fails to decode)
+            if not store.chunk_file(m, int(chunk)).is_file():
+                raise UserError(f"{path}: {m} chunk {chunk} missing, but clips in it are marked done; {redo}")
+        if streamed:
+            feats[m] = StreamSource(store, m, keep, pool)
+            continue
+        reader = store.reader(m)
+        shape = reader.shape[1:3] if pool else reader.shape[1:]
         t = torch.empty((len(keep), *shape), dtype=torch.float16, device=device)
         at = 0
         for lo in range(0, store.num_clips, store.chunk_clips):
@@ -102,15 +157,7 @@ def load_domain(path: Path, name: str, modalities: list[str], device: torch.devi
             sel = keep_mask[lo:hi]
             if not sel.any():
                 continue
-            # a chunk file that is gone would read as zeros, one that was cut fails to decode: both are refused
-            chunk = lo // store.chunk_clips
-            redo = "re-run `adapt extract` with this store as --out to redo it"
-            if not store.chunk_file(m, chunk).is_file():
-                raise UserError(f"{path}: {m} chunk {chunk} missing, but clips in it are marked done; {redo}")
-            try:
-                block = arr[lo:hi]
-            except Exception as e:  # noqa: BLE001
-                raise UserError(f"{path}: {m} chunk {chunk} does not decode ({type(e).__name__}); {redo}") from None
+            block = reader.rows(lo, hi)
             block = block if sel.all() else block[sel]
             finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
             if not finite.all():
@@ -125,12 +172,84 @@ def load_domain(path: Path, name: str, modalities: list[str], device: torch.devi
     n = len(keep)
     verb = torch.from_numpy(store.meta("verb_class")[keep].astype(np.int64)) if labels else torch.full((n,), -1)
     noun = torch.from_numpy(store.meta("noun_class")[keep].astype(np.int64)) if labels else torch.full((n,), -1)
-    units = feats[modalities[0]].shape[1]
-    return Domain(name, Path(path), feats, verb.to(device), noun.to(device), ids[keep], units)
+    units = int(store.attrs["window_shapes"][modalities[0]][0])
+    return Domain(name, Path(path), feats, verb.to(device), noun.to(device), ids[keep], units, streamed)
+
+
+PREFETCH = 4  # batches read ahead of the step by the streaming path
+
+
+def parse_bytes(text: str) -> int:
+    """'24G', '512M', '1.5GB', '2e9' -> bytes (powers of 1024 for K/M/G/T)."""
+    t = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    try:
+        if t and t[-1] in scale:
+            return int(float(t[:-1]) * scale[t[-1]])
+        return int(float(t))
+    except ValueError:
+        raise UserError(f"--memory-budget {text!r}: expected a size such as 24G, 512M or a number of bytes") from None
+
+
+def default_budget(device: torch.device) -> tuple[int, str]:
+    """What the features may take: 90% of the GPU's free memory, or 80% of the host's available memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.9), "90% of the GPU's free memory"
+    avail = None
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if avail is None:
+        import os
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    return int(avail * 0.8), "80% of the host's available memory"
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def plan_memory(sizes: dict, stream_need: dict, budget: int, why: str) -> tuple[set, str]:
+    """Which stores are streamed: stores go into memory smallest first while they and the streaming buffers of
+    the rest fit the budget (a store smaller than its buffers always).  Returns (streamed roles, the one line that says so); refuses in one line when even
+    streaming every store cannot fit."""
+    streamed, total = set(sizes), sum(stream_need.values())
+    for role in sorted(sizes, key=sizes.get):
+        change = sizes[role] - stream_need[role]
+        if total + change <= budget or change <= 0:
+            streamed.discard(role)
+            total += change
+    if total > budget:
+        raise UserError(f"memory budget {_gb(budget)} ({why}) cannot hold even the streaming buffers "
+                        f"({_gb(total)}: {PREFETCH} batches read ahead per store; the stores take "
+                        f"{', '.join(f'{r} {_gb(b)}' for r, b in sizes.items())}): raise --memory-budget or lower "
+                        f"the batch sizes")
+    line = (f"memory budget {_gb(budget)} ({why}): " +
+            ", ".join(f"{r} {'streamed' if r in streamed else 'in memory'} ({_gb(sizes[r])})" for r in sizes))
+    return streamed, line
+
+
+def memory_needs(cfg, stores: dict, modalities: list[str]) -> tuple[dict, dict]:
+    """(bytes each store takes in memory, bytes its streaming buffers take): ``PREFETCH`` batches read ahead
+    plus the one in use, of the units the heads see (``eval_batch`` clips for the evaluation store)."""
+    sizes = {r: memory_bytes(st, modalities, cfg.spatial) for r, st in stores.items()}
+    n = {r: int(st.attrs.get("num_done") or st.num_clips) for r, st in stores.items()}
+    bt = cfg.batch_target or max(1, cfg.batch_source * n["target"] // max(1, n["source"]))
+    batch = {"source": cfg.batch_source, "target": bt, "eval": cfg.eval_batch}
+    batch = {r: min(b, max(1, n[r])) for r, b in batch.items()}
+    units = 1 if cfg.backbone == "i3d" else cfg.segments
+    per_clip = {r: sizes[r] / max(1, n[r]) / stores[r].attrs["window_shapes"][modalities[0]][0] * units
+                for r in stores}
+    return sizes, {r: int((PREFETCH + 1) * batch[r] * per_clip[r]) for r in stores}
 
 
 class DomainPair:
-    """Source (labelled), target (unlabelled) and evaluation stores, checked to fit together."""
+    """Source (labelled), target (unlabelled) and evaluation stores, checked to fit together; each read into
+    memory, or streamed when the stores do not fit the memory budget (``memory_budget``, :func:`plan_memory`)."""
 
     def __init__(self, cfg, device: torch.device):
         src, ds = store_path(cfg.source, "train", cfg.backbone, cfg.features_root)
@@ -146,10 +265,15 @@ class DomainPair:
                             f"not {cfg.backbone!r} (--backbone)")
         self.modalities = modalities
         self.backbone = cfg.backbone
-        self.source = load_domain(src, cfg.source, modalities, device, cfg.spatial, labels=True)
+        self._segments(cfg, stores["source"])
+        streamed, self.memory_line = self._memory_plan(cfg, device, stores)
+        self.source = load_domain(src, cfg.source, modalities, device, cfg.spatial, labels=True,
+                                  streamed="source" in streamed)
         self.target = load_domain(tgt, cfg.target, modalities, device, cfg.spatial,
-                                  labels=cfg.w_target_cls > 0)  # the target's labels are not read otherwise
-        self.eval = load_domain(ev, cfg.eval or cfg.target, modalities, device, cfg.spatial, labels=True)
+                                  labels=cfg.w_target_cls > 0,  # the target's labels are not read otherwise
+                                  streamed="target" in streamed)
+        self.eval = load_domain(ev, cfg.eval or cfg.target, modalities, device, cfg.spatial, labels=True,
+                                streamed="eval" in streamed)
         if (self.source.verb < 0).any():
             raise UserError(f"{src}: the source store has unlabelled clips; the source must be labelled")
         if cfg.w_target_cls > 0 and (self.target.verb < 0).any():
@@ -163,26 +287,53 @@ class DomainPair:
                                 f"classes of the source store")
         self.feature_shapes = {m: tuple(self.source.feats[m].shape[2:]) for m in modalities}
         self.units_per_clip = self.source.units
-        self.heads_units = 1 if cfg.backbone == "i3d" else min(cfg.segments, self.source.units)
         self.feature_bytes = sum(t.numel() * t.element_size() for d in (self.source, self.target, self.eval)
-                                 for t in d.feats.values())
+                                 if not d.streamed for t in d.feats.values())
+
+    def _segments(self, cfg, store: FeatureStore) -> None:
+        """The units the heads see (``heads_units``) and, for a TBN store that keeps some of its segments
+        (``stored_segments`` at extraction), which of the original segments each stored unit is."""
+        sampling = store.attrs.get("sampling") or {}
+        units = int(store.attrs["window_shapes"][self.modalities[0]][0])
+        self.stored = list(sampling.get("stored_segments") or range(units))
+        self.original_units = int(sampling.get("segments") or units) if sampling.get("stored_segments") else units
+        self.heads_units = 1 if cfg.backbone == "i3d" else min(cfg.segments, self.original_units)
+        if self.heads_units > 1:
+            bounds = np.linspace(0, self.original_units, self.heads_units + 1).astype(int)
+            pos = np.asarray(self.stored)
+            self.groups = [np.flatnonzero((pos >= bounds[i]) & (pos < bounds[i + 1])) for i in range(self.heads_units)]
+            empty = [i for i, g in enumerate(self.groups) if len(g) == 0]
+            if empty:
+                raise UserError(f"{store.path}: keeps segments {self.stored} of {self.original_units}, none in "
+                                f"group {empty[0] + 1} of the {self.heads_units} the heads see: set segments="
+                                f"{len(self.stored)} or extract more segments")
+
+    def _memory_plan(self, cfg, device, stores: dict) -> tuple[set, str]:
+        budget, why = ((parse_bytes(cfg.memory_budget), "--memory-budget") if cfg.memory_budget
+                       else default_budget(device))
+        return plan_memory(*memory_needs(cfg, stores, self.modalities), budget, why)
 
     # ------------------------------------------------------------------------------------------------------
     # the units a clip's heads see
 
     def sample_units(self, rng: np.random.Generator, batch: int) -> np.ndarray:
-        """(batch, T) stored-unit indices: one random window (I3D), or one random segment per group (TBN)."""
+        """(batch, T) stored-unit indices: one random window (I3D), or one random segment from each of T equal
+        groups of the original segments (TBN; a store that keeps some segments offers the kept ones)."""
         U, T = self.units_per_clip, self.heads_units
         if T == 1:
             return rng.integers(0, U, size=(batch, 1))
-        bounds = np.linspace(0, U, T + 1).astype(int)
-        return np.stack([rng.integers(bounds[i], bounds[i + 1], size=batch) for i in range(T)], axis=1)
+        return np.stack([g[0] + rng.integers(0, len(g), size=batch) for g in self.groups], axis=1)
 
     def fixed_units(self) -> np.ndarray:
-        """(T,) the group centres: TBN's 2, 7, 12, 17, 22 of 25 (TA3N dataset.py:147-160); I3D's middle window."""
+        """(T,) the group centres: TBN's 2, 7, 12, 17, 22 of 25 (TA3N dataset.py:147-160), or the kept segment
+        nearest each; I3D's middle window."""
         U, T = self.units_per_clip, self.heads_units
-        bounds = np.linspace(0, U, T + 1)
-        return ((bounds[:-1] + bounds[1:]) / 2).astype(int)
+        if T == 1:
+            return np.array([U // 2])
+        bounds = np.linspace(0, self.original_units, T + 1)
+        centres = ((bounds[:-1] + bounds[1:]) / 2).astype(int)
+        pos = np.asarray(self.stored)
+        return np.array([int(np.argmin(np.abs(pos - c))) for c in centres])
 
     def eval_views(self) -> list[np.ndarray]:
         """The unit sets that evaluation averages over: each window (I3D) or the group centres (TBN)."""
@@ -262,9 +413,10 @@ class Gatherer:
             b = self._buffers[name] = torch.empty(shape, dtype=dtype, device=self.device)
         return b[:shape[0]]
 
-    def __call__(self, parts: list, modalities, key: str = "train") -> dict:
+    def __call__(self, parts: list, modalities, key: str = "train", reads: dict | None = None) -> dict:
         """{m: (K, sum of B, T, ...) float32} for the modalities given; a part is ``(domain, sel, statistics)``
-        with ``sel[m] = (clip index (K, B), units (K, B, T))`` per modality, or one such pair for all."""
+        with ``sel[m] = (clip index (K, B), units (K, B, T))`` per modality, or one such pair for all.  A streamed
+        domain's rows come from ``reads[(part index, m)]`` (read ahead by :class:`Prefetcher`) or are read now."""
         out = {}
         for m in modalities:
             sels = [sel[m] if isinstance(sel, dict) else sel for _, sel, _ in parts]
@@ -273,20 +425,79 @@ class Gatherer:
             feat = tuple(parts[0][0].feats[m].shape[2:])
             x = self._buffer((key, m), (K * total * T, *feat), torch.float32).view(K, total, T, *feat)
             at = 0
-            for (dom, _, stats), (idx, units) in zip(parts, sels):
+            for i, ((dom, _, stats), (idx, units)) in enumerate(zip(parts, sels)):
                 f = dom.feats[m]
                 B = idx.shape[1]
-                rows = (idx.unsqueeze(-1) * f.shape[1] + units).reshape(-1).to(f.device)
-                scratch = self._buffer(("half", m), (len(rows), *feat), f.dtype)
-                torch.index_select(f.view(-1, *feat), 0, rows, out=scratch)
                 part = x[:, at:at + B]
-                part.copy_(scratch.view(K, B, T, *feat))
+                if dom.streamed:
+                    host = (reads or {}).get((i, m))
+                    if host is None:
+                        host = read_part(f, idx, units)
+                    part.copy_(host.view(K, B, T, *feat), non_blocking=True)
+                else:
+                    rows = (idx.unsqueeze(-1) * f.shape[1] + units).reshape(-1).to(f.device)
+                    scratch = self._buffer(("half", m), (len(rows), *feat), f.dtype)
+                    torch.index_select(f.view(-1, *feat), 0, rows, out=scratch)
+                    part.copy_(scratch.view(K, B, T, *feat))
                 if stats:
                     mean, std = stats[m]
                     part.sub_(mean).mul_(std.reciprocal())
                 at += B
             out[m] = x
         return out
+
+
+def read_part(source: StreamSource, idx, units, pin: bool = False) -> torch.Tensor:
+    """A streamed part's rows: idx (K, B), units (K, B, T) (numpy or tensors) -> (K * B * T, ...) float16 on
+    the host (pinned when ``pin``, for an asynchronous copy to the GPU)."""
+    idx = idx.cpu().numpy() if torch.is_tensor(idx) else np.asarray(idx)
+    units = units.cpu().numpy() if torch.is_tensor(units) else np.asarray(units)
+    K, B, T = units.shape
+    x = source.read(idx.reshape(-1), units.reshape(K * B, T)).reshape(K * B * T, *source.shape[2:])
+    return x.pin_memory() if pin else x
+
+
+class Prefetcher:
+    """Runs ``produce(step)`` in a background thread ``depth`` steps ahead of ``get(step)``, in step order: the
+    next batches' plans are drawn and their streamed features read while the model trains on this one.  Plans are
+    drawn by ``produce`` alone and in order, so a streamed run draws exactly what an in-memory run draws.  An
+    exception in the thread is raised by the ``get`` of its step."""
+
+    def __init__(self, produce, steps: int, depth: int = PREFETCH):
+        import queue
+        import threading
+        self.queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+
+        def work():
+            for step in range(steps):
+                if self.stop.is_set():
+                    return
+                try:
+                    item = (step, produce(step), None)
+                except BaseException as e:  # noqa: BLE001 - handed to the consumer
+                    item = (step, None, e)
+                while not self.stop.is_set():
+                    try:
+                        self.queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if item[2] is not None:
+                    return
+        self.thread = threading.Thread(target=work, daemon=True, name="prefetch")
+        self.thread.start()
+
+    def get(self, step: int):
+        got, value, error = self.queue.get()
+        if error is not None:
+            raise error
+        assert got == step, (got, step)
+        return value
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
 
 
 def standardisation(dom: Domain, chunk_bytes: int = 64 << 20) -> dict:
@@ -296,19 +507,22 @@ def standardisation(dom: Domain, chunk_bytes: int = 64 << 20) -> dict:
     block rather than the whole store."""
     out = {}
     for m, f in dom.feats.items():
-        dims = [0, 1] + list(range(3, f.dim()))
-        per_clip = max(1, f[0].numel() * 8)
+        ndim = len(f.shape)
+        dims = [0, 1] + list(range(3, ndim))
+        per_clip = max(1, int(np.prod(f.shape[1:])) * 8)
         step = max(1, chunk_bytes // per_clip)
-        total = torch.zeros(f.shape[2], dtype=torch.float64, device=f.device)
+        device = dom.verb.device
+        total = torch.zeros(f.shape[2], dtype=torch.float64, device=device)
         squares = torch.zeros_like(total)
         for lo in range(0, f.shape[0], step):
-            x = f[lo:lo + step].double()
+            block = f.rows_block(lo, min(lo + step, f.shape[0])) if dom.streamed else f[lo:lo + step]
+            x = block.to(device).double()
             total += x.sum(dim=dims)
             squares += x.square().sum(dim=dims)
-        count = f.numel() // f.shape[2]
+        count = int(np.prod(f.shape)) // f.shape[2]
         mean = total / count
         var = (squares / count - mean.square()).clamp_min(0)
         std = var.add(1e-5).sqrt()
-        shape = (-1,) + (1,) * (f.dim() - 3)
+        shape = (-1,) + (1,) * (ndim - 3)
         out[m] = (mean.float().reshape(shape), std.float().reshape(shape))
     return out

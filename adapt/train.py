@@ -22,7 +22,8 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from adapt import config as C
 from adapt import metrics, rng
-from adapt.data import DomainPair, EpochSampler, Gatherer, draw_batch, resolve_device, standardisation
+from adapt.data import (DomainPair, EpochSampler, Gatherer, Prefetcher, draw_batch, read_part, resolve_device,
+                        standardisation)
 from adapt.model import AdaptModel
 from adapt.objectives import STAGE1, TERMS, apply_writes, bank_inputs, compute_terms, initial_state
 from adapt.schedule import LEVELS, Schedule
@@ -73,6 +74,8 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
 
     # ---- data and schedule ------------------------------------------------------------------------------------
     pair = pair or DomainPair(cfg, device)
+    if console is not None:
+        console.print(pair.memory_line, highlight=False)
     sched = Schedule.of(cfg, pair.source.n, pair.target.n)
     K, Bs, Bt = len(cfgs), sched.batch_source, sched.batch_target
     mods, nouns = pair.modalities, pair.noun_classes
@@ -138,12 +141,25 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
                 fn, in_dims=(0, 0, 0, 0, 0, None, 0, 0), randomness="error")
         return step_fns[phase, stage]
 
-    def make_batch():
+    pin = device.type == "cuda"
+    streamed = [i for i, dom in enumerate((pair.source, pair.target)) if dom.streamed]
+
+    def draw_step(step):
+        """The step's clips and units (numpy, drawn in step order) and the streamed domains' features read."""
         per_run = [draw_batch(pair, cfg, r, smp, (Bs, Bt), "corr" in active) for r, smp in zip(rngs, samplers)]
-        t = lambda a: torch.from_numpy(np.ascontiguousarray(np.stack(a))).to(device)  # noqa: E731
-        sel = [{m: (t([run[d][m][0] for run in per_run]), t([run[d][m][1] for run in per_run])) for m in mods}
-               for d in (0, 1)]
-        x = gatherer([(pair.source, sel[0], norm_s), (pair.target, sel[1], norm_t)], mods)
+        sel = [{m: (np.stack([run[d][m][0] for run in per_run]), np.stack([run[d][m][1] for run in per_run]))
+                for m in mods} for d in (0, 1)]
+        reads = {(d, m): read_part((pair.source, pair.target)[d].feats[m], *sel[d][m], pin=pin)
+                 for d in streamed for m in mods}
+        return sel, reads
+
+    prefetch = Prefetcher(draw_step, sched.steps) if streamed else None
+
+    def make_batch(step):
+        sel_np, reads = prefetch.get(step) if prefetch else draw_step(step)
+        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+        sel = [{m: (t(i), t(u)) for m, (i, u) in part.items()} for part in sel_np]
+        x = gatherer([(pair.source, sel[0], norm_s), (pair.target, sel[1], norm_t)], mods, reads=reads)
         idx_s, idx_t = sel[0][mods[0]][0], sel[1][mods[0]][0]
         batch = {"y_s": pair.source.verb[idx_s], "idx_s": idx_s, "idx_t": idx_t}
         if nouns:
@@ -160,7 +176,8 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
         if d.exists():
             shutil.rmtree(d)
         d.mkdir(parents=True)
-        resolved = {**c.to_dict(), "modalities": mods, "streams": streams, "schedule": sched.to_dict(), "stores": {
+        resolved = {**c.to_dict(), "modalities": mods, "streams": streams, "schedule": sched.to_dict(),
+                    "memory": pair.memory_line, "stores": {
             "source": str(pair.source.path), "target": str(pair.target.path), "eval": str(pair.eval.path)},
             "verb_classes": pair.verb_classes, "noun_classes": nouns, "trainable_parameters": n_params}
         _write(d / "config.json", json.dumps(resolved, indent=1))
@@ -224,7 +241,7 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
                     g["lr"] = sched.lr(cfg, step)
             coeff = torch.from_numpy(sched.grl(cfg, step)).to(device)
             clock.start()
-            x, batch = make_batch()
+            x, batch = make_batch(step)
             clock.lap("data")
             keys = torch.tensor([rng.fold_int(c.seed, step) for c in cfgs], dtype=torch.int64, device=device)
             if three_step and stage == 2:  # Saito et al.: A) all on source, B) classifiers, C) generator x n
@@ -258,6 +275,8 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
     finally:
         if bar:
             bar.stop()
+        if prefetch:
+            prefetch.close()
 
     # ---- results ----------------------------------------------------------------------------------------------
     seconds = time.time() - started

@@ -39,6 +39,7 @@ class ExtractConfig:
     window_centres: str = "linspace"
     # TBN: TSN segments per clip, flow stack length
     segments: int = 25
+    stored_segments: int = 0                   # keep N of the segments (their groups' centres; 0 = all)
     flow_stack: int = 5
     audio_map: str = "pooled"                  # "pooled" (1024) | "spatial" (1024x8x8)
     # flow frames: EPIC-55 stride 2 bound 25; EPIC-100 extension videos stride 1 bound 8 ("auto" picks per video)
@@ -61,9 +62,14 @@ class ExtractConfig:
 
     def sampling(self) -> dict:
         keys = ("backbone", "split_kind", "frames_per_window", "frame_stride", "segments", "flow_stack",
+                "stored_segments",
                 "flow_index_rule", "flow_stride", "seed", "window_centres")
         s = {k: v for k, v in self.settings().items() if k in keys}
         s["windows"] = self.num_windows()
+        if self.backbone == "tbn" and self.stored_segments and self.stored_segments < self.segments:
+            s["stored_segments"] = self.stored_segment_indices()
+        else:
+            s.pop("stored_segments", None)
         return s
 
     def preprocessing(self) -> dict:
@@ -71,9 +77,18 @@ class ExtractConfig:
                 "crop", "audio_rate")
         return {k: v for k, v in self.settings().items() if k in keys}
 
+    def stored_segment_indices(self) -> list[int]:
+        """The TSN segments a store keeps: all, or with ``stored_segments = N`` the centres of N equal groups
+        (N = 5 of 25: 2, 7, 12, 17, 22, the segments TA3N trains and tests on)."""
+        s, n = int(self.segments), int(self.stored_segments or self.segments)
+        if n >= s:
+            return list(range(s))
+        b = [s * i / n for i in range(n + 1)]
+        return [int((b[i] + b[i + 1]) / 2) for i in range(n)]
+
     def num_windows(self) -> int:
         if self.backbone == "tbn":
-            return self.segments
+            return len(self.stored_segment_indices())
         return self.train_windows if self.split_kind == "train" else self.test_windows
 
 

@@ -91,6 +91,8 @@ def check_config(cfg) -> None:
         raise UserError(f"need 1 <= crop <= resize, got crop {cfg.crop} and resize {cfg.resize}")
     if cfg.frames_per_window < 1 or cfg.frame_stride < 1 or cfg.segments < 1 or cfg.flow_stack < 1:
         raise UserError("frames_per_window, frame_stride, segments and flow_stack must be >= 1")
+    if not 0 <= int(cfg.stored_segments) <= int(cfg.segments):
+        raise UserError(f"stored_segments={cfg.stored_segments}: between 1 and segments={cfg.segments} (0 = all)")
     if "audio" in cfg.modalities and int(cfg.audio_rate) != 24000:
         raise UserError(f"audio_rate {cfg.audio_rate}: TBN's spectrogram is defined at 24000 Hz")
     sampling.flow_params("P01_01", cfg)  # validates flow_stride / flow_bound
@@ -103,7 +105,7 @@ def input_shape(cfg, modality: str) -> tuple[int, ...]:
     if cfg.backbone == "i3d":
         w, t = cfg.num_windows(), int(cfg.frames_per_window)
         return (w, 3 if modality == "rgb" else 2, t, c, c)
-    s = int(cfg.segments)
+    s = cfg.num_windows()
     if modality == "rgb":
         return (s, 3, c, c)
     if modality == "flow":
@@ -144,6 +146,9 @@ def clip_frames(row: dict, cfg) -> dict[str, np.ndarray]:
         first = sampling.tsn_segment_frames(f0, f1, int(cfg.segments), int(cfg.flow_stack))
         stacks = first[:, None] + np.arange(int(cfg.flow_stack), dtype=np.int64)[None, :]
         out["flow"] = np.minimum(stacks, max(f1, f0))
+        keep = cfg.stored_segment_indices()
+        if len(keep) < int(cfg.segments):  # stored_segments: only these segments are decoded and extracted
+            out = {m: a[keep] for m, a in out.items()}
     return out
 
 

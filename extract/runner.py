@@ -32,8 +32,8 @@ Guarantees:
   :mod:`extract.store`), so a process killed at any moment loses at most its unflushed buffer (an interrupted
   run -- Ctrl-C, an error -- writes what it finished before stopping).
 * **Damage repair.**  On resume the chunk files are checked (:func:`check_store`: a feature chunk missing although
-  clips in it are marked done, a truncated chunk found from its Blosc header or Zstandard frame without
-  decompressing, a per-clip chunk that does not decode or does not match the manifest) and repaired so that the
+  clips in it are marked done, a chunk that does not decode (cut, or with a bad checksum), a per-clip chunk that
+  does not decode or does not match the manifest) and repaired so that the
   affected clips are extracted again (:func:`check_and_repair`).
 * **Bit-for-bit repeatable.**  Every backbone call has the same batch shape (the last batch is padded with
   zeros, which are dropped): on the CPU a convolution's result for one sample depends on the batch size (oneDNN
@@ -632,85 +632,14 @@ def _reset_failed(store: FeatureStore, chunks: np.ndarray) -> int:
 # checking a store's chunk files (a write cut short, a deleted or truncated chunk)
 
 
-def _blosc_problem(path: Path, expected_nbytes: int) -> str | None:
-    """A Blosc chunk's 16-byte header holds its uncompressed and compressed sizes: a truncated file (or one
-    holding another array's data) shows here without decompressing it."""
+def _chunk_problem(store: FeatureStore, name: str, c: int, reader=None) -> str | None:
+    """Whether a feature chunk decodes (with the codec library, through tensorstore): a cut file or, in a
+    version-2 store, any flipped bit (each inner chunk carries a CRC32C) fails."""
+    rows = _chunk_rows(store, c)
     try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-            size = os.fstat(f.fileno()).st_size
-    except FileNotFoundError:
-        return "missing"
-    if len(head) < 16:
-        return f"truncated ({size} bytes)"
-    nbytes, cbytes = int.from_bytes(head[4:8], "little"), int.from_bytes(head[12:16], "little")
-    if cbytes != size:
-        return f"truncated ({size} of {cbytes} bytes)"
-    if nbytes != expected_nbytes:
-        return f"holds {nbytes} bytes, expected {expected_nbytes}"
-    return None
-
-
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-
-
-def _zstd_problem(path: Path, expected_nbytes: int) -> str | None:
-    """Walk a Zstandard frame's block headers (RFC 8878, section 3.1.1), seeking over the blocks, without
-    decompressing: a truncated file ends before its last block; a frame that states its content size must state
-    the chunk's size."""
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        return "missing"
-    with f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(18)  # magic, descriptor, window, dictionary id (<= 4), content size (<= 8)
-        if len(head) < 6 or head[:4] != _ZSTD_MAGIC:
-            return f"not a zstd frame ({size} bytes)"
-        fhd = head[4]
-        fcs_flag, single, checksum, dict_flag = fhd >> 6, (fhd >> 5) & 1, (fhd >> 2) & 1, fhd & 3
-        pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[dict_flag]
-        fcs_size = (1 if single else 0, 2, 4, 8)[fcs_flag]
-        if pos + fcs_size > size:
-            return f"truncated ({size} bytes)"
-        if fcs_size:
-            content = int.from_bytes(head[pos:pos + fcs_size], "little") + (256 if fcs_size == 2 else 0)
-            if content != expected_nbytes:
-                return f"holds {content} bytes, expected {expected_nbytes}"
-        pos += fcs_size
-        while True:
-            if pos + 3 > size:
-                return f"truncated ({size} bytes)"
-            f.seek(pos)
-            header = int.from_bytes(f.read(3), "little")
-            last, kind, length = header & 1, (header >> 1) & 3, header >> 3
-            if kind == 3:
-                return "corrupt (reserved zstd block type)"
-            pos += 3 + (1 if kind == 1 else length)
-            if last:
-                break
-        pos += 4 if checksum else 0
-    if pos != size:
-        return f"truncated ({size} of {pos} bytes)" if pos > size else f"{size - pos} stray bytes after the frame"
-    return None
-
-
-def _chunk_problem(store: FeatureStore, name: str, c: int) -> str | None:
-    """Whether a feature chunk file is whole: Blosc header sizes, a Zstandard frame walk, or (other codecs)
-    decoding it."""
-    arr = store.group[name]
-    path = store.chunk_file(name, c)
-    expected = int(np.prod(arr.chunks)) * arr.dtype.itemsize
-    codecs = arr.metadata.codecs
-    last = type(codecs[-1]).__name__ if len(codecs) > 1 else ""
-    if last == "BloscCodec":
-        return _blosc_problem(path, expected)
-    if last == "ZstdCodec" and not getattr(codecs[-1], "checksum", False):
-        return _zstd_problem(path, expected)
-    try:
-        arr[_chunk_rows(store, c)]
-    except Exception as e:  # noqa: BLE001
-        return f"does not decode ({type(e).__name__})"
+        (reader or store.reader(name)).rows(rows.start, rows.stop)
+    except UserError:
+        return "does not decode"
     return None
 
 
@@ -719,8 +648,7 @@ def check_store(store: FeatureStore, chunks=None) -> list[tuple[str, int, str]]:
 
     * per-clip arrays (``done``, ``error``, ``id``...): every chunk must decode;
     * feature arrays: every chunk that holds a clip marked done must exist, and every existing chunk file must
-      be whole: for Blosc the header's compressed size equals the file size, for Zstandard the frame's blocks
-      end exactly at the end of the file (both without decompressing); other codecs are decoded.
+      decode (a version-2 store's chunks carry checksums, so this also finds flipped bits).
     Readers can call it to catch a store damaged after it was written; :func:`check_and_repair` fixes them.
     """
     from extract.store import CLIP_ARRAYS
@@ -746,6 +674,7 @@ def check_store(store: FeatureStore, chunks=None) -> list[tuple[str, int, str]]:
             except Exception as e:  # noqa: BLE001
                 problems.append((name, int(c), f"does not decode ({type(e).__name__})"))
     for m in store.modalities:
+        reader = store.reader(m)
         for c in chunks:
             path = store.chunk_file(m, c)
             has_done = bool(done[_chunk_rows(store, c)].any())
@@ -753,7 +682,7 @@ def check_store(store: FeatureStore, chunks=None) -> list[tuple[str, int, str]]:
                 if has_done:
                     problems.append((m, int(c), "missing, but clips in it are marked done"))
                 continue
-            what = _chunk_problem(store, m, int(c))
+            what = _chunk_problem(store, m, int(c), reader)
             if what:
                 problems.append((m, int(c), what))
     return problems

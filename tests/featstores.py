@@ -9,7 +9,8 @@ from extract.store import FeatureStore
 
 
 def make_store(path: Path, n: int, classes: int, units: int, shape: dict, shift: float, seed: int,
-               backbone: str = "i3d", nouns: int = 0, labelled: bool = True, failed: int = 0) -> Path:
+               backbone: str = "i3d", nouns: int = 0, labelled: bool = True, failed: int = 0,
+               version: int = 2, chunk_clips: int = 64) -> Path:
     """A complete store: feature = class prototype + domain shift + noise (ReLU'd like real activations)."""
     rng = np.random.default_rng(seed)
     proto_rng = np.random.default_rng(1234)  # class prototypes shared by every domain
@@ -21,7 +22,7 @@ def make_store(path: Path, n: int, classes: int, units: int, shape: dict, shift:
     shapes = {m: (units, *s) for m, s in shape.items()}
     attrs = {"backbone": backbone, "manifest_sha256": path.stem, "checkpoints": {m: None for m in shape},
              "sampling": {"windows": units}, "preprocessing": {}, "verb_classes": classes, "noun_classes": nouns}
-    st = FeatureStore.create(path, manifest, shapes, attrs, chunk_clips=64)
+    st = FeatureStore.create(path, manifest, shapes, attrs, chunk_clips=chunk_clips, version=version)
     feats = {}
     for j, (m, s) in enumerate(shape.items()):
         protos = proto_rng.standard_normal((classes, *s)).astype(np.float32)
@@ -39,7 +40,7 @@ def make_store(path: Path, n: int, classes: int, units: int, shape: dict, shift:
 
 
 def make_pair(root: Path, backbone="i3d", spatial=True, classes=4, n=48, units=3, nouns=0, channels=32,
-              audio=False) -> Path:
+              audio=False, version: int = 2, chunk_clips: int = 64) -> Path:
     """features/<backbone>/{S_train,T_train,T_test}.zarr under root; returns the features root."""
     hw = (3, 3) if spatial else ()
     shape = {"rgb": (channels, *hw), "flow": (channels, *hw)}
@@ -47,7 +48,8 @@ def make_pair(root: Path, backbone="i3d", spatial=True, classes=4, n=48, units=3
         shape["audio"] = (channels,)
     base = root / backbone
     base.mkdir(parents=True, exist_ok=True)
-    make_store(base / "S_train.zarr", n, classes, units, shape, 0.0, 1, backbone, nouns)
-    make_store(base / "T_train.zarr", n, classes, units, shape, 1.0, 2, backbone, nouns, labelled=True)
-    make_store(base / "T_test.zarr", n // 2, classes, units, shape, 1.0, 3, backbone, nouns)
+    kw = dict(version=version, chunk_clips=chunk_clips)
+    make_store(base / "S_train.zarr", n, classes, units, shape, 0.0, 1, backbone, nouns, **kw)
+    make_store(base / "T_train.zarr", n, classes, units, shape, 1.0, 2, backbone, nouns, labelled=True, **kw)
+    make_store(base / "T_test.zarr", n // 2, classes, units, shape, 1.0, 3, backbone, nouns, **kw)
     return root

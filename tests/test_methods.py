@@ -280,7 +280,7 @@ def test_epoch_sampler_draws_each_clip_once_per_epoch():
 def test_tbn_fixed_segments_are_ta3ns():
     from adapt.data import DomainPair
     p = DomainPair.__new__(DomainPair)
-    p.units_per_clip, p.heads_units = 25, 5
+    p.units_per_clip, p.heads_units, p.stored, p.original_units = 25, 5, list(range(25)), 25
     assert p.fixed_units().tolist() == [2, 7, 12, 17, 22]                # TA3N dataset.py:147-160
 
 
