@@ -65,6 +65,7 @@ class TrainConfig:
     init: str = "torch"              # "torch" | "mmsada" | "ta3n": the reference code's initialisers
     # inputs and sampling
     spatial: bool = False            # keep 7x7 maps (needed by MC / SC); otherwise pooled at load
+    feature_form: str = "float16"    # in memory: "float16" | "int8" (per-channel scales: half the memory)
     standardise: bool = False        # inputs standardised per channel with the source store's statistics
     adabn: bool = False              # per-domain input statistics; evaluation with the target's
     segments: int = 5                # TBN: segments per clip the heads see (TA3N: 5 of 25)
@@ -148,7 +149,7 @@ class TrainConfig:
         return json.dumps(d, sort_keys=True)
 
 
-CHOICES = {"form": ("code", "paper"), "optimizer": ("sgd", "adam"), "temporal": ("avg", "trn"), "units": ("random", "fixed"),
+CHOICES = {"form": ("code", "paper"), "feature_form": ("float16", "int8"), "optimizer": ("sgd", "adam"), "temporal": ("avg", "trn"), "units": ("random", "fixed"),
            "init": ("torch", "mmsada", "ta3n"), "mcd_form": ("grl", "three_step"), "mmd_kernels": ("mmsada", "dan")}
 POSITIVE = ("steps", "batch_source", "eval_every", "eval_batch", "last_evals", "last_eval_every", "embed_dim",
             "segments", "trn_dim", "reduction", "sc_dim", "mcd_generator_steps", "epochs", "batch_target",

@@ -75,6 +75,7 @@ class Domain:
     ids: np.ndarray
     units: int
     streamed: bool = False
+    scales: dict | None = None       # int8 form: per-channel scales, feature = int8 value x scale
 
     @property
     def n(self) -> int:
@@ -117,27 +118,31 @@ def _kept_rows(store: FeatureStore, path: Path) -> np.ndarray:
     return keep
 
 
-def memory_bytes(store: FeatureStore, modalities: list[str], spatial: bool) -> int:
-    """The bytes a store takes in memory (float16; pooled over space unless the run keeps the maps)."""
+def memory_bytes(store: FeatureStore, modalities: list[str], spatial: bool, form: str = "float16") -> int:
+    """The bytes a store takes in memory (float16, or int8; pooled over space unless the run keeps the maps)."""
     n = int(store.attrs.get("num_done") or store.done_mask().sum())
     total = 0
     for m in modalities:
         shape = store.attrs["window_shapes"][m]
         per_unit = shape[1] if (not spatial and len(shape) == 4) else int(np.prod(shape[1:]))
-        total += n * shape[0] * per_unit * 2
+        total += n * shape[0] * per_unit * (1 if form == "int8" else 2)
     return total
 
 
 def load_domain(path: Path, name: str, modalities: list[str], device: torch.device, spatial: bool,
-                labels: bool = True, streamed: bool = False) -> Domain:
+                labels: bool = True, streamed: bool = False, form: str = "float16") -> Domain:
     """A complete store (failed clips left out; otherwise every clip must be done), read into memory chunk by chunk
-    (the peak is the result plus one chunk), or opened for streaming (``streamed``: read per batch)."""
+    (the peak is the result plus one chunk), or opened for streaming (``streamed``: read per batch).
+
+    ``form="int8"`` keeps each value as ``round(x / s_c)`` in int8 with a per-channel scale ``s_c = max |x_c| /
+    127`` (a first pass over the store finds the maxima): half of float16's memory."""
     store = FeatureStore.open(path, require_complete=True)
     keep = _kept_rows(store, path)
     feats = {}
     ids = store.meta("id")
     keep_mask = np.zeros(store.num_clips, dtype=bool)
     keep_mask[keep] = True
+    scales = None
     redo = "re-run `adapt extract` with this store as --out to redo it"
     for m in modalities:
         pool = not spatial and len(store.attrs["window_shapes"][m]) == 4
@@ -150,7 +155,11 @@ def load_domain(path: Path, name: str, modalities: list[str], device: torch.devi
             continue
         reader = store.reader(m)
         shape = reader.shape[1:3] if pool else reader.shape[1:]
-        t = torch.empty((len(keep), *shape), dtype=torch.float16, device=device)
+        int8 = form == "int8"
+        if int8:
+            scale = _channel_scales(reader, keep_mask, store.chunk_clips, pool)
+            scales = dict(scales or {}, **{m: scale.to(device)})
+        t = torch.empty((len(keep), *shape), dtype=torch.int8 if int8 else torch.float16, device=device)
         at = 0
         for lo in range(0, store.num_clips, store.chunk_clips):
             hi = min(lo + store.chunk_clips, store.num_clips)
@@ -166,6 +175,9 @@ def load_domain(path: Path, name: str, modalities: list[str], device: torch.devi
             block = torch.from_numpy(block)
             if pool:  # pooled at load: (N, U, C)
                 block = block.float().mean(dim=(-2, -1)).half()
+            if int8:
+                view = (-1,) + (1,) * (block.dim() - 3)
+                block = (block.float() / scale.view(view)).round_().clamp_(-127, 127).to(torch.int8)
             t[at:at + len(block)] = block.to(device)
             at += len(block)
         feats[m] = t
@@ -173,7 +185,25 @@ def load_domain(path: Path, name: str, modalities: list[str], device: torch.devi
     verb = torch.from_numpy(store.meta("verb_class")[keep].astype(np.int64)) if labels else torch.full((n,), -1)
     noun = torch.from_numpy(store.meta("noun_class")[keep].astype(np.int64)) if labels else torch.full((n,), -1)
     units = int(store.attrs["window_shapes"][modalities[0]][0])
-    return Domain(name, Path(path), feats, verb.to(device), noun.to(device), ids[keep], units, streamed)
+    return Domain(name, Path(path), feats, verb.to(device), noun.to(device), ids[keep], units, streamed, scales)
+
+
+def _channel_scales(reader, keep_mask: np.ndarray, chunk: int, pool: bool) -> torch.Tensor:
+    """max |x| / 127 per channel over the kept clips (the int8 form's scales), (C,) float32; 1 for a channel that
+    is zero everywhere."""
+    top = None
+    for lo in range(0, len(keep_mask), chunk):
+        hi = min(lo + chunk, len(keep_mask))
+        sel = keep_mask[lo:hi]
+        if not sel.any():
+            continue
+        x = torch.from_numpy(reader.rows(lo, hi)[sel]).float()
+        if pool:
+            x = x.mean(dim=(-2, -1))
+        dims = [0, 1] + list(range(3, x.dim()))
+        m = x.abs().amax(dim=dims)
+        top = m if top is None else torch.maximum(top, m)
+    return torch.where(top > 0, top / 127.0, torch.ones_like(top))
 
 
 PREFETCH = 4  # batches read ahead of the step by the streaming path
@@ -217,15 +247,15 @@ def plan_memory(sizes: dict, stream_need: dict, budget: int, why: str) -> tuple[
     """Which stores are streamed: stores go into memory smallest first while they and the streaming buffers of
     the rest fit the budget (a store smaller than its buffers always).  Returns (streamed roles, the one line that says so); refuses in one line when even
     streaming every store cannot fit."""
-    streamed, total = set(sizes), sum(stream_need.values())
+    streamed, total = set(sizes), sum(stream_need.values())  # "work": the step's own memory, always needed
     for role in sorted(sizes, key=sizes.get):
         change = sizes[role] - stream_need[role]
         if total + change <= budget or change <= 0:
             streamed.discard(role)
             total += change
     if total > budget:
-        raise UserError(f"memory budget {_gb(budget)} ({why}) cannot hold even the streaming buffers "
-                        f"({_gb(total)}: {PREFETCH} batches read ahead per store; the stores take "
+        raise UserError(f"memory budget {_gb(budget)} ({why}) cannot hold even the streaming buffers and the "
+                        f"step ({_gb(total)}: {PREFETCH} batches read ahead per store; the stores take "
                         f"{', '.join(f'{r} {_gb(b)}' for r, b in sizes.items())}): raise --memory-budget or lower "
                         f"the batch sizes")
     line = (f"memory budget {_gb(budget)} ({why}): " +
@@ -236,15 +266,23 @@ def plan_memory(sizes: dict, stream_need: dict, budget: int, why: str) -> tuple[
 def memory_needs(cfg, stores: dict, modalities: list[str]) -> tuple[dict, dict]:
     """(bytes each store takes in memory, bytes its streaming buffers take): ``PREFETCH`` batches read ahead
     plus the one in use, of the units the heads see (``eval_batch`` clips for the evaluation store)."""
-    sizes = {r: memory_bytes(st, modalities, cfg.spatial) for r, st in stores.items()}
+    sizes = {r: memory_bytes(st, modalities, cfg.spatial, cfg.feature_form) for r, st in stores.items()}
     n = {r: int(st.attrs.get("num_done") or st.num_clips) for r, st in stores.items()}
     bt = cfg.batch_target or max(1, cfg.batch_source * n["target"] // max(1, n["source"]))
     batch = {"source": cfg.batch_source, "target": bt, "eval": cfg.eval_batch}
     batch = {r: min(b, max(1, n[r])) for r, b in batch.items()}
     units = 1 if cfg.backbone == "i3d" else cfg.segments
-    per_clip = {r: sizes[r] / max(1, n[r]) / stores[r].attrs["window_shapes"][modalities[0]][0] * units
-                for r in stores}
-    return sizes, {r: int((PREFETCH + 1) * batch[r] * per_clip[r]) for r in stores}
+    per_clip = {r: memory_bytes(stores[r], modalities, cfg.spatial) / max(1, n[r])
+                / stores[r].attrs["window_shapes"][modalities[0]][0] * units for r in stores}  # streamed: float16
+    need = {r: int((PREFETCH + 1) * batch[r] * per_clip[r]) for r in stores}
+    # the step's own memory, the same streamed or not: the float32 batch with what autograd and the allocator keep
+    # of it (measured for cia on 7x7 maps: 24x; 8x for pooled features), the parameters with their gradients and
+    # optimiser moments, and the readers' buffers (64 MB)
+    step_f32 = (batch["source"] + batch["target"]) * per_clip["source"] * 2
+    channels = sum(stores["source"].attrs["window_shapes"][m][1] for m in modalities)
+    params = 16 * cfg.embed_dim * channels * (2 if cfg.mc else 1)
+    need["work"] = int(step_f32 * (24 if cfg.spatial else 8) + params + (64 << 20))
+    return sizes, need
 
 
 class DomainPair:
@@ -267,13 +305,14 @@ class DomainPair:
         self.backbone = cfg.backbone
         self._segments(cfg, stores["source"])
         streamed, self.memory_line = self._memory_plan(cfg, device, stores)
+        form = cfg.feature_form
         self.source = load_domain(src, cfg.source, modalities, device, cfg.spatial, labels=True,
-                                  streamed="source" in streamed)
+                                  streamed="source" in streamed, form=form)
         self.target = load_domain(tgt, cfg.target, modalities, device, cfg.spatial,
                                   labels=cfg.w_target_cls > 0,  # the target's labels are not read otherwise
-                                  streamed="target" in streamed)
+                                  streamed="target" in streamed, form=form)
         self.eval = load_domain(ev, cfg.eval or cfg.target, modalities, device, cfg.spatial, labels=True,
-                                streamed="eval" in streamed)
+                                streamed="eval" in streamed, form=form)
         if (self.source.verb < 0).any():
             raise UserError(f"{src}: the source store has unlabelled clips; the source must be labelled")
         if cfg.w_target_cls > 0 and (self.target.verb < 0).any():
@@ -436,9 +475,12 @@ class Gatherer:
                     part.copy_(host.view(K, B, T, *feat), non_blocking=True)
                 else:
                     rows = (idx.unsqueeze(-1) * f.shape[1] + units).reshape(-1).to(f.device)
-                    scratch = self._buffer(("half", m), (len(rows), *feat), f.dtype)
+                    scratch = self._buffer(("half" if f.dtype == torch.float16 else "int8", m), (len(rows), *feat),
+                                           f.dtype)
                     torch.index_select(f.view(-1, *feat), 0, rows, out=scratch)
                     part.copy_(scratch.view(K, B, T, *feat))
+                    if dom.scales is not None:  # the int8 form
+                        part.mul_(dom.scales[m].view((-1,) + (1,) * (len(feat) - 1)))
                 if stats:
                     mean, std = stats[m]
                     part.sub_(mean).mul_(std.reciprocal())
@@ -517,6 +559,8 @@ def standardisation(dom: Domain, chunk_bytes: int = 64 << 20) -> dict:
         for lo in range(0, f.shape[0], step):
             block = f.rows_block(lo, min(lo + step, f.shape[0])) if dom.streamed else f[lo:lo + step]
             x = block.to(device).double()
+            if dom.scales is not None:
+                x = x * dom.scales[m].double().view((-1,) + (1,) * (ndim - 3))
             total += x.sum(dim=dims)
             squares += x.square().sum(dim=dims)
         count = int(np.prod(f.shape)) // f.shape[2]

@@ -24,7 +24,7 @@ def main() -> None:
     figures: dict = {"device": args.device, "machine": platform.processor() or platform.machine(),
                      "cpus": torch.get_num_threads(), "torch": torch.__version__}
 
-    from bench import bench_extract, bench_store, bench_train
+    from bench import bench_extract, bench_store, bench_stream, bench_train
     from bench.bench_train import SPATIAL_ONLY
     from adapt.sweep import bench_batched
 
@@ -46,7 +46,10 @@ def main() -> None:
         for name, c, e in (("small (C=32, embed 128)", 32, 128), ("medium (C=32, embed 512)", 32, 512),
                            ("I3D-size (C=1024, embed 512)", 1024, 512))]
 
-    ex, tr, sw = figures["extract"], figures["train"], figures["sweep"]
+    console.rule("training beyond memory")
+    figures["stream"] = bench_stream.run(quick=args.quick)
+
+    ex, tr, sw, st = figures["extract"], figures["train"], figures["sweep"], figures["stream"]
     table = Table(title=f"benchmarks on {args.device} ({figures['cpus']} threads), {time.time() - started:.0f} s")
     for col in ("measure", "value", "goal"):
         table.add_column(col)
@@ -76,6 +79,21 @@ def main() -> None:
     for r, goal in zip(sw, goals):
         table.add_row(f"batched sweep, K=8 stacked vs one by one, {r['heads']}",
                       f"{r['ratio']:.2f}x (CPU time {r['ratio_cpu']:.2f}x)", goal)
+    for r in st["streamed"]:
+        table.add_row(f"streamed / in-memory steps/s, stores 4x the budget: {r['method']} ({r['features']}, "
+                      f"{r['threads']} thread{'s' if r['threads'] > 1 else ''})", f"{r['ratio']:.2f}",
+                      ">= 0.8" if r["threads"] > 1 else "(a core left to the reader)")
+    rd = st["readers"]
+    table.add_row("read amplification, 5 of 25 segments: version 2 / version 1",
+                  f"{rd['v2_read_amplification']:.2f} / {rd['v1_read_amplification']:.2f}", "<= 1.5 (v2)")
+    table.add_row("reader MB/s, 5-of-25 units: tensorstore / zarr-python (v2)",
+                  f"{rd['v2_tensorstore_units_MBps']:.0f} / {rd['v2_zarr_units_MBps']:.0f}", "")
+    table.add_row("reader MB/s, whole shards: tensorstore / zarr-python (v2)",
+                  f"{rd['v2_tensorstore_whole_MBps']:.0f} / {rd['v2_zarr_whole_MBps']:.0f}", "")
+    dv = st["delivery"]
+    table.add_row("streaming delivery GB/s; TA3N-size spatial step GB; steps/s storage allows",
+                  f"{dv['GBps']:.2f}; {dv['ta3n_spatial_step_GB']:.2f}; {dv['steps_per_s_storage_allows']:.1f}", "")
+    table.add_row("peak RSS growth of a streamed run / memory budget", f"{st['rss']['ratio']:.2f}", "<= 1.1")
     best = max(figures["store"], key=lambda r: r["ratio"])
     table.add_row("store codec (chosen: zstd-3): compression / read MB/s",
                   f"{best['ratio']:.2f} / {best['read_MBps']:.0f}", "")

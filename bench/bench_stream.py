@@ -14,6 +14,7 @@ delivery rate, peak memory against the budget, and the EPIC-100 sizes.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -101,6 +102,16 @@ def _config(method, paths, steps, budget=None, **kw):
                      memory_budget=budget, **kw)
 
 
+def quarter_budget(cfg, paths: dict) -> int:
+    """A memory budget whose room for features (what is left after the step's own memory and the evaluation
+    store) is a quarter of the source and target stores."""
+    from adapt.data import memory_needs
+    stores = {r: FeatureStore.open(p) for r, p in paths.items()}
+    sizes, need = memory_needs(cfg, stores, ["rgb", "flow"])
+    return int(need["work"] + sizes["eval"] + max((sizes["source"] + sizes["target"]) // 4,
+                                                  need["source"] + need["target"]))
+
+
 def _rate(cfg, pair) -> float:
     from adapt.train import train
     timings = {}
@@ -119,24 +130,26 @@ def streamed_over_memory(root: Path, quick: bool) -> list[dict]:
         paths = {r: str(_store(root / f"{form}_{r}.zarr", n, 5, shape, i + 1))
                  for i, (r, n) in enumerate(zip(("source", "target", "eval"), sizes))}
         spatial = form == "spatial"
-        stores = {r: FeatureStore.open(p) for r, p in paths.items()}
-        from adapt.data import memory_bytes
-        total = sum(memory_bytes(s, ["rgb", "flow"], spatial) for r, s in stores.items() if r != "eval")
-        budget = str(total // 4 + memory_bytes(stores["eval"], ["rgb", "flow"], spatial))
         memory_cfg = _config(method, paths, steps, out=str(root / "runs"), spatial=spatial, **kw)
+        budget = str(quarter_budget(memory_cfg, paths))
         streamed_cfg = _config(method, paths, steps, budget, out=str(root / "runs"), spatial=spatial, **kw)
         pair_m = DomainPair(memory_cfg, torch.device("cpu"))
         pair_s = DomainPair(streamed_cfg, torch.device("cpu"))
         assert pair_s.source.streamed and pair_s.target.streamed, pair_s.memory_line
         _rate(_config(method, paths, 3, out=str(root / "warm"), spatial=spatial, **kw), pair_m)  # warm-up
-        best = {"memory": 0.0, "streamed": 0.0}
-        for _ in range(2):  # interleaved, best of two
-            best["memory"] = max(best["memory"], _rate(memory_cfg, pair_m))
-            best["streamed"] = max(best["streamed"], _rate(streamed_cfg, pair_s))
         step_bytes = (memory_cfg.batch_source + memory_cfg.batch_target) * 2 * int(np.prod(shape)) * 2
-        rows.append({"method": method, "features": form, "memory_steps_per_s": best["memory"],
-                     "streamed_steps_per_s": best["streamed"], "ratio": best["streamed"] / best["memory"],
-                     "step_MB": step_bytes / 1e6, "line": pair_s.memory_line})
+        threads = torch.get_num_threads()
+        # all threads; and the model on one thread, leaving the reader a core (as a GPU machine leaves it cores)
+        for t in (threads, 1):
+            torch.set_num_threads(t)
+            best = {"memory": 0.0, "streamed": 0.0}
+            for _ in range(2):  # interleaved, best of two
+                best["memory"] = max(best["memory"], _rate(memory_cfg, pair_m))
+                best["streamed"] = max(best["streamed"], _rate(streamed_cfg, pair_s))
+            rows.append({"method": method, "features": form, "threads": t, "memory_steps_per_s": best["memory"],
+                         "streamed_steps_per_s": best["streamed"], "ratio": best["streamed"] / best["memory"],
+                         "step_MB": step_bytes / 1e6, "line": pair_s.memory_line})
+        torch.set_num_threads(threads)
     return rows
 
 
@@ -162,26 +175,27 @@ def delivery(root: Path, quick: bool) -> dict:
     return {"GBps": gbps, "ta3n_spatial_step_GB": ta3n_step / 1e9, "steps_per_s_storage_allows": gbps * 1e9 / ta3n_step}
 
 
-def peak_rss(root: Path) -> dict:
-    """Peak RSS growth of a streamed cia run (subprocess) over its memory budget."""
-    paths = {r: str(_store(root / f"rss_{r}.zarr", n, 5, (1024, 7, 7), i + 7))
-             for i, (r, n) in enumerate(zip(("source", "target", "eval"), (128, 128, 16)))}
+def peak_rss(root: Path, quick: bool) -> dict:
+    """Peak RSS growth of a streamed cia run (a subprocess) over its memory budget, the stores 4x the budget."""
+    n = 96 if quick else 256
+    paths = {r: str(_store(root / f"rss_{r}.zarr", k, 5, (1024, 7, 7), i + 7))
+             for i, (r, k) in enumerate(zip(("source", "target", "eval"), (n, n, 16)))}
     code = f"""
 import json, threading, time, torch
 from adapt import config as C
-from adapt.data import DomainPair, memory_bytes
+from adapt.data import DomainPair
 from adapt.train import train
+from bench.bench_stream import quarter_budget
 from extract.store import FeatureStore
 def rss():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS"):
             return int(line.split()[1]) * 1024
 paths = {json.dumps(paths)}
-stores = {{r: FeatureStore.open(p) for r, p in paths.items()}}
-budget = sum(memory_bytes(s, ["rgb", "flow"], True) for s in stores.values()) // 4
 cfg = C.resolve("cia", "mmsada", None, source=paths["source"], target=paths["target"], eval=paths["eval"],
                 out="{tempfile.mkdtemp()}", steps=8, epochs=None, stage1_steps=0, eval_every=8, last_evals=1,
-                batch_source=16, batch_target=16, embed_dim=512, memory_budget=str(budget))
+                batch_source=16, batch_target=16, embed_dim=512)
+cfg.memory_budget = str(quarter_budget(cfg, paths))
 import adapt.objectives, adapt.model, torch.optim  # imports before the baseline
 torch.zeros(1) @ torch.zeros(1)
 base = rss(); peak = [0]
@@ -192,9 +206,10 @@ threading.Thread(target=watch, daemon=True).start()
 pair = DomainPair(cfg, torch.device("cpu"))
 train([cfg], progress=False, pair=pair)
 time.sleep(0.05)
-print(json.dumps({{"budget": budget, "growth": peak[0] - base, "line": pair.memory_line}}))
+print(json.dumps({{"budget": int(cfg.memory_budget), "growth": peak[0] - base, "line": pair.memory_line}}))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     d = json.loads(out.stdout.strip().splitlines()[-1])
     d["ratio"] = d["growth"] / d["budget"]
     return d
@@ -216,7 +231,8 @@ def run(quick: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         return {"readers": readers(root, 24 if quick else 48), "streamed": streamed_over_memory(root, quick),
-                "delivery": delivery(root, quick), "rss": peak_rss(root), "epic100": epic100_sizes()}
+                "delivery": delivery(root, quick), "rss": peak_rss(root, quick),
+                "epic100": epic100_sizes()}
 
 
 if __name__ == "__main__":

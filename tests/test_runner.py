@@ -7,6 +7,7 @@ stores; tiny settings (8-frame windows, 32-64 pixel crops, 2 windows / segments)
 from __future__ import annotations
 
 import dataclasses
+import types
 import io
 import json
 import os
@@ -216,6 +217,31 @@ def test_tbn_end_to_end_rgb_flow_audio(demo, tmp_path):
     run_extraction(subset(demo["test"], [0], tmp_path / "one.csv"), cfg2, tmp_path / "spatial.zarr", {},
                    device="cpu", workers=0, batch_size=1, console=quiet())
     assert FeatureStore.open(tmp_path / "spatial.zarr").load("audio").shape == (1, 1, 1024, 8, 8)
+
+
+def test_tbn_stored_segments_keep_the_group_centres(demo, tmp_path):
+    """--set stored_segments=N keeps N of the segments (their groups' centres), records them, and the trainer's
+    sampler takes the kept segment of each group (TA3N's 2, 7, 12, 17, 22 for 5 of 25)."""
+    assert ExtractConfig(backbone="tbn", stored_segments=5).stored_segment_indices() == [2, 7, 12, 17, 22]
+    split = subset(demo["test"], range(2), tmp_path / "two.csv")
+    full_cfg = tiny(demo["root"], backbone="tbn", crop=64, segments=4)
+    kept_cfg = dataclasses.replace(full_cfg, stored_segments=2)
+    assert kept_cfg.stored_segment_indices() == [1, 3]
+    full, kept = tmp_path / "full.zarr", tmp_path / "kept.zarr"
+    for cfg, out in ((full_cfg, full), (kept_cfg, kept)):
+        run_extraction(split, cfg, out, {}, device="cpu", workers=0, batch_size=2, chunk_clips=2, console=quiet())
+    a, b = FeatureStore.open(full), FeatureStore.open(kept)
+    assert b.attrs["sampling"]["stored_segments"] == [1, 3] and b.attrs["sampling"]["segments"] == 4
+    assert b.attrs["window_shapes"]["rgb"][0] == 2
+    for m in a.modalities:  # the same segments' features (the backbone batch differs: float rounding)
+        np.testing.assert_allclose(b.load(m).astype(np.float32), a.load(m)[:, [1, 3]].astype(np.float32),
+                                   rtol=2e-3, atol=2e-3)
+    from adapt.data import DomainPair
+    pair = DomainPair.__new__(DomainPair)
+    pair.modalities = ["rgb"]
+    pair._segments(types.SimpleNamespace(backbone="tbn", segments=2), b)
+    pair.units_per_clip = 2
+    assert pair.fixed_units().tolist() == [0, 1] and [g.tolist() for g in pair.groups] == [[0], [1]]
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ def streamed_budget(cfg) -> str:
                                                   ("eval", cfg.eval))}
     sizes, need = D.memory_needs(cfg, stores, stores["source"].modalities)
     assert sizes["source"] > need["source"] and sizes["target"] > need["target"]
-    return str(sizes["eval"] + need["source"] + need["target"])
+    return str(sizes["eval"] + need["source"] + need["target"] + need["work"])
 
 
 def heads(out, method, name="S_train-T_train"):
@@ -180,3 +180,22 @@ def test_a_flipped_bit_fails_its_checksum(tmp_path):
     chunk.write_bytes(bytes(data))
     with pytest.raises(UserError, match="rgb features of clips 0..4 do not decode"):
         FeatureStore.open(src).reader("rgb").rows(0, 5)
+
+
+def test_int8_form_is_within_half_a_step_of_float16_and_trains(i3d_root, tmp_path):
+    """feature_form=int8: round(x / s_c) with s_c = max |x_c| / 127 per channel; the batches the heads see are
+    the float16 features to within s_c / 2, and the run trains."""
+    from adapt.data import Gatherer
+    cfg16 = cfg_for(i3d_root, "cia", tmp_path / "a")
+    cfg8 = cfg_for(i3d_root, "cia", tmp_path / "b", feature_form="int8")
+    p16, p8 = D.DomainPair(cfg16, torch.device("cpu")), D.DomainPair(cfg8, torch.device("cpu"))
+    assert p8.source.feats["rgb"].dtype == torch.int8 and p8.feature_bytes * 2 == p16.feature_bytes
+    idx = torch.arange(10)[None]
+    units = torch.zeros(1, 10, 1, dtype=torch.int64)
+    a = Gatherer(torch.device("cpu"))([(p16.source, (idx, units), None)], ["rgb", "flow"])
+    b = Gatherer(torch.device("cpu"))([(p8.source, (idx, units), None)], ["rgb", "flow"])
+    for m in ("rgb", "flow"):
+        half_step = p8.source.scales[m].view(-1, 1, 1) / 2
+        assert ((a[m] - b[m]).abs() <= half_step * 1.001 + 1e-3).all()
+    final = train([cfg8], progress=False, pair=p8)[0]
+    assert 0 <= final["target_top1"] <= 100
