@@ -240,7 +240,7 @@ def default_budget(device: torch.device) -> tuple[int, str]:
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
 def plan_memory(sizes: dict, stream_need: dict, budget: int, why: str) -> tuple[set, str]:
