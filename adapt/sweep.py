@@ -264,7 +264,7 @@ def chunks(items: list, size: int) -> list[list]:
 # ------------------------------------------------------------------------------------------------------------
 # completion (resume)
 
-_IGNORED = {"out", "device"}
+_IGNORED = {"out", "device", "memory_budget"}
 
 
 def is_complete(run: Run) -> tuple[bool, str]:

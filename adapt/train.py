@@ -127,7 +127,7 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
     def one_run(p, b, x, batch, key, coeff, w, st, phase, stage):
         banks = bank_inputs(st, cfg)
         out = functional_call(template, (p, b), (x, key, coeff, Bs, banks))
-        now = active if stage == 2 else {t for t in active if t in STAGE1}
+        now = active if stage == 2 else tuple(t for t in active if t in STAGE1)
         terms, writes = compute_terms(out, cfg, Bs, batch, st, now)
         total = _phase_total(phase, now, terms, w, cfg)
         return total, torch.stack([terms[t] for t in TERMS]), writes
@@ -316,10 +316,10 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
     return finals
 
 
-def active_terms(cfg) -> set:
-    """The loss terms with a non-zero weight in either stage (part of the architecture key, so the same in every
-    stacked run); the others are left out of the objective rather than multiplied by zero."""
-    return {t for t in TERMS if cfg.weight(t, 2) or (t in STAGE1 and cfg.weight(t, 1))}
+def active_terms(cfg) -> tuple:
+    """The loss terms with a non-zero weight in either stage, in :data:`TERMS` order (part of the architecture key,
+    so the same in every stacked run); the others are left out of the objective rather than multiplied by zero."""
+    return tuple(t for t in TERMS if cfg.weight(t, 2) or (t in STAGE1 and cfg.weight(t, 1)))
 
 
 def _phase_total(phase: str, now: set, terms: dict, w: dict, cfg) -> torch.Tensor:
@@ -331,7 +331,7 @@ def _phase_total(phase: str, now: set, terms: dict, w: dict, cfg) -> torch.Tenso
     if phase == "generator":
         return w["mcd"] * terms["mcd"]
     total = 0.0
-    for t in now:
+    for t in (t for t in TERMS if t in now):  # a fixed order: the sum rounds the same in every process
         if t == "mcd":
             if cfg.mcd_form == "grl":
                 total = total - w[t] * terms[t]

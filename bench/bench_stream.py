@@ -97,9 +97,10 @@ def readers(root: Path, clips: int) -> dict:
 
 def _config(method, paths, steps, budget=None, **kw):
     from adapt import config as C
-    return C.resolve(method, "mmsada", None, source=paths["source"], target=paths["target"], eval=paths["eval"],
-                     steps=steps, epochs=None, stage1_steps=0, eval_every=10 ** 9, last_evals=1,
-                     memory_budget=budget, **kw)
+    cfg = C.resolve(method, "mmsada", None, source=paths["source"], target=paths["target"], eval=paths["eval"],
+                    steps=steps, stage1_steps=0, eval_every=10 ** 9, last_evals=1, memory_budget=budget, **kw)
+    cfg.epochs, cfg.lr_epochs = None, []
+    return cfg
 
 
 def quarter_budget(cfg, paths: dict) -> int:
@@ -193,7 +194,7 @@ def rss():
             return int(line.split()[1]) * 1024
 paths = {json.dumps(paths)}
 cfg = C.resolve("cia", "mmsada", None, source=paths["source"], target=paths["target"], eval=paths["eval"],
-                out="{tempfile.mkdtemp()}", steps=8, epochs=None, stage1_steps=0, eval_every=8, last_evals=1,
+                out="{tempfile.mkdtemp()}", steps=8, stage1_steps=0, eval_every=8, last_evals=1,
                 batch_source=16, batch_target=16, embed_dim=512)
 cfg.memory_budget = str(quarter_budget(cfg, paths))
 import adapt.objectives, adapt.model, torch.optim  # imports before the baseline

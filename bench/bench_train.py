@@ -57,8 +57,10 @@ def make_pair(root: Path, sizes=(1543, 2495, 750), spatial=False, scale: int = 1
 
 
 def config(method, paths, steps, device, **kw):
-    return C.resolve(method, "mmsada", None, source=paths["source"], target=paths["target"], eval=paths["eval"],
-                     out=kw.pop("out"), steps=steps, epochs=None, stage1_steps=0, eval_every=10 ** 9, device=device, **kw)
+    cfg = C.resolve(method, "mmsada", None, source=paths["source"], target=paths["target"], eval=paths["eval"],
+                    out=kw.pop("out"), steps=steps, stage1_steps=0, eval_every=10 ** 9, device=device, **kw)
+    cfg.epochs, cfg.lr_epochs = None, []  # TA3N's preset counts epochs: the benchmark counts steps
+    return cfg
 
 
 def steps_per_second(method, paths, steps, device, out, spatial):
