@@ -34,10 +34,21 @@ EPIC_KEYS = {"top1": ("verb_top1", "noun_top1", "action_top1"), "top5": ("verb_t
 # reading runs
 
 
-def collect(paths: list) -> list[dict]:
+def read_final(path: Path) -> dict | None:
+    """A run's final.json, or None when it is cut or not JSON (the run then counts as not complete)."""
+    try:
+        row = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def collect(paths: list, skipped: list | None = None) -> list[dict]:
     """Rows (final.json dicts with ``run_dir``) from run folders, folders of run folders (searched recursively)
-    and results.jsonl files; a folder without any final.json falls back to its results.jsonl."""
+    and results.jsonl files; a folder without any final.json falls back to its results.jsonl.  A final.json that
+    does not parse is left out and its folder appended to ``skipped``."""
     rows, seen = [], set()
+    skipped = [] if skipped is None else skipped
 
     def add(row, run_dir):
         key = str(Path(run_dir).resolve()) if run_dir else json.dumps(row, sort_keys=True)
@@ -51,14 +62,15 @@ def collect(paths: list) -> list[dict]:
         if p.is_file():
             for row in _read_jsonl(p):
                 add(row, p.parent / row["run"] if row.get("run") else "")
-        elif (p / "final.json").is_file():
-            add(json.loads((p / "final.json").read_text()), p)
+        elif (p / "final.json").is_file() or (p.is_dir() and any(p.rglob("final.json"))):
+            for f in ([p / "final.json"] if (p / "final.json").is_file() else sorted(p.rglob("final.json"))):
+                row = read_final(f)
+                if row is None:
+                    skipped.append(str(f.parent))
+                else:
+                    add(row, f.parent)
         elif p.is_dir():
-            finals = sorted(p.rglob("final.json"))
-            if finals:
-                for f in finals:
-                    add(json.loads(f.read_text()), f.parent)
-            elif (p / "results.jsonl").is_file():
+            if (p / "results.jsonl").is_file():
                 for row in _read_jsonl(p / "results.jsonl"):
                     add(row, p / row["run"] if row.get("run") else "")
             else:
@@ -253,7 +265,11 @@ def write_report(paths: list, out: str | Path | None = None, metric: str = "targ
                  console=None, plots: bool = True) -> dict:
     """Collect the runs, print the tables, write report.md, report.csv (report_epic100.csv for the EPIC-100
     table) and accuracy.png into ``out`` (default: the first folder of ``paths``); returns the written paths."""
-    rows = collect(paths)
+    skipped: list = []
+    rows = collect(paths, skipped)
+    if skipped and console is not None:
+        console.print(f"left out {len(skipped)} run(s) whose final.json is cut or unreadable: "
+                      + ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else ""), highlight=False)
     if not rows:
         raise UserError("no complete runs (final.json) in " + ", ".join(map(str, paths)))
     first = Path(paths[0])

@@ -270,9 +270,12 @@ _IGNORED = {"out", "device", "memory_budget"}
 def is_complete(run: Run) -> tuple[bool, str]:
     """(complete, why not): a run is complete when its ``final.json`` exists and its ``config.json`` (when there is
     one) holds the same settings as the sweep's."""
+    from adapt.report import read_final
     final = run.dir / "final.json"
     if not final.is_file():
         return False, "not trained"
+    if read_final(final) is None:
+        return False, "final.json cut or unreadable"
     cfg_path = run.dir / "config.json"
     if not cfg_path.is_file():
         return True, ""

@@ -177,3 +177,17 @@ def test_cli_report_and_tsne_on_a_trained_run(tmp_path):
     assert (tmp_path / "runs" / "report.md").is_file() and (tmp_path / "runs" / "report.csv").is_file()
     result = runner.invoke(app, ["report", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and "no such run folder" in result.output
+
+
+def test_a_cut_final_json_is_left_out_and_not_taken_for_complete(tmp_path):
+    from adapt import report as R
+    good, cut = tmp_path / "a_run", tmp_path / "b_run"
+    good.mkdir()
+    cut.mkdir()
+    (good / "final.json").write_text(json.dumps({"method": "source_only", "source": "S", "target": "T",
+                                                 "target_top1": 50.0, "seed": 0}))
+    (cut / "final.json").write_text('{"method": "source_only", "target_to')
+    skipped = []
+    rows = R.collect([tmp_path], skipped)
+    assert [r["target_top1"] for r in rows] == [50.0] and skipped == [str(cut)]
+    assert R.read_final(cut / "final.json") is None

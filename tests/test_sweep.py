@@ -297,3 +297,12 @@ def test_bench_batched_smoke():
                         threads=1)
     assert r["k"] == 2 and r["batched_s"] > 0 and r["sequential_s"] > 0 and r["ratio"] > 0
     assert r["pooled"] and r["threads"] == 1
+
+
+def test_a_cut_final_json_is_not_complete(tmp_path):
+    import types
+
+    from adapt.config import TrainConfig
+    (tmp_path / "final.json").write_text('{"target_top1": 5')
+    run = types.SimpleNamespace(dir=tmp_path, cfg=TrainConfig())
+    assert S.is_complete(run) == (False, "final.json cut or unreadable")
