@@ -186,11 +186,19 @@ class FeatureStore:
     # ------------------------------------------------------------------------------------------------------
     # status
 
+    def _read(self, name: str) -> np.ndarray:
+        """A per-clip array whole; one that does not decode is a one-line error naming it."""
+        try:
+            return self.group[name][:]
+        except Exception as e:  # noqa: BLE001 - a cut or corrupt chunk (zstd / checksum errors of the codecs)
+            raise UserError(f"{self.path}: its {name!r} array does not decode ({type(e).__name__}); run `adapt "
+                            f"extract` with this store as --out to repair it") from None
+
     def done_mask(self) -> np.ndarray:
-        return np.asarray(self.group["done"][:], dtype=bool)
+        return np.asarray(self._read("done"), dtype=bool)
 
     def errors(self) -> np.ndarray:
-        return np.asarray(self.group["error"][:], dtype=object)
+        return np.asarray(self._read("error"), dtype=object)
 
     def pending_rows(self) -> np.ndarray:
         """Rows neither done nor failed: what an extraction still has to do."""
@@ -198,7 +206,7 @@ class FeatureStore:
 
     def failed(self) -> dict[str, str]:
         errors = self.errors()
-        ids = self.group["id"][:]
+        ids = self._read("id")
         return {str(ids[i]): str(errors[i]) for i in np.flatnonzero(errors != "")}
 
     def check_complete(self) -> None:
@@ -215,7 +223,7 @@ class FeatureStore:
 
     def meta(self, name: str) -> np.ndarray:
         """A per-clip array (``id``, ``verb_class``, ...) as numpy."""
-        return np.asarray(self.group[name][:])
+        return np.asarray(self._read(name))
 
     # ------------------------------------------------------------------------------------------------------
     # reading

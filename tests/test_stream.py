@@ -199,3 +199,14 @@ def test_int8_form_is_within_half_a_step_of_float16_and_trains(i3d_root, tmp_pat
         assert ((a[m] - b[m]).abs() <= half_step * 1.001 + 1e-3).all()
     final = train([cfg8], progress=False, pair=p8)[0]
     assert 0 <= final["target_top1"] <= 100
+
+
+def test_a_corrupt_done_chunk_is_one_line_for_the_trainer(tmp_path):
+    root = make_pair(tmp_path / "f", "i3d", spatial=True, n=24, channels=16, chunk_clips=5)
+    target = root / "i3d" / "T_train.zarr"
+    chunk = FeatureStore.open(target).chunk_file("done", 1)
+    chunk.write_bytes(b"\x00" + chunk.read_bytes()[1:])
+    cfg = cfg_for(root, "source_only", tmp_path / "runs")
+    with pytest.raises(UserError, match=r"T_train.zarr: its 'done' array does not decode .*adapt extract") as e:
+        train([cfg], progress=False)
+    assert "\n" not in str(e.value)
