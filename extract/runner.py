@@ -223,9 +223,10 @@ def _build_models(cfg: ExtractConfig, checkpoints: dict, device: torch.device) -
     for m in cfg.modalities:
         ckpt = checkpoints.get(m)
         if ckpt is not None:
+            from extract.backbones.deepmind import tf_checkpoint_prefix
             ckpt = Path(ckpt)
-            if not ckpt.is_file():
-                raise UserError(f"--checkpoint {m}={ckpt}: no such file")
+            if not ckpt.is_file() and tf_checkpoint_prefix(ckpt) is None:
+                raise UserError(f"--checkpoint {m}={ckpt}: no such file (nor a TensorFlow checkpoint prefix)")
         try:
             model = build(cfg.backbone, m, checkpoint=ckpt, seed=cfg.seed)
         except UserError:
@@ -482,12 +483,13 @@ class Extractor:
 # the store
 
 
-def _store_attrs(cfg: ExtractConfig, split, df, shas: dict, precision: str) -> dict:
+def _store_attrs(cfg: ExtractConfig, split, df, shas: dict, precision: str, layouts: dict | None = None) -> dict:
     verbs, nouns = split.class_counts(df)
     from extract.manifests import manifest_sha256
     return {
         "backbone": cfg.backbone,
         "checkpoints": {m: shas.get(m) for m in cfg.modalities},
+        "checkpoint_layouts": {m: (layouts or {}).get(m) for m in cfg.modalities},
         "sampling": cfg.sampling(),
         "preprocessing": cfg.preprocessing(),
         "precision": precision,
@@ -897,7 +899,8 @@ def run_extraction(split, cfg: ExtractConfig, out: str | Path, checkpoints: dict
                           f"pipeline; pass --checkpoint MODALITY=PATH", highlight=False, soft_wrap=True)
         shapes = window_shapes(cfg, models)
         precision = resolve_precision(precision, dev)
-        attrs = _store_attrs(cfg, sp, df, shas, precision)
+        layouts = {m: getattr(getattr(mod, "checkpoint_info", None), "layout", None) for m, mod in models.items()}
+        attrs = _store_attrs(cfg, sp, df, shas, precision, layouts)
 
         # create (or check and repair) the store: rank 0 for all ranks, or each shard process for its own chunks
         prep, error = None, None

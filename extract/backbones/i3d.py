@@ -221,3 +221,16 @@ class InceptionI3d(nn.Module):
         for name in self._trunk:
             x = getattr(self, name)(x)
         return x
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """The checkpoint's classifier on ``Mixed_5c`` maps (B, 1024, T', 7, 7) -> logits (B, classes): average
+        pooling over 2 x 7 x 7 (stride 1, valid), the 1x1x1 ``logits`` conv, the mean over time (DeepMind
+        kinetics-i3d ``i3d.py`` Logits block; pytorch-i3d the same)."""
+        t = min(2, features.shape[2])
+        x = torch.nn.functional.avg_pool3d(features, (t, features.shape[3], features.shape[4]), stride=1)
+        return self.logits(x).mean(dim=(2, 3, 4))
+
+    def resize_logits(self, classes: int) -> None:
+        """A classifier of another width (a fine-tuned checkpoint's: MM-SADA's has 16 outputs), before loading."""
+        if self.logits.conv3d.out_channels != classes:
+            self.logits = Unit3D(OUT_CHANNELS, classes, 1, batch_norm=False, bias=True, relu=False)

@@ -1,0 +1,75 @@
+"""``adapt check-checkpoint``: run an I3D checkpoint's own classifier on a real clip with the extraction's
+preprocessing, so a user sees that weights and preprocessing agree before a long extraction.
+
+The clip: up to ``frames`` consecutive frames from the middle of a video (decord) or of a folder of JPEG frames
+(sorted by name), resized so the shorter side is ``resize`` (256), centre-cropped to ``crop`` (224), scaled to
+[-1, 1] (:func:`extract.transforms.i3d_rgb`).  The classifier: DeepMind's Logits block (average pool 2x7x7,
+1x1x1 conv, mean over time).  Class names: Kinetics-400 for a 400-way classifier, the MM-SADA verbs for a
+fine-tuned 8-way one (MM-SADA's 16-way classifier trains its first 8 outputs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from extract.errors import UserError
+
+MMSADA_VERBS = ["take", "put", "open", "close", "wash", "cut", "mix", "pour"]
+
+
+def clip_frames(video: str | None = None, frames_dir: str | None = None, frames: int = 64) -> np.ndarray:
+    """(T, H, W, 3) uint8 RGB: up to ``frames`` consecutive frames from the middle of the source."""
+    from extract import decode
+    if (video is None) == (frames_dir is None):
+        raise UserError("check-checkpoint: give one of --video FILE or --frames DIR")
+    if video is not None:
+        n = decode.video_length(video, "check")
+        start = max(1, (n - frames) // 2 + 1)
+        return decode.read_video_frames(video, np.arange(start, min(n, start + frames - 1) + 1), "check")
+    paths = sorted(p for p in Path(frames_dir).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    if not paths:
+        raise UserError(f"{frames_dir}: no .jpg / .png frames")
+    start = max(0, (len(paths) - frames) // 2)
+    return decode.read_images(paths[start:start + frames], "check")
+
+
+def class_names(classes: int) -> list[str]:
+    from extract.backbones.deepmind import kinetics400_classes
+    if classes == 400:
+        return kinetics400_classes()
+    if classes in (8, 16):
+        return MMSADA_VERBS + [f"(untrained output {i})" for i in range(8, classes)]
+    return [f"class {i}" for i in range(classes)]
+
+
+def check_checkpoint(checkpoint: str, video: str | None = None, frames_dir: str | None = None,
+                     modality: str = "rgb", frames: int = 64, resize: int = 256, crop: int = 224,
+                     top: int = 5) -> dict:
+    """{'layout', 'sha256', 'classes', 'top': [(name, probability), ...]} of an I3D RGB checkpoint on a clip."""
+    from extract.backbones import build
+    from extract.transforms import i3d_rgb, resize_crop
+    if modality != "rgb":
+        raise UserError("check-checkpoint runs RGB checkpoints on RGB frames (a flow checkpoint needs flow input: "
+                        "check it through a short `adapt extract` instead)")
+    from extract.decode import ClipError
+    model = build("i3d", "rgb", checkpoint=checkpoint)
+    try:
+        raw = clip_frames(video, frames_dir, frames)
+    except ClipError as e:
+        raise UserError(str(e)) from None
+    pixels = resize_crop(raw, resize, crop)
+    x = torch.from_numpy(i3d_rgb(pixels)).permute(3, 0, 1, 2)[None]  # (1, 3, T, H, W)
+    with torch.no_grad():
+        logits = model.classify(model(x))[0]
+    n = int(logits.shape[0])
+    if n == 16:
+        logits = logits[:8]  # MM-SADA trains the first 8 of its 16 outputs
+    probs = logits.softmax(-1)
+    names = class_names(n)
+    best = torch.topk(probs, min(top, len(probs)))
+    info = model.checkpoint_info
+    return {"layout": info.layout, "sha256": info.sha256, "classes": n,
+            "top": [(names[int(i)], float(p)) for p, i in zip(best.values, best.indices)]}
