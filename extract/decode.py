@@ -247,6 +247,12 @@ def read_video_frames(path, frames, clip_id) -> np.ndarray:
     return np.ascontiguousarray(batch[inverse])
 
 
+def forget_readers() -> None:
+    """Close this thread's cached video readers (before forking workers: a decord reader's decoder state copied
+    into a forked child deadlocks the child's own decoding)."""
+    _readers().clear()
+
+
 def _forget(path: Path) -> None:
     cache = _readers()
     for key in [k for k in cache if k[0] == str(path)]:

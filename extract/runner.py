@@ -366,9 +366,12 @@ def start_workers(loader: torch.utils.data.DataLoader):
     parallelism, so N workers must not start N pools of threads; torch's own pool is switched off by the
     DataLoader).  The thread count is set in this process around the fork, never in the child: OpenCV's pool is
     copied into a forked child without its threads, and ``cv2.setNumThreads`` there waits forever on the copied
-    pool's condition variable."""
+    pool's condition variable.  The video readers this process has open are closed first: a decord reader copied
+    into a forked child deadlocks the child's decoding (seen after `check-checkpoint` ran in the same process)."""
     import cv2
 
+    from extract.decode import forget_readers
+    forget_readers()  # no decord reader of this process is copied into the children
     n = cv2.getNumThreads()
     cv2.setNumThreads(1)
     try:

@@ -26,9 +26,12 @@ def clip_frames(video: str | None = None, frames_dir: str | None = None, frames:
     if (video is None) == (frames_dir is None):
         raise UserError("check-checkpoint: give one of --video FILE or --frames DIR")
     if video is not None:
-        n = decode.video_length(video, "check")
-        start = max(1, (n - frames) // 2 + 1)
-        return decode.read_video_frames(video, np.arange(start, min(n, start + frames - 1) + 1), "check")
+        try:
+            n = decode.video_length(video, "check")
+            start = max(1, (n - frames) // 2 + 1)
+            return decode.read_video_frames(video, np.arange(start, min(n, start + frames - 1) + 1), "check")
+        finally:
+            decode.forget_readers()
     paths = sorted(p for p in Path(frames_dir).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if not paths:
         raise UserError(f"{frames_dir}: no .jpg / .png frames")
