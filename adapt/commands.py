@@ -61,6 +61,7 @@ def register(command, console):
         set_: List[str] = typer.Option([], "--set", help="Change any setting: --set w_adv=0 --set sc=false."),
         settings: bool = typer.Option(False, "--settings", help="Print every setting with its resolved value."),
         quiet: bool = typer.Option(False, help="No progress bar."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a complete run in the same folder."),
     ):
         """Train adaptation heads on cached features and report target accuracy as the papers do."""
         from adapt import config as C
@@ -75,7 +76,7 @@ def register(command, console):
             for k, v in cfg.to_dict().items():
                 console.print(f"{k} = {v!r}")
             return
-        final = train([cfg], console, progress=not quiet)[0]
+        final = train([cfg], console, progress=not quiet, overwrite=overwrite)[0]
         table = Table(title=f"{method}: {source} -> {target} (seed {seed})")
         table.add_column("metric")
         table.add_column("value", justify="right")

@@ -403,7 +403,7 @@ def run_sweep(spec: dict | str | Path, console=None, max_stack: int = MAX_STACK,
                 console.print(escape(f"{who}[{i + 1}/{len(order)}] {cfg0.method} {todo[0].pair}"
                                      f"{' (' + '; '.join(tags) + ')' if tags else ''}: {len(stack)} run(s) stacked"))
             try:
-                T.train([r.cfg for r in stack], console, progress, pair=cached_pair)
+                T.train([r.cfg for r in stack], console, progress, pair=cached_pair, overwrite=True)
                 trained.extend(r.name for r in stack)
             except T.TrainingError as e:
                 failed.append(([r.name for r in stack], str(e)))
@@ -595,11 +595,11 @@ def _bench(k, steps, pooled, method, channels, n, classes, units, repeats, devic
                           out=str(root / "runs"), seed=i) for i in range(k)]
         pair = DomainPair(cfgs[0], dev)
         warm = [dataclasses.replace(c, steps=3, stage1_steps=1, eval_every=3, out=str(root / "warm")) for c in cfgs]
-        train(warm, None, False, pair=pair)       # first-call costs of both paths
-        train(warm[:1], None, False, pair=pair)
+        train(warm, None, False, pair=pair, overwrite=True)      # first-call costs of both paths
+        train(warm[:1], None, False, pair=pair, overwrite=True)
 
-        sides = {"sequential": lambda: [train([c], None, False, pair=pair) for c in cfgs],
-                 "batched": lambda: train(cfgs, None, False, pair=pair)}
+        sides = {"sequential": lambda: [train([c], None, False, pair=pair, overwrite=True) for c in cfgs],
+                 "batched": lambda: train(cfgs, None, False, pair=pair, overwrite=True)}
         wall = {name: [] for name in sides}
         cpu = {name: [] for name in sides}
         for _ in range(max(1, repeats)):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from adapt import metrics, rng
 from adapt.data import (DomainPair, EpochSampler, Gatherer, Prefetcher, draw_batch, read_part, resolve_device,
                         standardisation)
 from adapt.model import AdaptModel
+from adapt.runs import RunFolder
 from adapt.objectives import STAGE1, TERMS, apply_writes, bank_inputs, compute_terms, initial_state
 from adapt.schedule import LEVELS, Schedule
 from extract.allocator import retain_freed_memory
@@ -57,8 +57,11 @@ def run_name(cfg: C.TrainConfig) -> str:
 
 
 def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: DomainPair | None = None,
-          timings: dict | None = None) -> list:
+          timings: dict | None = None, overwrite: bool = False) -> list:
     """Train the runs ``cfgs`` (one architecture) stacked; returns their ``final.json`` dicts.
+
+    Each run is written as a whole (:mod:`adapt.runs`): a complete run already in its folder is refused unless
+    ``overwrite``, and a run another process is training is refused, both before anything is read.
 
     ``timings``, when given, receives the seconds spent gathering batches ('data'), in the model's steps
     ('step') and in evaluation ('eval'), measured with device synchronisation (for benchmarks)."""
@@ -69,6 +72,18 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
     if len(set(names)) != len(names):
         raise UserError(f"two runs would write the same folder {names}: give them different seeds or tags")
     device = resolve_device(cfg.device)
+    folders = []
+    try:
+        for c, n in zip(cfgs, names):
+            folders.append(RunFolder(Path(c.out) / n, overwrite).claim())
+        return _train(cfgs, console, progress, pair, timings, device, folders)
+    finally:
+        for f in folders:
+            f.release()
+
+
+def _train(cfgs, console, progress, pair, timings, device, folders) -> list:
+    cfg, names = cfgs[0], [run_name(c) for c in cfgs]
     started = time.time()
     retain_freed_memory()  # every step allocates the same tensors again: reuse their pages
 
@@ -171,11 +186,8 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
         return x, batch
 
     # ---- run folders ------------------------------------------------------------------------------------------
-    run_dirs = [Path(c.out) / n for c in cfgs for n in [run_name(c)]]
+    run_dirs = [f.work for f in folders]  # written there, renamed into place when complete
     for c, d in zip(cfgs, run_dirs):
-        if d.exists():
-            shutil.rmtree(d)
-        d.mkdir(parents=True)
         resolved = {**c.to_dict(), "modalities": mods, "streams": streams, "schedule": sched.to_dict(),
                     "memory": pair.memory_line, "stores": {
             "source": str(pair.source.path), "target": str(pair.target.path), "eval": str(pair.eval.path)},
@@ -307,11 +319,10 @@ def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: 
             if c.challenge and nouns:
                 _challenge(c, k, pair, evaluate, device, d)
             _write(d / "final.json", json.dumps(final, indent=1))  # last: marks the run complete
+            folders[k].commit()
         except (OSError, RuntimeError) as e:
-            for f in ("final.json", "final.json.tmp"):
-                (d / f).unlink(missing_ok=True)
-            raise UserError(f"{d}: could not write the results ({getattr(e, 'strerror', None) or e}); the run is "
-                            f"not marked complete (no final.json)") from None
+            raise UserError(f"{folders[k].path}: could not write the results ({getattr(e, 'strerror', None) or e}); "
+                            f"nothing was put in its place (the partial run is in {d})") from None
         finals.append(final)
     return finals
 
@@ -451,14 +462,14 @@ def _progress(console, enabled):
 
 
 def train_one(method: str, source: str, target: str, overrides: dict | None = None, console=None,
-              progress: bool = True, **given) -> dict:
+              progress: bool = True, overwrite: bool = False, **given) -> dict:
     """Resolve one run's configuration from its method and the dataset of its stores, and train it."""
     from adapt.data import store_path
     backbone = given.get("backbone") or "i3d"
     root = given.get("features_root") or "features"
     _, dataset = store_path(source, "train", backbone, root)
     cfg = C.resolve(method, dataset, overrides, source=source, target=target, **given)
-    return train([cfg], console, progress)[0]
+    return train([cfg], console, progress, overwrite=overwrite)[0]
 
 
 def run_demo(console, features_root: str = "features", out: str = "runs/demo") -> list[dict]:
@@ -466,7 +477,7 @@ def run_demo(console, features_root: str = "features", out: str = "runs/demo") -
     finals = []
     for method in ("source_only", "cia"):
         final = train_one(method, "K1", "K2", console=console, features_root=features_root, out=out,
-                          backbone="i3d")
+                          backbone="i3d", overwrite=True)
         finals.append(final)
         console.print(f"{method:12s} K1 -> K2: target top-1 {final['target_top1']:.1f}% "
                       f"(mean of the evaluations at steps {', '.join(map(str, final['final_steps']))}), "

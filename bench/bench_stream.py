@@ -116,7 +116,7 @@ def quarter_budget(cfg, paths: dict) -> int:
 def _rate(cfg, pair) -> float:
     from adapt.train import train
     timings = {}
-    train([cfg], progress=False, pair=pair, timings=timings)
+    train([cfg], progress=False, pair=pair, timings=timings, overwrite=True)
     return cfg.steps / (timings["data"] + timings["step"])
 
 

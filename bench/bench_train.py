@@ -66,7 +66,7 @@ def config(method, paths, steps, device, **kw):
 def steps_per_second(method, paths, steps, device, out, spatial):
     cfg = config(method, paths, steps, device, out=out, spatial=spatial)
     timings = {}
-    train([cfg], progress=False, timings=timings)
+    train([cfg], progress=False, timings=timings, overwrite=True)
     total = timings["data"] + timings["step"]
     return {"method": method, "features": "spatial" if spatial else "pooled", "steps_per_s": steps / total,
             "data_share": timings["data"] / total}

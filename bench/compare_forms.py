@@ -52,7 +52,7 @@ def main() -> None:
         for method in ("source_only", "cia"):
             for form in ("float16", "int8"):
                 acc = [train_one(method, "K1", "K2", overrides={"feature_form": form}, progress=False,
-                                 features_root="features/demo", out=str(tmp / "demo"), backbone="i3d",
+                                 overwrite=True, features_root="features/demo", out=str(tmp / "demo"), backbone="i3d",
                                  seed=s)["target_top1"] for s in range(args.seeds)]
                 rows.append((f"demo K1->K2 {method}", form, acc))
         paths = epic100_layout(tmp)
@@ -64,7 +64,7 @@ def main() -> None:
                                 out=str(tmp / "epic"))
                 cfg.epochs = 10
                 cfg.lr_epochs = [4, 7]
-                acc.append(train([cfg], progress=False)[0]["verb_top1"])
+                acc.append(train([cfg], progress=False, overwrite=True)[0]["verb_top1"])
             rows.append(("EPIC-100 layout (imported) ta3n, verb", form, acc))
     for name, form, acc in rows:
         print(f"{name:40s} {form:8s} {np.mean(acc):6.1f} +- {np.std(acc, ddof=1) if len(acc) > 1 else 0:4.1f}  "

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from adapt import config as C
 from adapt.methods import REGISTRY as METHODS
+from adapt import train as T
 from adapt.train import TrainingError, train
 from cli import app
 from extract.errors import UserError
@@ -197,10 +198,10 @@ def test_full_disk_leaves_no_complete_looking_result(i3d_root, tmp_path, monkeyp
 
     monkeypatch.setattr(T, "_write", full)
     cfg = cfg_for(i3d_root, "source_only", tmp_path)
-    with pytest.raises(UserError, match="No space left on device.*not marked complete"):
+    with pytest.raises(UserError, match="No space left on device.*nothing was put in its place"):
         train([cfg], progress=False)
     run = tmp_path / "source_only_S_train-T_train_s0"
-    assert not (run / "final.json").exists() and not (run / "final.json.tmp").exists()
+    assert not run.exists()  # the run's folder appears only when complete
 
 
 def test_failed_clips_are_left_out(tmp_path):
@@ -292,3 +293,67 @@ def test_stacked_linear_weights_take_their_gradients_contiguous_without_a_copy(i
     for name, stride in got.items():  # strides of size-1 dimensions do not matter
         p = leaves[name]
         assert [s for s, n in zip(stride, p.shape) if n > 1] == [s for s, n in zip(p.stride(), p.shape) if n > 1], name
+
+
+def test_run_folders_are_written_whole_and_never_replaced_unasked(i3d_root, tmp_path, monkeypatch):
+    """A complete run survives a re-run (refused without --overwrite), a refused setting, a run that fails half way,
+    and a second writer (its lock); with --overwrite the new run replaces it whole."""
+    import fcntl
+    import os
+
+    from adapt.runs import RunFolder
+    run = tmp_path / "source_only_S_train-T_train_s0"
+    first = train([cfg_for(i3d_root, "source_only", tmp_path)], progress=False)[0]
+    saved = (run / "final.json").read_text()
+    with pytest.raises(UserError, match="a complete run is there; pass --overwrite") as e:
+        train([cfg_for(i3d_root, "source_only", tmp_path)], progress=False)
+    assert "\n" not in str(e.value) and (run / "final.json").read_text() == saved
+    with pytest.raises(UserError, match="steps=0"):
+        cfg_for(i3d_root, "source_only", tmp_path, steps=0)
+    # a run that fails half way (here: an evaluation that raises) leaves the complete one in place
+    monkeypatch.setattr(T.metrics, "accuracy", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        train([cfg_for(i3d_root, "source_only", tmp_path, seed=0)], progress=False, overwrite=True)
+    monkeypatch.undo()
+    assert (run / "final.json").read_text() == saved and (tmp_path / (run.name + ".partial")).is_dir()
+    # a second writer: the lock is held (as by another process's training)
+    fd = os.open(tmp_path / f".{run.name}.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(UserError, match="another process is training this run now"):
+            train([cfg_for(i3d_root, "source_only", tmp_path)], progress=False, overwrite=True)
+    finally:
+        os.close(fd)
+    # asked: replaced whole (the partial folder of the failed run cleared)
+    again = train([cfg_for(i3d_root, "source_only", tmp_path, steps=8, eval_every=4)], progress=False,
+                  overwrite=True)[0]
+    assert json.loads((run / "final.json").read_text())["steps"] == 8 != first["steps"]
+    assert json.loads((run / "config.json").read_text())["steps"] == 8 == again["steps"]
+    assert not (tmp_path / (run.name + ".partial")).exists()
+    # a replacement cut between its two renames: the old run is found whole again
+    run.rename(tmp_path / (run.name + ".replaced"))
+    with pytest.raises(UserError, match="a complete run is there"):
+        RunFolder(run).claim()  # restores it first, then refuses to replace it unasked
+    assert json.loads((run / "final.json").read_text())["steps"] == 8
+
+
+def test_two_sweeps_into_one_out(i3d_root, tmp_path):
+    """The second sweep meets the first's lock on a run and stops in one line; nothing of the first is mixed."""
+    import fcntl
+    import os
+
+    from adapt import sweep as S
+    b = Path(i3d_root) / "i3d"
+    spec = {"methods": ["source_only"], "pairs": [[str(b / "S_train.zarr"), str(b / "T_train.zarr"),
+                                                   str(b / "T_test.zarr")]], "seeds": [0], "out": str(tmp_path),
+            "set": {"steps": 8, "stage1_steps": 4, "eval_every": 4, "batch_source": 8, "batch_target": 8,
+                    "embed_dim": 32}}
+    run = S.expand(spec)[0]
+    fd = os.open(tmp_path / f".{run.name}.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the first sweep, training this run
+    try:
+        with pytest.raises(UserError, match="another process is training this run now"):
+            S.run_sweep(spec, progress=False)
+    finally:
+        os.close(fd)
+    assert not run.dir.exists()

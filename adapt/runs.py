@@ -1,0 +1,68 @@
+"""Run folders written as a whole, one writer at a time.
+
+A run trains into ``<out>/<name>.partial`` and is renamed to ``<out>/<name>`` once its ``final.json`` is written,
+so ``<out>/<name>`` is always a complete run (config.json, metrics.jsonl, heads.pt and final.json of one training)
+or absent.  A complete run is replaced only when asked (``overwrite``): the new one is renamed into place and the
+old one deleted after.  An exclusive lock (``flock`` on ``<out>/.<name>.lock``, held for the whole training and
+released by the kernel when the process dies) makes a second writer of the same run stop in one line before it
+reads anything.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from pathlib import Path
+
+from extract.errors import UserError
+
+PARTIAL, REPLACED = ".partial", ".replaced"
+
+
+class RunFolder:
+    def __init__(self, path: Path, overwrite: bool = False):
+        self.path = Path(path)
+        self.overwrite = overwrite
+        self.work = self.path.with_name(self.path.name + PARTIAL)
+        self._lock = None
+
+    def claim(self) -> "RunFolder":
+        """Lock the run, refuse a complete run unless overwriting, and start a fresh working folder."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path.parent / f".{self.path.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"{self.path}: another process is training this run now (its lock is held); wait for "
+                            f"it, or give this run another --out or --set tag=...") from None
+        self._lock = fd
+        old = self.path.with_name(self.path.name + REPLACED)
+        if old.exists() and not self.path.exists():
+            old.rename(self.path)  # a replacement cut between its two renames: the old run is still whole
+        elif old.exists():
+            shutil.rmtree(old)
+        if (self.path / "final.json").is_file() and not self.overwrite:
+            self.release()
+            raise UserError(f"{self.path}: a complete run is there; pass --overwrite to replace it (or give this "
+                            f"run another --out or --set tag=...)")
+        if self.work.exists():
+            shutil.rmtree(self.work)  # left by a run that stopped before it finished
+        self.work.mkdir(parents=True)
+        return self
+
+    def commit(self) -> None:
+        """Put the finished run in place (the working folder holds its final.json)."""
+        old = self.path.with_name(self.path.name + REPLACED)
+        if self.path.exists():
+            self.path.rename(old)
+        self.work.rename(self.path)
+        if old.exists():
+            shutil.rmtree(old)
+
+    def release(self) -> None:
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            os.close(self._lock)
+            self._lock = None
