@@ -9,6 +9,17 @@ import typer
 from rich.table import Table
 
 
+def _store_backbone(source: str) -> str | None:
+    """The backbone a source given as a store path was extracted with."""
+    if not (str(source).endswith(".zarr") or Path(source).is_dir()):
+        return None
+    try:
+        import zarr
+        return zarr.open_group(str(source), mode="r").attrs.get("backbone")
+    except Exception:  # noqa: BLE001 - not a store: the trainer's own checks name the problem
+        return None
+
+
 def _method_names() -> list[str]:
     from adapt.methods import REGISTRY
     return list(REGISTRY)
@@ -43,7 +54,8 @@ def register(command, console):
     def train_cmd(
         method: str = typer.Option("source_only", help="Method preset (`adapt methods` lists them): "
                                                        + ", ".join(_method_names()) + "."),
-        backbone: str = typer.Option("i3d", help="Backbone of the feature stores: i3d or tbn."),
+        backbone: Optional[str] = typer.Option(None, help="Backbone of the feature stores: i3d or tbn (default: "
+                                                          "the source store's, else i3d)."),
         source: str = typer.Option(..., help="Labelled source: a domain (D1), split (D1_train) or store path."),
         target: str = typer.Option(..., help="Unlabelled target: a domain (D2), split or store path."),
         eval: Optional[str] = typer.Option(None, "--eval", help="Evaluation store (default: the target's test split)."),
@@ -67,6 +79,7 @@ def register(command, console):
         from adapt import config as C
         from adapt.data import store_path
         from adapt.train import train
+        backbone = backbone or _store_backbone(source) or "i3d"
         _, dataset = store_path(source, "train", backbone, features_root)
         given = dict(backbone=backbone, seed=seed, steps=steps, features_root=features_root, out=out, device=device,
                      eval=eval, challenge=challenge, memory_budget=memory_budget,

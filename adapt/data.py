@@ -294,6 +294,12 @@ class DomainPair:
         tgt, dt = store_path(cfg.target, "train", cfg.backbone, cfg.features_root)
         ev, _ = store_path(cfg.eval or cfg.target, "test", cfg.backbone, cfg.features_root)
         self.dataset = ds if ds == dt else "custom"
+        for p in (src, tgt, ev):
+            demo = Path(cfg.features_root) / "demo" / Path(p).relative_to(cfg.features_root) \
+                if Path(p).is_relative_to(cfg.features_root) else None
+            if not Path(p).exists() and demo is not None and demo.exists():
+                raise UserError(f"{p}: no such store; the demo's stores are under {Path(cfg.features_root) / 'demo'}"
+                                f" (--features-root {Path(cfg.features_root) / 'demo'})")
         stores = {"source": FeatureStore.open(src), "target": FeatureStore.open(tgt), "eval": FeatureStore.open(ev)}
         shared = [m for m in stores["source"].modalities if all(m in s.modalities for s in stores.values())]
         modalities = list(cfg.modalities) or shared
