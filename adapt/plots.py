@@ -103,8 +103,10 @@ def plot_accuracy(rows: list[dict], path: str | Path, metric: str = "target_top1
         for lab, (steps, mean, sd) in data[pair].items():
             ax.plot(steps, mean, label=lab, linewidth=1.6, **style[lab])
             if sd is not None:
-                ax.fill_between(steps, mean - sd, mean + sd, color=style[lab]["color"], alpha=0.15, linewidth=0)
+                ax.fill_between(steps, np.clip(mean - sd, 0, 100), np.clip(mean + sd, 0, 100),
+                                color=style[lab]["color"], alpha=0.15, linewidth=0)  # accuracies stay in [0, 100]
         ax.set_title(pair)
+        ax.set_ylim(top=min(101.0, ax.get_ylim()[1]))
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("training step")
         ax.set_ylabel(f"{metric} (%)")
@@ -118,8 +120,10 @@ def plot_accuracy(rows: list[dict], path: str | Path, metric: str = "target_top1
                 handles.append(h)
                 names.append(n)
     fig.legend(handles, names, loc="lower center", ncol=min(3, len(names)), frameon=False)
-    fig.suptitle(f"target accuracy during training (mean over seeds, band ± {std} std)")
-    fig.tight_layout(rect=(0, (0.3 * legend_rows + 0.15) / height, 1, 1 - 0.35 / height))
+    title = f"target accuracy during training (mean over seeds, band ± {std} std)"
+    fig.suptitle(title if cols > 1 else "target accuracy during training\n" + f"(mean over seeds, band ± {std} std)",
+                 fontsize=11 if cols > 1 else 10)
+    fig.tight_layout(rect=(0, (0.3 * legend_rows + 0.15) / height, 1, 1 - (0.35 if cols > 1 else 0.5) / height))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
