@@ -8,8 +8,7 @@ Table 3, "◇").  On TBN features CIA is built on TA3N (TRN aggregation, SGD 3e-
 """
 
 from adapt.methods.base import Method, facts
-from adapt.methods.ta3n import EPIC100_BASE
-from adapt.methods.ta3n import METHOD as TA3N
+from adapt.methods.ta3n import built_on_ta3n
 
 S = "CIA supplementary "
 TBN = {"when": {"backbone": "tbn"}}
@@ -38,8 +37,7 @@ METHOD = Method(
         ("fusion_mean", True, S + "Table 3 ('◇': per-modality classifier outputs averaged)", I3D),
         ("optimizer", "adam", S + "sec. 1 (E55 / E100 with I3D: Adam 1e-4)", I3D),
         ("lr", 1e-4, S + "sec. 1", I3D),
-        *[(f.setting, f.value, f.source, TBN) for f in EPIC100_BASE if f.setting],
-        *[(f.setting, f.value, f.source, TBN) for f in TA3N.facts if f.setting],
+        *built_on_ta3n(TBN),
         ("w_frame_adv", 0.5, S + "sec. 1 (lambda_fd = 0.5)", TBN),
         ("lr", 3e-3, S + "sec. 1 (SGD 3e-3 when TRN aggregates)", TBN),
     ),

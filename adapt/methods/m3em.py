@@ -10,8 +10,7 @@ flow and one on audio.
 """
 
 from adapt.methods.base import Method, facts
-from adapt.methods.ta3n import EPIC100_BASE
-from adapt.methods.ta3n import METHOD as TA3N
+from adapt.methods.ta3n import built_on_ta3n
 
 R = "M3EM report "
 TBN = {"when": {"backbone": "tbn"}}
@@ -39,8 +38,7 @@ METHOD = Method(
         ("beta_adv", 1.0, "standard GRL (the report does not state it)", I3D),
         ("optimizer", "adam", "CIA supplementary sec. 1 (the authors' I3D setting; the report states none)", I3D),
         ("lr", 1e-4, "CIA supplementary sec. 1", I3D),
-        *[(f.setting, f.value, f.source, TBN) for f in EPIC100_BASE if f.setting],
-        *[(f.setting, f.value, f.source, TBN) for f in TA3N.facts if f.setting],
+        *built_on_ta3n(TBN),
         ("fusion", "rgb+flow,audio", R + "sec. 2.3", TBN),
     ),
     differences=(

@@ -83,3 +83,8 @@ METHOD = Method(
         "Model selection: the code tests the last epoch's model; the reported figure here is the last evaluation.",
     ),
 )
+
+
+def built_on_ta3n(when: dict) -> tuple:
+    """TA3N's base and losses as fact rows restricted to ``when`` (M3EM's and CIA's "TA3N + the module" on TBN)."""
+    return tuple((f.setting, f.value, f.source, when) for f in (*EPIC100_BASE, *METHOD.facts) if f.setting)
