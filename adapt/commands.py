@@ -11,13 +11,10 @@ from rich.table import Table
 
 def _store_backbone(source: str) -> str | None:
     """The backbone a source given as a store path was extracted with."""
+    from adapt.data import store_attrs
     if not (str(source).endswith(".zarr") or Path(source).is_dir()):
         return None
-    try:
-        import zarr
-        return zarr.open_group(str(source), mode="r").attrs.get("backbone")
-    except Exception:  # noqa: BLE001 - not a store: the trainer's own checks name the problem
-        return None
+    return store_attrs(source).get("backbone")
 
 
 def _method_names() -> list[str]:

@@ -161,12 +161,16 @@ PROBABILITY = ("dropout", "dropout_video", "bank_momentum", "pl_threshold")
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
-def _coerce(name: str, value: str):
-    """A ``--set`` string as the setting's type (``none`` for the settings that take it)."""
+def _kind(name: str) -> tuple[type, bool]:
+    """(the setting's type, whether it takes none) from TrainConfig's annotation."""
     hint = _HINTS[name]
     args = typing.get_args(hint)
-    optional = type(None) in args
-    kind = next((a for a in args if a is not type(None)), hint) if args else hint
+    return (next((a for a in args if a is not type(None)), hint) if args else hint), type(None) in args
+
+
+def _coerce(name: str, value: str):
+    """A ``--set`` string as the setting's type (``none`` for the settings that take it)."""
+    kind, optional = _kind(name)
     text = value.strip()
     if optional and text.lower() in ("none", "null", ""):
         return None
@@ -195,10 +199,8 @@ def typed_value(name: str, value, where: str = "--set"):
         raise UserError(f"{where}: unknown setting {name!r} (`adapt train --settings` lists them)")
     if isinstance(value, str):
         return value  # resolve() converts strings with the --set rules
-    hint = _HINTS[name]
-    args = typing.get_args(hint)
-    kind = next((a for a in args if a is not type(None)), hint) if args else hint
-    if value is None and type(None) in args:
+    kind, optional = _kind(name)
+    if value is None and optional:
         return None
     bad = UserError(f"{where}: {name} = {value!r}: expected a {kind.__name__}")
     if kind is bool:

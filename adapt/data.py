@@ -51,13 +51,19 @@ def store_path(name: str, role: str, backbone: str, features_root: str | Path) -
                     f"a split name, or a path to a .zarr store")
 
 
-def _dataset_of_store(path: Path, registry: dict) -> str:
-    """The dataset of a store's manifest (its ``manifest_name`` attribute, a registered split), else "custom"."""
+def store_attrs(path) -> dict:
+    """A store's group attributes read without the store's checks ({} when ``path`` is not a readable store:
+    the trainer's own checks name the problem when it opens the store)."""
     try:
         import zarr
-        name = zarr.open_group(str(path), mode="r").attrs.get("manifest_name")
-    except Exception:  # noqa: BLE001 - not readable here: the trainer's own checks will name the problem
-        return "custom"
+        return dict(zarr.open_group(str(path), mode="r").attrs)
+    except Exception:  # noqa: BLE001
+        return {}
+
+
+def _dataset_of_store(path: Path, registry: dict) -> str:
+    """The dataset of a store's manifest (its ``manifest_name`` attribute, a registered split), else "custom"."""
+    name = store_attrs(path).get("manifest_name")
     entry = registry["splits"].get(str(name)) if name else None
     return entry["dataset"] if entry else "custom"
 
@@ -87,13 +93,12 @@ class StreamSource:
     (tensorstore: only their inner chunks in a version-2 store), pooled over space like ``load_domain`` pools when
     the run uses pooled features.  ``shape`` is the in-memory tensor's shape it stands for."""
 
-    def __init__(self, store: FeatureStore, modality: str, rows: np.ndarray, pool: bool):
-        self.store, self.modality, self.rows, self.pool = store, modality, rows, pool
+    def __init__(self, store: FeatureStore, modality: str, rows: np.ndarray, pool: bool, ids: np.ndarray):
+        self.store, self.modality, self.rows, self.pool, self.ids = store, modality, rows, pool, ids
         self.reader = store.reader(modality)
         full = self.reader.shape
         self.shape = (len(rows), full[1], *(full[2:3] if pool else full[2:]))
         self.dtype = torch.float16
-        self.ids = store.meta("id")
 
     def read(self, clips: np.ndarray, units: np.ndarray) -> torch.Tensor:
         """clips (N,) domain rows, units (N, T) -> (N, T, ...) float16 (CPU)."""
@@ -118,9 +123,13 @@ def _kept_rows(store: FeatureStore, path: Path) -> np.ndarray:
     return keep
 
 
+def _done_clips(store: FeatureStore) -> int:
+    return int(store.attrs.get("num_done") or store.done_mask().sum())
+
+
 def memory_bytes(store: FeatureStore, modalities: list[str], spatial: bool, form: str = "float16") -> int:
     """The bytes a store takes in memory (float16, or int8; pooled over space unless the run keeps the maps)."""
-    n = int(store.attrs.get("num_done") or store.done_mask().sum())
+    n = _done_clips(store)
     total = 0
     for m in modalities:
         shape = store.attrs["window_shapes"][m]
@@ -151,7 +160,7 @@ def load_domain(path: Path, name: str, modalities: list[str], device: torch.devi
             if not store.chunk_file(m, int(chunk)).is_file():
                 raise UserError(f"{path}: {m} chunk {chunk} missing, but clips in it are marked done; {redo}")
         if streamed:
-            feats[m] = StreamSource(store, m, keep, pool)
+            feats[m] = StreamSource(store, m, keep, pool, ids)
             continue
         reader = store.reader(m)
         shape = reader.shape[1:3] if pool else reader.shape[1:]
@@ -267,7 +276,7 @@ def memory_needs(cfg, stores: dict, modalities: list[str]) -> tuple[dict, dict]:
     """(bytes each store takes in memory, bytes its streaming buffers take): ``PREFETCH`` batches read ahead
     plus the one in use, of the units the heads see (``eval_batch`` clips for the evaluation store)."""
     sizes = {r: memory_bytes(st, modalities, cfg.spatial, cfg.feature_form) for r, st in stores.items()}
-    n = {r: int(st.attrs.get("num_done") or st.num_clips) for r, st in stores.items()}
+    n = {r: _done_clips(st) for r, st in stores.items()}
     bt = cfg.batch_target or max(1, cfg.batch_source * n["target"] // max(1, n["source"]))
     batch = {"source": cfg.batch_source, "target": bt, "eval": cfg.eval_batch}
     batch = {r: min(b, max(1, n[r])) for r, b in batch.items()}

@@ -62,8 +62,8 @@ def collect(paths: list, skipped: list | None = None) -> list[dict]:
         if p.is_file():
             for row in _read_jsonl(p):
                 add(row, p.parent / row["run"] if row.get("run") else "")
-        elif (p / "final.json").is_file() or (p.is_dir() and any(p.rglob("final.json"))):
-            found = [p / "final.json"] if (p / "final.json").is_file() else sorted(p.rglob("final.json"))
+        elif found := ([p / "final.json"] if (p / "final.json").is_file() else
+                       sorted(p.rglob("final.json")) if p.is_dir() else []):
             for f in (f for f in found if not f.parent.name.endswith((".partial", ".replaced"))):
                 row = read_final(f)
                 if row is None:

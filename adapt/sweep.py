@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+from adapt.config import typed_value
 from extract.errors import UserError
 
 SPEC_KEYS = {"name", "methods", "pairs", "seeds", "backbone", "features_root", "out", "dataset", "device",
@@ -120,12 +121,6 @@ def _fmt(v) -> str:
     return str(v).replace("/", "_").replace(os.sep, "_")
 
 
-def _typed(name: str, value, where: str):
-    """A spec value converted to the type of TrainConfig's field ``name`` (strings go through resolve's parser)."""
-    from adapt.config import typed_value
-    return typed_value(name, value, where)
-
-
 def _table(spec: dict, key: str, where: str) -> dict:
     value = spec.get(key) or {}
     if not isinstance(value, dict):
@@ -198,15 +193,15 @@ def expand(spec: dict, where: str = "spec", out: str | None = None, extra_set: d
     if "modalities" in spec:
         mods = spec["modalities"]
         given["modalities"] = [m for m in (mods.split(",") if isinstance(mods, str) else mods) if m]
-    base = {k: _typed(k, v, f"{where}: set") for k, v in _table(spec, "set", where).items()}
-    base.update({k: _typed(k, v, "--set") for k, v in (extra_set or {}).items()})
+    base = {k: typed_value(k, v, f"{where}: set") for k, v in _table(spec, "set", where).items()}
+    base.update({k: typed_value(k, v, "--set") for k, v in (extra_set or {}).items()})
     grid = _grid(_table(spec, "grid", where), f"{where}: grid")
     runs = []
     for source, target, ev in _pairs(spec, where):
         dataset = spec.get("dataset") or store_path(source, "train", backbone, root)[1]
         for method in methods:
             mspec = per_method.get(method, {})
-            mset = {k: _typed(k, v, f"{where}: per_method.{method}.set")
+            mset = {k: typed_value(k, v, f"{where}: per_method.{method}.set")
                     for k, v in _table(mspec, "set", where).items()}
             mgrid = {k: v for k, v in grid.items() if k not in mset}
             mgrid.update(_grid(_table(mspec, "grid", where), f"{where}: per_method.{method}.grid"))
@@ -234,7 +229,7 @@ def _grid(table: dict, where: str) -> dict:
     for k, values in table.items():
         if not isinstance(values, list) or not values:
             raise UserError(f"{where}: {k} must be a non-empty list of values, e.g. {k} = [0, 1]")
-        out[k] = [_typed(k, v, where) for v in values]
+        out[k] = [typed_value(k, v, where) for v in values]
     return out
 
 
