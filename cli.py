@@ -1,10 +1,12 @@
 """The `adapt` command line: one typer application for both stages.
 
-A user mistake (:class:`extract.errors.UserError`) prints one line on stderr and exits with code 2.
+A user mistake (:class:`extract.errors.UserError`) and a full disk print one line on stderr and exit with code 2;
+Ctrl-C prints what was kept and exits with code 130.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -13,6 +15,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from extract.errors import UserError
@@ -24,16 +27,38 @@ console = Console(width=_WIDTH)
 err_console = Console(stderr=True, width=_WIDTH)
 
 
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+_KEPT = {"extract": "the clips already in the store are kept",
+         "demo": "the clips already in the stores and the runs already complete are kept",
+         "train": "the runs already complete are kept (a run cut while training starts again from step 0)",
+         "convert-store": "the units already converted are kept"}
+_KEPT["sweep"] = _KEPT["train"]
+
+
 def command(*args, **kwargs):
-    """``app.command`` that turns a UserError into one line on stderr and exit code 2."""
+    """``app.command`` that turns a UserError or a full disk into one line on stderr and exit code 2, and Ctrl-C
+    into a line saying what was kept and exit code 130."""
+    kept = _KEPT.get(args[0] if args else "")
+    said = f"; {kept}" if kept else ""
+
     def wrap(fn):
         @functools.wraps(fn)
         def inner(*a, **kw):
             try:
                 return fn(*a, **kw)
             except UserError as e:
-                err_console.print(f"[red]error:[/red] {e}", markup=True, highlight=False, soft_wrap=True)
+                err_console.print(f"[red]error:[/red] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
                 raise typer.Exit(e.exit_code) from None
+            except OSError as e:
+                if e.errno not in _FULL:
+                    raise
+                err_console.print(f"[red]error:[/red] {escape(str(e.filename or 'a file'))}: {e.strerror}{said}; free some "
+                                  f"space and run the same command again to go on", highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
+            except KeyboardInterrupt:
+                err_console.print(f"interrupted{said}; run the same command again to go on",
+                                  highlight=False, soft_wrap=True)
+                raise typer.Exit(130) from None
         return app.command(*args, **kwargs)(inner)
     return wrap
 

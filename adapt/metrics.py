@@ -65,13 +65,16 @@ def write_challenge_json(path: Path, ids, verb_scores: torch.Tensor, noun_scores
     write_atomic(path, json.dumps(doc))
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, data: str | bytes) -> None:
     """Write through a temporary file and rename, so a reader never sees half a file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
         os.replace(tmp, path)
+    except OSError as e:  # a full disk raises at close, without the file's name
+        e.filename = e.filename or str(path)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -38,12 +38,8 @@ def curve(row: dict, metric: str = "target_top1") -> dict:
     """{step: value} of one run, from its metrics.jsonl (or, without one, final.json's per-evaluation top-1)."""
     run_dir = Path(row["run_dir"]) if row.get("run_dir") else None
     if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
-        out = {}
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                if metric in r:
-                    out[int(r["step"])] = float(r[metric])
+        from adapt.report import read_jsonl
+        out = {int(r["step"]): float(r[metric]) for r in read_jsonl(run_dir / "metrics.jsonl") if metric in r}
         if out:
             return out
     if metric == "target_top1" and row.get("eval_steps"):

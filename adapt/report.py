@@ -45,8 +45,9 @@ def read_final(path: Path) -> dict | None:
 
 def collect(paths: list, skipped: list | None = None) -> list[dict]:
     """Rows (final.json dicts with ``run_dir``) from run folders, folders of run folders (searched recursively)
-    and results.jsonl files; a folder without any final.json falls back to its results.jsonl.  A final.json that
-    does not parse is left out and its folder appended to ``skipped``."""
+    and results.jsonl files; a folder without any final.json falls back to its results.jsonl.  A run folder left
+    out is appended to ``skipped`` as (folder, why): its final.json is cut, or it has none (a run training now, or
+    one that stopped: a ``.partial`` folder)."""
     rows, seen = [], set()
     skipped = [] if skipped is None else skipped
 
@@ -60,19 +61,22 @@ def collect(paths: list, skipped: list | None = None) -> list[dict]:
     for p in paths:
         p = Path(p)
         if p.is_file():
-            for row in _read_jsonl(p):
+            for row in read_jsonl(p):
                 add(row, p.parent / row["run"] if row.get("run") else "")
         elif found := ([p / "final.json"] if (p / "final.json").is_file() else
                        sorted(p.rglob("final.json")) if p.is_dir() else []):
             for f in (f for f in found if not f.parent.name.endswith((".partial", ".replaced"))):
                 row = read_final(f)
                 if row is None:
-                    skipped.append(str(f.parent))
+                    skipped.append((str(f.parent), "final.json cut or unreadable"))
                 else:
                     add(row, f.parent)
+            for c in sorted(p.rglob("config.json")):
+                if not (c.parent / "final.json").is_file() and not c.parent.name.endswith(".replaced"):
+                    skipped.append((str(c.parent), "not complete (training now, or stopped before its end)"))
         elif p.is_dir():
             if (p / "results.jsonl").is_file():
-                for row in _read_jsonl(p / "results.jsonl"):
+                for row in read_jsonl(p / "results.jsonl"):
                     add(row, p / row["run"] if row.get("run") else "")
             else:
                 raise UserError(f"{p}: no runs (no final.json below it and no results.jsonl)")
@@ -81,11 +85,21 @@ def collect(paths: list, skipped: list | None = None) -> list[dict]:
     return rows
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not a results.jsonl file ({e})") from None
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines file (results.jsonl, metrics.jsonl); a bad line is one error naming its number."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {n} is not JSON ({e.msg} at column {e.colno}); the file is cut or "
+                            f"damaged") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: line {n} is not a JSON object")
+        rows.append(row)
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -269,8 +283,10 @@ def write_report(paths: list, out: str | Path | None = None, metric: str = "targ
     skipped: list = []
     rows = collect(paths, skipped)
     if skipped and console is not None:
-        console.print(f"left out {len(skipped)} run(s) whose final.json is cut or unreadable: "
-                      + ", ".join(skipped[:3]) + (" ..." if len(skipped) > 3 else ""), highlight=False)
+        for why in sorted({w for _, w in skipped}):
+            folders = [f for f, w in skipped if w == why]
+            console.print(f"left out {len(folders)} run(s), {why}: " + ", ".join(folders[:3])
+                          + (" ..." if len(folders) > 3 else ""), highlight=False)
     if not rows:
         raise UserError("no complete runs (final.json) in " + ", ".join(map(str, paths)))
     first = Path(paths[0])

@@ -5,7 +5,8 @@ so ``<out>/<name>`` is always a complete run (config.json, metrics.jsonl, heads.
 or absent.  A complete run is replaced only when asked (``overwrite``): the new one is renamed into place and the
 old one deleted after.  An exclusive lock (``flock`` on ``<out>/.<name>.lock``, held for the whole training and
 released by the kernel when the process dies) makes a second writer of the same run stop in one line before it
-reads anything.
+reads anything; a sweep holds one more on its output folder (``<out>/.sweep.lock``, per rank under torchrun), so a
+second sweep into the same folder stops before it trains anything.
 """
 
 from __future__ import annotations
@@ -20,6 +21,25 @@ from extract.errors import UserError
 PARTIAL, REPLACED = ".partial", ".replaced"
 
 
+def hold_lock(path: Path, busy: str) -> int:
+    """Take the exclusive ``flock`` on ``path`` (created if needed) without waiting; a held lock raises ``busy``
+    as a UserError.  Returns the file descriptor (the lock lasts until it is closed or the process ends)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(busy) from None
+    return fd
+
+
+def release_lock(fd: int | None) -> None:
+    if fd is not None:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 class RunFolder:
     def __init__(self, path: Path, overwrite: bool = False):
         self.path = Path(path)
@@ -29,15 +49,9 @@ class RunFolder:
 
     def claim(self) -> "RunFolder":
         """Lock the run, refuse a complete run unless overwriting, and start a fresh working folder."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path.parent / f".{self.path.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise UserError(f"{self.path}: another process is training this run now (its lock is held); wait for "
-                            f"it, or give this run another --out or --set tag=...") from None
-        self._lock = fd
+        self._lock = hold_lock(self.path.parent / f".{self.path.name}.lock",
+                               f"{self.path}: another process is training this run now (its lock is held); wait "
+                               f"for it, or give this run another --out or --set tag=...")
         old = self.path.with_name(self.path.name + REPLACED)
         if old.exists() and not self.path.exists():
             old.rename(self.path)  # a replacement cut between its two renames: the old run is still whole
@@ -62,7 +76,5 @@ class RunFolder:
             shutil.rmtree(old)
 
     def release(self) -> None:
-        if self._lock is not None:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
-            os.close(self._lock)
-            self._lock = None
+        release_lock(self._lock)
+        self._lock = None

@@ -34,6 +34,7 @@ of :mod:`adapt.report`.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -302,6 +303,22 @@ class SweepResult:
     files: list                      # files written
 
 
+@contextlib.contextmanager
+def _output_lock(out_dir: Path, rank: int, world: int, dry_run: bool):
+    """One sweep (one per rank under torchrun) writes into ``out_dir`` at a time; a second one stops in one line."""
+    from adapt.runs import hold_lock, release_lock
+    if dry_run:
+        yield
+        return
+    fd = hold_lock(out_dir / (f".sweep-rank{rank}.lock" if world > 1 else ".sweep.lock"),
+                   f"{out_dir}: another sweep is writing into this folder now (its lock is held); wait for it to "
+                   f"finish (this sweep then resumes from its complete runs) or give another --out")
+    try:
+        yield
+    finally:
+        release_lock(fd)
+
+
 def _dist():
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     rank = int(os.environ.get("RANK", "0") or 0)
@@ -339,84 +356,86 @@ def run_sweep(spec: dict | str | Path, console=None, max_stack: int = MAX_STACK,
         raise UserError(f"rank {rank} outside a world of {world}")
     local = int(os.environ.get("LOCAL_RANK", rank))
 
-    skipped, todo_groups = [], []
-    for gi, g in enumerate(groups):
-        if gi % world != rank:
-            continue
-        todo = []
-        for r in g.runs:
-            done, why = (False, "redo") if redo else is_complete(r)
-            if done:
-                skipped.append(r.name)
-            else:
-                if why not in ("not trained", "redo") and console is not None:
-                    verb = "would retrain" if dry_run else "retraining"
-                    console.print(f"[yellow]{verb}[/yellow] {escape(r.name)}: {escape(why)}")
-                todo.append(r)
-        if todo:
-            todo_groups.append((gi, g, todo))
-    n_todo = sum(len(t) for _, _, t in todo_groups)
-    missing = missing_stores([r for _, _, t in todo_groups for r in t])
-    if missing and not dry_run:  # before hours of training, not when the pair's turn comes
-        raise UserError(f"{len(missing)} feature store(s) of the sweep are missing: {', '.join(missing)} "
-                        f"(extract them first: `adapt extract`, or `adapt demo` for the demo kitchens)")
-    who = f"rank {rank}/{world}: " if world > 1 else ""
-    if console is not None:
-        name = escape(str(spec.get("name") or where))
-        console.print(f"{who}sweep {name}: {len(runs)} runs in {len(groups)} groups; "
-                      f"{len(skipped)} complete, {n_todo} to train (stacks of at most {max_stack})")
-    if dry_run:
+    out_dir = Path(runs[0].cfg.out) if runs else Path(out or "runs/sweep")
+    with _output_lock(out_dir, rank, world, dry_run):  # before reading which runs are complete
+        skipped, todo_groups = [], []
+        for gi, g in enumerate(groups):
+            if gi % world != rank:
+                continue
+            todo = []
+            for r in g.runs:
+                done, why = (False, "redo") if redo else is_complete(r)
+                if done:
+                    skipped.append(r.name)
+                else:
+                    if why not in ("not trained", "redo") and console is not None:
+                        verb = "would retrain" if dry_run else "retraining"
+                        console.print(f"[yellow]{verb}[/yellow] {escape(r.name)}: {escape(why)}")
+                    todo.append(r)
+            if todo:
+                todo_groups.append((gi, g, todo))
+        n_todo = sum(len(t) for _, _, t in todo_groups)
+        missing = missing_stores([r for _, _, t in todo_groups for r in t])
+        if missing and not dry_run:  # before hours of training, not when the pair's turn comes
+            raise UserError(f"{len(missing)} feature store(s) of the sweep are missing: {', '.join(missing)} "
+                            f"(extract them first: `adapt extract`, or `adapt demo` for the demo kitchens)")
+        who = f"rank {rank}/{world}: " if world > 1 else ""
         if console is not None:
-            _print_plan(console, groups, todo_groups, max_stack)
-            if missing:
-                console.print(f"[yellow]missing feature stores:[/yellow] {escape(', '.join(missing))}")
-        return SweepResult(runs, groups, [], skipped, [], [], [])
-
-    # same stores and data settings next to each other, so a loaded DomainPair serves several groups
-    def data_key(cfg):
-        return (cfg.source, cfg.target, cfg.eval, cfg.backbone, cfg.features_root, tuple(cfg.modalities),
-                cfg.spatial, cfg.w_target_cls > 0, cfg.device)
-    order = sorted(todo_groups, key=lambda t: (str(data_key(t[1].runs[0].cfg)), t[0]))
-    trained, failed = [], []
-    cached_key, cached_pair = None, None
-    started = time.time()
-    for i, (_, _, todo) in enumerate(order):
-        cfg0 = todo[0].cfg
-        if world > 1 and cfg0.device == "auto":
-            import torch
-            if torch.cuda.is_available():
-                for r in todo:
-                    r.cfg.device = f"cuda:{local % torch.cuda.device_count()}"
-        key = data_key(cfg0)
-        if key != cached_key:
-            cached_pair = None  # free the previous stores first
-            cached_pair = DomainPair(cfg0, resolve_device(cfg0.device))
-            cached_key = key
-        for stack in chunks(todo, max_stack):
+            name = escape(str(spec.get("name") or where))
+            console.print(f"{who}sweep {name}: {len(runs)} runs in {len(groups)} groups; "
+                          f"{len(skipped)} complete, {n_todo} to train (stacks of at most {max_stack})")
+        if dry_run:
             if console is not None:
-                tags = sorted({r.cfg.tag for r in stack if r.cfg.tag})
-                console.print(escape(f"{who}[{i + 1}/{len(order)}] {cfg0.method} {todo[0].pair}"
-                                     f"{' (' + '; '.join(tags) + ')' if tags else ''}: {len(stack)} run(s) stacked"))
-            try:
-                T.train([r.cfg for r in stack], console, progress, pair=cached_pair, overwrite=True)
-                trained.extend(r.name for r in stack)
-            except T.TrainingError as e:
-                failed.append(([r.name for r in stack], str(e)))
-                if console is not None:
-                    console.print(f"[red]stopped:[/red] {escape(str(e))}")
-    if console is not None and trained:
-        console.print(f"{who}trained {len(trained)} runs in {time.time() - started:.1f} s")
+                _print_plan(console, groups, todo_groups, max_stack)
+                if missing:
+                    console.print(f"[yellow]missing feature stores:[/yellow] {escape(', '.join(missing))}")
+            return SweepResult(runs, groups, [], skipped, [], [], [])
 
-    if dist is not None:
-        dist.barrier()
-    rows, files = [], []
-    if rank == 0:
-        rows = collect_rows(runs)
-        files = write_results(rows, Path(runs[0].cfg.out) if runs else Path(out or "runs/sweep"))
-    if dist is not None:
-        dist.barrier()
-        dist.destroy_process_group()
-    return SweepResult(runs, groups, trained, skipped, failed, rows, files)
+        # same stores and data settings next to each other, so a loaded DomainPair serves several groups
+        def data_key(cfg):
+            return (cfg.source, cfg.target, cfg.eval, cfg.backbone, cfg.features_root, tuple(cfg.modalities),
+                    cfg.spatial, cfg.w_target_cls > 0, cfg.device)
+        order = sorted(todo_groups, key=lambda t: (str(data_key(t[1].runs[0].cfg)), t[0]))
+        trained, failed = [], []
+        cached_key, cached_pair = None, None
+        started = time.time()
+        for i, (_, _, todo) in enumerate(order):
+            cfg0 = todo[0].cfg
+            if world > 1 and cfg0.device == "auto":
+                import torch
+                if torch.cuda.is_available():
+                    for r in todo:
+                        r.cfg.device = f"cuda:{local % torch.cuda.device_count()}"
+            key = data_key(cfg0)
+            if key != cached_key:
+                cached_pair = None  # free the previous stores first
+                cached_pair = DomainPair(cfg0, resolve_device(cfg0.device))
+                cached_key = key
+            for stack in chunks(todo, max_stack):
+                if console is not None:
+                    tags = sorted({r.cfg.tag for r in stack if r.cfg.tag})
+                    console.print(escape(f"{who}[{i + 1}/{len(order)}] {cfg0.method} {todo[0].pair}"
+                                         f"{' (' + '; '.join(tags) + ')' if tags else ''}: {len(stack)} run(s) stacked"))
+                try:
+                    T.train([r.cfg for r in stack], console, progress, pair=cached_pair, overwrite=True)
+                    trained.extend(r.name for r in stack)
+                except T.TrainingError as e:
+                    failed.append(([r.name for r in stack], str(e)))
+                    if console is not None:
+                        console.print(f"[red]stopped:[/red] {escape(str(e))}")
+        if console is not None and trained:
+            console.print(f"{who}trained {len(trained)} runs in {time.time() - started:.1f} s")
+
+        if dist is not None:
+            dist.barrier()
+        rows, files = [], []
+        if rank == 0:
+            rows = collect_rows(runs)
+            files = write_results(rows, Path(runs[0].cfg.out) if runs else Path(out or "runs/sweep"))
+        if dist is not None:
+            dist.barrier()
+            dist.destroy_process_group()
+        return SweepResult(runs, groups, trained, skipped, failed, rows, files)
 
 
 def missing_stores(runs: list[Run]) -> list[str]:
@@ -469,12 +488,12 @@ SCALARS = ("target_top1", "final_top1", "verb_top1", "noun_top1", "action_top1",
 
 def collect_rows(runs: list[Run]) -> list[dict]:
     """One row per complete run of the sweep: its final.json plus run, pair, run_dir and grid point."""
+    from adapt.report import read_final
     rows = []
     for r in runs:
-        path = r.dir / "final.json"
-        if not path.is_file():
+        final = read_final(r.dir / "final.json")
+        if final is None:
             continue
-        final = json.loads(path.read_text())
         rows.append({"run": r.name, "pair": r.pair, "grid": r.grid, **final})
     return rows
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import io
 import json
 import time
 from pathlib import Path
@@ -315,13 +316,15 @@ def _train(cfgs, console, progress, pair, timings, device, folders) -> list:
                 final[key] = mean(key)
         try:
             heads = {n: v[k].clone(memory_format=torch.contiguous_format) for n, v in stacked.items()}
-            torch.save(heads, d / "heads.pt")
+            buf = io.BytesIO()
+            torch.save(heads, buf)  # to memory first: a full disk is then an OSError that names the file
+            _write(d / "heads.pt", buf.getvalue())
             if c.challenge and nouns:
                 _challenge(c, k, pair, evaluate, device, d)
             _write(d / "final.json", json.dumps(final, indent=1))  # last: marks the run complete
             folders[k].commit()
-        except (OSError, RuntimeError) as e:
-            raise UserError(f"{folders[k].path}: could not write the results ({getattr(e, 'strerror', None) or e}); "
+        except OSError as e:
+            raise UserError(f"{folders[k].path}: could not write the results ({e.strerror or e}); "
                             f"nothing was put in its place (the partial run is in {d})") from None
         finals.append(final)
     return finals
@@ -442,13 +445,17 @@ def _challenge(c, k, pair, evaluate, device, d):
     metrics.write_challenge_json(d / "test.json", dom.ids, sc["verb"][k], sc["noun"][k])
 
 
-def _write(path: Path, text: str) -> None:
-    metrics.write_atomic(path, text)
+def _write(path: Path, data: str | bytes) -> None:
+    metrics.write_atomic(path, data)
 
 
 def _append(path: Path, line: str) -> None:
-    with open(path, "a") as f:
-        f.write(line + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as e:
+        e.filename = e.filename or str(path)
+        raise
 
 
 def _progress(console, enabled):

@@ -56,6 +56,8 @@ def apply_settings(cfg: ExtractConfig, items: list[str] | None) -> ExtractConfig
         value = value.strip()
         try:
             if isinstance(current, bool):
+                if value.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                    raise ValueError(value)
                 parsed = value.lower() in ("1", "true", "yes", "on")
             elif isinstance(current, int):
                 parsed = int(value)

@@ -43,7 +43,9 @@ class ClipError(Exception):
 
 
 def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split())
+    """``Type: message`` on one line, without the reprs of in-memory buffers (PIL names its ``BytesIO``)."""
+    import re
+    text = re.sub(r"\s*<_io\.\w+ object at 0x[0-9a-fA-F]+>", "", " ".join(str(e).split()))
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 

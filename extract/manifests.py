@@ -116,7 +116,9 @@ def normalise(df: pd.DataFrame, source: str | Path, video_fps: dict[str, float] 
         bad = np.flatnonzero(values.isna().to_numpy() | (values.to_numpy() % 1 != 0))
         if len(bad):
             i = int(bad[0])
-            raise UserError(f"{_fmt_row(source, i + 2, out['id'][i])}: {col} {df[col].iloc[i]!r} is not an integer")
+            value = df[col].iloc[i]
+            shown = repr(value) if isinstance(value, str) else str(value.item() if hasattr(value, "item") else value)
+            raise UserError(f"{_fmt_row(source, i + 2, out['id'][i])}: {col} {shown} is not an integer")
         out[col] = values.astype(np.int64)
     if "fps" not in out:
         out["fps"] = np.nan
@@ -134,6 +136,8 @@ def validate(df: pd.DataFrame, source: str | Path, verb_classes: int | None, nou
 
     Rows are numbered as lines of the CSV file (the header is row 1).
     """
+    if not len(df):
+        raise UserError(f"{source}: no clips (the manifest has a header and no rows)")
     ids = df["id"].to_numpy()
     if (df["id"] == "").any():
         i = int(np.flatnonzero((df["id"] == "").to_numpy())[0])
@@ -317,11 +321,12 @@ class Split:
     info: dict = field(default_factory=dict)
 
     def read(self) -> pd.DataFrame:
-        verbs = self.verb_classes if self.verb_classes is not None else EPIC100_VERBS
-        nouns = self.noun_classes if self.noun_classes else (EPIC100_NOUNS if self.dataset != "mmsada" else None)
+        """The validated table; class ids are checked against the split's class space where it is known (a
+        registered split, a demo manifest, ``--verb-classes``), else only against -1 (unlabelled) and up."""
+        nouns = self.noun_classes or None
         if self.dataset == "demo" and not self.path.is_file():
             raise UserError(f"{self.path}: demo split {self.name} not generated yet; run `adapt demo-data` first")
-        return read_manifest(self.path, verbs, nouns)
+        return read_manifest(self.path, self.verb_classes, nouns)
 
     def class_counts(self, df: pd.DataFrame) -> tuple[int, int]:
         """(verb classes, noun classes) of this split's class space."""
@@ -353,7 +358,12 @@ def resolve_split(name_or_path: str | Path) -> Split:
     if path.suffix in (".csv", ".pkl", ".pickle") or path.exists():
         if not path.is_file():
             raise UserError(f"{path}: no such manifest file")
-        return Split(path.stem, path)
+        for name, e in registry["splits"].items():  # a registered split's file given by its path
+            if (MANIFEST_DIR / e["file"]).resolve() == path.resolve():
+                return resolve_split(name)
+        meta = path.parent / "classes.json"  # a manifest of the demo layout (classes.json beside it)
+        verbs = json.loads(meta.read_text()).get("verb_classes") if meta.is_file() else None
+        return Split(path.stem, path, verb_classes=verbs)
     known = ", ".join(sorted(registry["splits"]))
     raise UserError(f"unknown split {text!r}: give a manifest file's path or one of {known}")
 

@@ -542,7 +542,13 @@ def _create_store(out: Path, df, shapes: dict, attrs: dict, chunk_clips: int | N
     if tmp.exists():
         shutil.rmtree(tmp)
     out.parent.mkdir(parents=True, exist_ok=True)
-    FeatureStore.create(tmp, df, shapes, attrs, chunk_clips=chunk_clips)
+    try:
+        FeatureStore.create(tmp, df, shapes, attrs, chunk_clips=chunk_clips)
+    except BaseException as e:  # a full disk or Ctrl-C: leave nothing half made behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            e.filename = out  # not the temporary folder, nor nothing (zarr's store leaves the name out)
+        raise
     if out.exists() and overwrite:
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.rename(out, old)
@@ -605,6 +611,7 @@ def _prepare_store(out: Path, df, shapes: dict, attrs: dict, chunk_clips: int | 
     chunks = _my_chunks(store, shard)
     if verify:
         info["repaired"] = check_and_repair(store, df, chunks)
+        info["unchecked_bits"] = store.version < 2
     if retry_failed:
         info["reset_failed"] = _reset_failed(store, chunks)
     return info
@@ -799,19 +806,29 @@ class ChunkWriter:
 
 
 def _progress(console, enabled: bool, total: int, label: str):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-    from rich.text import Text
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn
+
+    def clock(seconds) -> str:
+        s = int(seconds)
+        return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
     class Rate(ProgressColumn):
         def render(self, task):  # noqa: D401
+            from rich.text import Text
             speed = task.finished_speed or task.speed
             return Text(f"{speed:.2f} clips/s" if speed else "-- clips/s")
 
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
-                        TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
-                        console=console, disable=not enabled, transient=False)
-    return progress
+    class Times(ProgressColumn):
+        """'0:01:05 elapsed, 0:03:10 left'; the time left only while it can be estimated."""
+        def render(self, task):  # noqa: D401
+            from rich.text import Text
+            text = f"{clock(task.finished_time if task.finished else task.elapsed or 0)} elapsed"
+            if not task.finished and task.time_remaining is not None:
+                text += f", {clock(task.time_remaining)} left"
+            return Text(text)
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(), Times(),
+                    console=console, disable=not enabled, transient=False)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -923,6 +940,10 @@ def run_extraction(split, cfg: ExtractConfig, out: str | Path, checkpoints: dict
         if lead:
             for line in prep.get("repaired", [])[:MAX_REASONS]:
                 console.print(f"[yellow]repaired:[/yellow] {out}: {line}", highlight=False, soft_wrap=True)
+            if prep.get("unchecked_bits"):
+                console.print(f"[yellow]note:[/yellow] {out} is a schema-version-1 store: its chunks carry no "
+                              f"checksums, so the check finds cut and missing chunks but not flipped bits (`adapt "
+                              f"convert-store` writes a version-2 copy)", highlight=False, soft_wrap=True)
         store = FeatureStore.open(out, mode="r+")
 
         pending = store.pending_rows()
@@ -1053,8 +1074,10 @@ def run_extraction(split, cfg: ExtractConfig, out: str | Path, checkpoints: dict
         if failed_all and not allow_failures:
             first = next(iter(shown.values()), next(iter(failed_all.values())))
             where = f"shard {env.rank}/{env.world} of {sp.name}" if shard_t is not None else sp.name
+            rest = (f"the other {done} clips are in {out}" if done else
+                    f"no clip was extracted ({out} records why each failed)")
             raise ExtractionFailed(
-                f"{len(failed_all)} clips of {where} failed (first: {first}); the other clips are in {out}; fix the "
+                f"{len(failed_all)} of {store.num_clips} clips of {where} failed (first: {first}); {rest}; fix the "
                 f"data and re-run with --retry-failed, or pass --allow-failures", summary)
         return summary
     except BaseException:

@@ -315,7 +315,11 @@ class FeatureStore:
             sel = np.flatnonzero(chunks == c)
             order = sel[np.argsort(rows[sel])]
             with self._locked(int(c)):
-                put(order, rows[order])
+                try:
+                    put(order, rows[order])
+                except OSError as e:  # zarr's store leaves the file name out (a full disk reads "a file")
+                    e.filename = e.filename or str(self.path)
+                    raise
 
     def _put_features(self, rows: np.ndarray, data: dict[str, np.ndarray]) -> None:
         contiguous = rows[-1] - rows[0] + 1 == len(rows)
@@ -377,22 +381,33 @@ class UnitReader:
         self.arr = ts.open(spec, read=True, context=ts.Context({"cache_pool": {"total_bytes_limit": 0}})).result()
         self.shape = tuple(self.arr.shape)
 
-    def _read(self, view, what: str) -> np.ndarray:
+    def _read(self, view, what: str, clips) -> np.ndarray:
         try:
             return view.read().result()
         except Exception as e:  # noqa: BLE001 - tensorstore raises ValueError / its own errors on corrupt data
             kind = str(e).split(":")[0][:40]
             raise UserError(f"{self.store_path}: {self.modality} {what} do not decode ({kind}: a cut or corrupt "
-                            f"chunk); re-run `adapt extract` with this store as --out to redo them") from None
+                            f"chunk: {self._bad_chunk(clips)}); re-run `adapt extract` with this store as --out "
+                            f"to redo them") from None
+
+    def _bad_chunk(self, clips) -> str:
+        """The first chunk file (along ``clip``) among those of ``clips`` that does not decode."""
+        per = int(self.arr.chunk_layout.write_chunk.shape[0])
+        for c in sorted({int(i) // per for i in clips}):
+            try:
+                self.arr[c * per:min((c + 1) * per, self.shape[0])].read().result()
+            except Exception:  # noqa: BLE001
+                return "/".join([self.modality, "c", str(c)] + ["0"] * (len(self.shape) - 1))
+        return "?"
 
     def rows(self, lo: int, hi: int) -> np.ndarray:
-        return self._read(self.arr[lo:hi], f"features of clips {lo}..{hi - 1}")
+        return self._read(self.arr[lo:hi], f"features of clips {lo}..{hi - 1}", range(lo, hi))
 
     def units(self, clips: np.ndarray, units: np.ndarray) -> np.ndarray:
         clips = np.asarray(clips, dtype=np.int64)
         units = np.asarray(units, dtype=np.int64)
         flat = self._read(self.arr.vindex[np.repeat(clips, units.shape[1]), units.reshape(-1)],
-                          f"features of clips {clips[:3].tolist()}...")
+                          f"features of clips {clips[:3].tolist()}...", clips.tolist())
         return flat.reshape(len(clips), units.shape[1], *self.shape[2:])
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -272,6 +274,17 @@ def test_full_tbn_checkpoint_missing_modality():
         load_checkpoint(model, {"state_dict": state})
 
 
+def test_nan_weights_are_refused_at_load(tmp_path):
+    """Damaged weights stop at the checkpoint, before any clip is decoded."""
+    state = build("tbn", "audio").state_dict()
+    state["conv1_7x7_s2.weight"][0, 0, 0, 0] = float("nan")
+    path = tmp_path / "diverged.pt"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"diverged.pt: 1 tensors of the checkpoint hold NaN or Inf "
+                                              r"\(conv1_7x7_s2.weight\)"):
+        build("tbn", "audio", checkpoint=path)
+
+
 def _error(pair, state, tmp_path) -> str:
     path = tmp_path / "bad.pt"
     torch.save(state, path)
@@ -333,8 +346,20 @@ def test_other_backbone_is_named(tmp_path):
 def test_unreadable_file(tmp_path):
     path = tmp_path / "junk.pt"
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="junk.pt: not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match="junk.pt: not a PyTorch checkpoint"):
         build("tbn", "rgb", checkpoint=path)
+    cut = tmp_path / "cut.pt"
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(3)}, buf)
+    cut.write_bytes(buf.getvalue()[:200])
+    with pytest.raises(CheckpointError, match="cut.pt: a damaged PyTorch checkpoint"):
+        build("tbn", "rgb", checkpoint=cut)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"w": torch.ones(3), "opts": Fraction(1, 3)}, pickled)  # a Python object beside the tensors
+    with pytest.raises(CheckpointError, match=r"pickles Python objects besides tensors \(fractions.Fraction\).*"
+                                              r"re-save its weights alone") as e:
+        build("tbn", "rgb", checkpoint=pickled)
+    assert "weights_only" not in str(e.value)
     with pytest.raises(CheckpointError, match="nope.pt: cannot read checkpoint"):
         build("tbn", "rgb", checkpoint=tmp_path / "nope.pt")
 

@@ -169,7 +169,7 @@ def test_faulty_frames_are_recorded_and_the_rest_extracted(demo, tmp_path):
                "--no-progress", *sum((["--set", f"{k}={getattr(cfg, k)}"] for k in
                                       ("frames_per_window", "test_windows", "segments", "resize", "crop")), []))
     assert res.exit_code == 1, res.output
-    assert "3 clips of faulty failed" in res.output and "--allow-failures" in res.output
+    assert "3 of 6 clips of faulty failed" in res.output and "--allow-failures" in res.output
     assert "Traceback" not in res.output
     st = FeatureStore.open(out)
     failed = st.failed()
@@ -199,7 +199,7 @@ def test_faulty_frames_are_recorded_and_the_rest_extracted(demo, tmp_path):
     assert st.done_mask().tolist() == [True, True, True, True, False, False]
     with pytest.raises(ExtractionFailed) as e:
         run_extraction(split, cfg, out, {}, device="cpu", workers=0, console=quiet())
-    assert e.value.exit_code == 1 and "2 clips of faulty failed" in str(e.value)
+    assert e.value.exit_code == 1 and "2 of 6 clips of faulty failed" in str(e.value)
 
 
 def test_truncated_video_and_frame_past_its_end(demo, tmp_path):

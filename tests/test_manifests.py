@@ -115,6 +115,7 @@ BAD = {
     "duplicate id": ("id,video_id,start_frame,stop_frame\na,P01_01,1,10\nb,P01_01,1,10\na,P01_01,3,9\n",
                      "row 4 (id a): duplicate id (first seen in row 2)"),
     "not an integer": ("id,video_id,start_frame,stop_frame\na,P01_01,x,10\n", "start_frame 'x' is not an integer"),
+    "fractional": ("id,video_id,start_frame,stop_frame\na,P01_01,12.5,30\n", "start_frame 12.5 is not an integer"),
     "zero start": ("id,video_id,start_frame,stop_frame\na,P01_01,0,10\n", "start_frame 0 < 1"),
 }
 
@@ -127,10 +128,41 @@ def test_bad_manifest_is_one_line_naming_file_and_row(tmp_path, case):
     with pytest.raises(UserError) as info:
         M.read_manifest(path)
     assert message in str(info.value) and str(path) in str(info.value)
-    result = runner.invoke(app, ["manifests", str(path)])
+    result = runner.invoke(app, ["manifests", str(path), "--verb-classes", "97", "--noun-classes", "300"])
     assert result.exit_code == 2
     assert "Traceback" not in result.output
     assert message in " ".join(result.output.split())
+
+
+def test_class_bounds_are_the_class_space_where_known_and_header_only_is_refused(tmp_path):
+    """A registered or demo manifest is checked against its class space, upper and lower bound alike; a manifest
+    of unknown class space only against -1 (unlabelled), its class count then read from its largest id."""
+    demo = M.MANIFEST_DIR / "demo"
+    if not (demo / "classes.json").is_file():
+        pytest.skip("no demo manifests (run `adapt demo-data`)")
+    verbs = json.loads((demo / "classes.json").read_text())["verb_classes"]
+    rows = (demo / "K1_train.csv").read_text().splitlines()
+    header, first = rows[0], rows[1].split(",")
+    col = header.split(",").index("verb_class")
+    for name, value in (("high", verbs + 34), ("low", -5)):
+        copy = tmp_path / name / "K1_train.csv"
+        copy.parent.mkdir()
+        (copy.parent / "classes.json").write_bytes((demo / "classes.json").read_bytes())
+        copy.write_text("\n".join([header, ",".join(first[:col] + [str(value)] + first[col + 1:])]) + "\n")
+        result = runner.invoke(app, ["manifests", str(copy)])
+        assert result.exit_code == 2, result.output
+        assert f"verb_class {value} out of range -1..{verbs - 1}" in " ".join(result.output.split())
+    loose = tmp_path / "loose.csv"
+    loose.write_text("id,video_id,start_frame,stop_frame,verb_class\na,P01_01,1,10,42\nb,P01_01,1,10,3\n")
+    assert M.summarise(M.resolve_split(loose))["verb_classes"] == 43
+    loose.write_text("id,video_id,start_frame,stop_frame,verb_class\na,P01_01,1,10,-5\n")
+    with pytest.raises(UserError, match=r"verb_class -5 out of range >= -1"):
+        M.resolve_split(loose).read()
+    assert M.resolve_split(demo / "K1_train.csv").name == "K1_train"  # the registered split, by its path
+    empty = tmp_path / "empty.csv"
+    empty.write_text("id,video_id,start_frame,stop_frame\n")
+    result = runner.invoke(app, ["manifests", str(empty)])
+    assert result.exit_code == 2 and "no clips (the manifest has a header and no rows)" in result.output
 
 
 def test_bad_class_for_mmsada_class_space(tmp_path):

@@ -187,7 +187,12 @@ def test_a_cut_final_json_is_left_out_and_not_taken_for_complete(tmp_path):
     (good / "final.json").write_text(json.dumps({"method": "source_only", "source": "S", "target": "T",
                                                  "target_top1": 50.0, "seed": 0}))
     (cut / "final.json").write_text('{"method": "source_only", "target_to')
+    stopped = tmp_path / "c_run.partial"
+    stopped.mkdir()
+    (stopped / "config.json").write_text("{}")
     skipped = []
     rows = R.collect([tmp_path], skipped)
-    assert [r["target_top1"] for r in rows] == [50.0] and skipped == [str(cut)]
+    assert [r["target_top1"] for r in rows] == [50.0]
+    assert skipped == [(str(cut), "final.json cut or unreadable"),
+                       (str(stopped), "not complete (training now, or stopped before its end)")]
     assert R.read_final(cut / "final.json") is None

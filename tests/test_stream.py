@@ -178,7 +178,7 @@ def test_a_flipped_bit_fails_its_checksum(tmp_path):
     data = bytearray(chunk.read_bytes())
     data[100] ^= 1 << 5
     chunk.write_bytes(bytes(data))
-    with pytest.raises(UserError, match="rgb features of clips 0..4 do not decode"):
+    with pytest.raises(UserError, match=r"rgb features of clips 0..4 do not decode \(.*chunk: rgb/c/0/0/0/0/0\)"):
         FeatureStore.open(src).reader("rgb").rows(0, 5)
 
 

@@ -133,11 +133,22 @@ def read_checkpoint(path: str | os.PathLike, *, weights_only: bool = True) -> tu
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
     except Exception as e:  # torch raises many types (UnpicklingError, RuntimeError, EOFError ...)
-        reason = " ".join(str(e).split())[:300]
-        hint = " (if you trust this file, load it with weights_only=False)" if weights_only else ""
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint: {type(e).__name__}: {reason}{hint}") \
-            from e
+        raise CheckpointError(f"{path}: {_why_unreadable(data, e)}") from e
     return obj, hashlib.sha256(data).hexdigest()
+
+
+def _why_unreadable(data: bytes, e: Exception) -> str:
+    """One clause on why ``torch.load`` refused ``data``: not a checkpoint at all, a damaged one, or one that pickles
+    Python objects besides tensors (which a tensors-only load refuses)."""
+    import re
+    text = " ".join(str(e).split())
+    if not (data[:4] == b"PK\x03\x04" or data[:1] == b"\x80"):  # torch.save's zip, or the legacy pickle
+        return "not a PyTorch checkpoint (neither torch.save's zip format nor its legacy pickle)"
+    found = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"the checkpoint pickles Python objects besides tensors ({found[0]}), which this tool does not "
+                f"unpickle; if you trust the file, re-save its weights alone: torch.save(state_dict, 'weights.pt')")
+    return f"a damaged PyTorch checkpoint ({type(e).__name__}: {text[:160]})"
 
 
 def _fmt_keys(keys: list[str], describe=None) -> str:
@@ -230,6 +241,10 @@ def load_state(model: nn.Module, state: Mapping[str, Any], *, backbone: str, mod
     if problems:
         raise CheckpointError(f"{source}: checkpoint does not fit {backbone}/{modality}: "
                               f"{_diagnose(state, backbone, modality)}{'; '.join(problems)}")
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:  # else every clip would decode and then fail as "non-finite features"
+        raise CheckpointError(f"{source}: {len(broken)} tensors of the checkpoint hold NaN or Inf "
+                              f"({_fmt_keys(broken)}); the weights are damaged or from a diverged training")
     full = dict(state)
     for k in tolerated:
         full[k] = own[k]
