@@ -270,8 +270,12 @@ def is_complete(run: Run) -> tuple[bool, str]:
     final = run.dir / "final.json"
     if not final.is_file():
         return False, "not trained"
-    if read_final(final) is None:
+    done = read_final(final)
+    if done is None:
         return False, "final.json cut or unreadable"
+    for k in ("method", "seed", "tag"):  # final.json's own record of the run (with config.json's below)
+        if k in done and done[k] != getattr(run.cfg, k):
+            return False, f"final.json says {k}={done[k]!r}, the sweep {getattr(run.cfg, k)!r}"
     cfg_path = run.dir / "config.json"
     if not cfg_path.is_file():
         return True, ""
