@@ -1,6 +1,6 @@
 """The `adapt` command line: one typer application for both stages.
 
-A user mistake (:class:`extract.errors.UserError`) and a full disk print one line on stderr and exit with code 2;
+A user mistake (:class:`featstore.errors.UserError`) and a full disk print one line on stderr and exit with code 2;
 Ctrl-C prints what was kept and exits with code 130.
 """
 
@@ -11,14 +11,15 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from extract.errors import UserError
+from featstore.errors import UserError
+from featstore.paths import DEMO_FEATURES
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Multi-modal domain adaptation for fine-grained action recognition on cached features.")
@@ -73,7 +74,7 @@ def convert_manifests(
     out: Path = typer.Option(None, help="Output folder (default: the project's manifests/)."),
 ):
     """Convert the original MM-SADA and EPIC-100 UDA pickles into the project's CSV manifests and registry."""
-    from extract import manifests as M
+    from featstore import manifests as M
     registry = M.convert_originals(src, out or M.MANIFEST_DIR)
     n = sum(1 for e in registry["splits"].values() if e["dataset"] != "demo")
     console.print(f"wrote {n} split manifests and registry.json to {out or M.MANIFEST_DIR}")
@@ -87,7 +88,7 @@ def manifests_cmd(
     noun_classes: Optional[int] = typer.Option(None, help="Class-space size to check noun_class against."),
 ):
     """List the known splits, or validate a manifest file and summarise it."""
-    from extract import manifests as M
+    from featstore import manifests as M
     rows = []
     if path is not None:
         split = M.resolve_split(path)
@@ -128,7 +129,7 @@ def inspect_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Print what a feature store holds: modalities, shapes, clips done / failed, attributes."""
-    from extract.store import FeatureStore
+    from featstore.store import FeatureStore
     st = FeatureStore.open(store)
     info = st.info()
     summary = {
@@ -166,7 +167,7 @@ def convert_store_cmd(
     resumable: run it again after an interruption."""
     from rich.progress import Progress
 
-    from extract.store import convert_store
+    from featstore.convert import convert_store
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task(f"converting {store}", total=None)
         path = convert_store(store, out, progress=lambda d, t: bar.update(task, completed=d, total=t))
@@ -210,6 +211,34 @@ def check_checkpoint_cmd(
     console.print(f"{checkpoint} ({r['layout']}, {r['classes']} classes) on {video or frames}:")
     for name, p in r["top"]:
         console.print(f"  {p:6.1%}  {name}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the demo: both stages, composed here (extract writes the stores, adapt trains on them)
+
+
+@command("demo")
+def demo_cmd(
+    features: Path = typer.Option(DEMO_FEATURES, help="Root of the demo stores "
+                                                             "(<features>/<backbone>/<split>.zarr)."),
+    checkpoint: List[str] = typer.Option([], "--checkpoint", help="MODALITY=PATH (default: random weights)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    workers: Optional[int] = typer.Option(None, help="Decoding worker processes."),
+    batch_size: Optional[int] = typer.Option(None, help="Clips per backbone batch."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+):
+    """The demo: generate the demo data if missing, extract I3D rgb+flow features of K1 and K2 (train and test)
+    with the demo settings, then train source-only and CIA from K1 to K2 on them."""
+    import time
+
+    from adapt.train import run_demo
+    from extract.commands import extract_demo_stores, parse_checkpoints
+    t0 = time.perf_counter()
+    extract_demo_stores(features, parse_checkpoints(checkpoint), console, device=device, batch_size=batch_size,
+                        workers=workers, progress=progress)
+    console.print("[3/3] training on the demo features")
+    run_demo(console, features_root=str(features))
+    console.print(f"demo done in {time.perf_counter() - t0:.0f} s", highlight=False)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The adaptation stage's commands: train, import-features, sweep, report."""
+"""The adaptation stage's commands (methods, train, import-features, sweep, report): the CLI layer over
+:mod:`adapt.train`, :mod:`adapt.sweep`, :mod:`adapt.report` and :mod:`adapt.importer`, registered by ``cli.py``."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
+from adapt.sweep import MAX_STACK
+from featstore.errors import UserError
+
 
 def _store_backbone(source: str) -> str | None:
     """The backbone a source given as a store path was extracted with."""
-    from adapt.data import store_attrs
+    from featstore.paths import store_attrs
     if not (str(source).endswith(".zarr") or Path(source).is_dir()):
         return None
     return store_attrs(source).get("backbone")
@@ -30,7 +34,7 @@ def register(command, console):
     ):
         """The methods: their papers and presets; with a name, every fact of its preset and where it comes from."""
         from adapt.methods import REGISTRY, markdown_table
-        from extract.errors import UserError
+        from featstore.errors import UserError
         if name is None:
             if markdown:
                 print(markdown_table())
@@ -74,10 +78,10 @@ def register(command, console):
     ):
         """Train adaptation heads on cached features and report target accuracy as the papers do."""
         from adapt import config as C
-        from adapt.data import store_path
+        from featstore.paths import resolve_store
         from adapt.train import train
         backbone = backbone or _store_backbone(source) or "i3d"
-        _, dataset = store_path(source, "train", backbone, features_root)
+        _, dataset = resolve_store(source, "train", backbone, features_root)
         given = dict(backbone=backbone, seed=seed, steps=steps, features_root=features_root, out=out, device=device,
                      eval=eval, challenge=challenge, memory_budget=memory_budget,
                      modalities=[m for m in (modalities or "").split(",") if m] or None)
@@ -103,8 +107,74 @@ def register(command, console):
         console.print(table)
         console.print(f"results in {Path(out)}")
 
-    from adapt.importer import register_import
-    from adapt.report import register_report
-    from adapt.sweep import register_sweep
-    for register_more in (register_import, register_sweep, register_report):
-        register_more(command, console)
+    @command("import-features")
+    def import_cmd(
+        path: Path = typer.Argument(..., help="EPIC-100 UDA features pickle or HDF5 file."),
+        manifest: str = typer.Option(..., help="Annotation split (name or file) to join on narration_id."),
+        out: Path = typer.Option(..., help="The feature store to write (.zarr)."),
+        backbone: str = typer.Option("tbn", help="Backbone the features came from (the trainer checks it)."),
+        features_name: str = typer.Option("", help="A name for how the features were made; stores to be used "
+                                                   "together must carry the same name."),
+        overwrite: bool = typer.Option(False, help="Replace an existing store."),
+    ):
+        """Import features you already have (EPIC-100 UDA challenge pickles, HDF5) into a feature store."""
+        from adapt.importer import import_features
+        store = import_features(path, manifest, out, backbone, features_name, overwrite)
+        console.print(f"wrote {store.num_clips} clips ({', '.join(store.modalities)}) to {out}")
+
+    @command("sweep")
+    def sweep_cmd(
+        spec: Path = typer.Argument(..., help="Sweep spec (TOML or YAML): methods, pairs, seeds, set, grid, "
+                                              "per_method, backbone, features_root, out."),
+        max_stack: int = typer.Option(MAX_STACK, "--max-stack", help="Most runs trained stacked in one call."),
+        out: Optional[str] = typer.Option(None, help="Folder of the run folders and results (default: the spec's)."),
+        set_: List[str] = typer.Option([], "--set", help="Change a base setting of every run: --set steps=100."),
+        redo: bool = typer.Option(False, help="Retrain complete runs too."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Print the groups and what would be trained."),
+        metric: str = typer.Option("target_top1", help="Metric of the final table."),
+        quiet: bool = typer.Option(False, help="No progress bars."),
+    ):
+        """Train a grid of methods x pairs x settings x seeds, stacked; resumable; one results table."""
+        from adapt import config as C
+        from adapt import report as R
+        from adapt.sweep import run_sweep
+        res = run_sweep(spec, console, max_stack=max_stack, progress=not quiet, out=out,
+                        extra_set=C.parse_sets(set_), redo=redo, dry_run=dry_run)
+        if res.files:
+            console.print(f"results: {', '.join(str(f) for f in res.files)}")
+            if res.rows:
+                for table in R.build_tables(res.rows, metric=metric):
+                    R.print_table(table, console)
+            missing = len(res.runs) - len(res.rows)
+            if missing:
+                console.print(f"[yellow]{missing} run(s) have no results (no final.json)[/yellow]")
+        if res.failed:
+            from adapt.train import TrainingError
+            names = [n for stack, _ in res.failed for n in stack]
+            raise TrainingError(f"{len(names)} run(s) stopped: {', '.join(names)} (see above); the others are "
+                                f"complete")
+
+    @command("report")
+    def report_cmd(
+        runs: List[Path] = typer.Argument(None, help="Run folders, folders of run folders, or results.jsonl files."),
+        out: Optional[Path] = typer.Option(None, help="Where report.md, report.csv and the plots go "
+                                                      "(default: the first RUNS folder)."),
+        metric: str = typer.Option("target_top1", help="final.json key of the cells, e.g. target_top1, final_top1, "
+                                                       "per_modality.rgb; EPIC-100: top1 or top5."),
+        std: str = typer.Option("sample", help="Std over seeds: sample (n-1) or population (n)."),
+        tsne: Optional[Path] = typer.Option(None, "--tsne", help="A run folder: write its t-SNE plot (before / after "
+                                                                 "adaptation, per modality)."),
+        max_points: int = typer.Option(500, help="t-SNE: most points per domain."),
+        no_plots: bool = typer.Option(False, "--no-plots", help="Tables only."),
+    ):
+        """Result tables (mean ± std over seeds per domain pair), accuracy curves and t-SNE plots."""
+        from adapt.report import write_report
+        if not runs and tsne is None:
+            raise UserError("give run folders (or results.jsonl files), or --tsne RUN")
+        if runs:
+            write_report(list(runs), out, metric, std, console, plots=not no_plots)
+        if tsne is not None:
+            from adapt import plots as P
+            target = (Path(out) if out else Path(tsne)) / "tsne.png"
+            P.plot_tsne(tsne, target, max_points=max_points)
+            console.print(f"wrote {target}")

@@ -21,7 +21,8 @@ import typing
 from dataclasses import dataclass, field, fields
 
 from adapt.methods.ta3n import EPIC100_BASE
-from extract.errors import UserError
+from featstore.errors import UserError
+from featstore.settings import coerce, kind_of, split_items
 
 
 @dataclass
@@ -163,33 +164,13 @@ _HINTS = typing.get_type_hints(TrainConfig)
 
 def _kind(name: str) -> tuple[type, bool]:
     """(the setting's type, whether it takes none) from TrainConfig's annotation."""
-    hint = _HINTS[name]
-    args = typing.get_args(hint)
-    return (next((a for a in args if a is not type(None)), hint) if args else hint), type(None) in args
+    return kind_of(_HINTS[name])
 
 
 def _coerce(name: str, value: str):
     """A ``--set`` string as the setting's type (``none`` for the settings that take it)."""
     kind, optional = _kind(name)
-    text = value.strip()
-    if optional and text.lower() in ("none", "null", ""):
-        return None
-    if kind is bool:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-        raise UserError(f"--set {name}={value}: expected true or false")
-    try:
-        if kind is int:
-            return int(text)
-        if kind is float:
-            return float(text)
-    except ValueError:
-        raise UserError(f"--set {name}={value}: expected {'an integer' if kind is int else 'a number'}") from None
-    if kind is list:
-        return [_number(v) for v in text.split(",") if v]
-    return text
+    return coerce(name, value, kind, optional)
 
 
 def typed_value(name: str, value, where: str = "--set"):
@@ -222,25 +203,9 @@ def typed_value(name: str, value, where: str = "--set"):
     return value
 
 
-def _number(v: str):
-    try:
-        return int(v)
-    except ValueError:
-        try:
-            return float(v)
-        except ValueError:
-            return v
-
-
 def parse_sets(items: list[str]) -> dict:
     """``["w_adv=0", "sc=false"]`` -> dict of raw strings; unknown keys are refused by :func:`resolve`."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise UserError(f"--set {item!r}: expected key=value")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
+    return split_items(items)
 
 
 def check(cfg: TrainConfig) -> None:

@@ -20,52 +20,9 @@ import numpy as np
 import torch
 
 from adapt import parts
-from extract import manifests as M
-from extract.errors import UserError
-from extract.store import FeatureStore, check_compatible
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine (use auto or cpu)")
-    return torch.device(device)
-
-
-def store_path(name: str, role: str, backbone: str, features_root: str | Path) -> tuple[Path, str]:
-    """A domain (``D1``), split (``D1_train``) or store path (``x.zarr``) -> (store path, dataset name).
-
-    ``role`` is 'train' or 'test' and picks the split of a domain.
-    """
-    text = str(name)
-    registry = M.load_registry()
-    if text.endswith(".zarr") or Path(text).is_dir():
-        return Path(text), _dataset_of_store(Path(text), registry)
-    if text in registry["domains"]:
-        dom = registry["domains"][text]
-        return Path(features_root) / backbone / f"{dom[role]}.zarr", dom["dataset"]
-    if text in registry["splits"]:
-        return Path(features_root) / backbone / f"{text}.zarr", registry["splits"][text]["dataset"]
-    raise UserError(f"unknown domain, split or store {text!r}: one of {', '.join(registry['domains'])}, "
-                    f"a split name, or a path to a .zarr store")
-
-
-def store_attrs(path) -> dict:
-    """A store's group attributes read without the store's checks ({} when ``path`` is not a readable store:
-    the trainer's own checks name the problem when it opens the store)."""
-    try:
-        import zarr
-        return dict(zarr.open_group(str(path), mode="r").attrs)
-    except Exception:  # noqa: BLE001
-        return {}
-
-
-def _dataset_of_store(path: Path, registry: dict) -> str:
-    """The dataset of a store's manifest (its ``manifest_name`` attribute, a registered split), else "custom"."""
-    name = store_attrs(path).get("manifest_name")
-    entry = registry["splits"].get(str(name)) if name else None
-    return entry["dataset"] if entry else "custom"
+from featstore.errors import UserError
+from featstore.paths import resolve_store
+from featstore.store import FeatureStore, check_compatible
 
 
 @dataclass
@@ -299,9 +256,9 @@ class DomainPair:
     memory, or streamed when the stores do not fit the memory budget (``memory_budget``, :func:`plan_memory`)."""
 
     def __init__(self, cfg, device: torch.device):
-        src, ds = store_path(cfg.source, "train", cfg.backbone, cfg.features_root)
-        tgt, dt = store_path(cfg.target, "train", cfg.backbone, cfg.features_root)
-        ev, _ = store_path(cfg.eval or cfg.target, "test", cfg.backbone, cfg.features_root)
+        src, ds = resolve_store(cfg.source, "train", cfg.backbone, cfg.features_root)
+        tgt, dt = resolve_store(cfg.target, "train", cfg.backbone, cfg.features_root)
+        ev, _ = resolve_store(cfg.eval or cfg.target, "test", cfg.backbone, cfg.features_root)
         self.dataset = ds if ds == dt else "custom"
         for p in (src, tgt, ev):
             demo = Path(cfg.features_root) / "demo" / Path(p).relative_to(cfg.features_root) \
@@ -389,11 +346,25 @@ class DomainPair:
         pos = np.asarray(self.stored)
         return np.array([int(np.argmin(np.abs(pos - c))) for c in centres])
 
-    def eval_views(self) -> list[np.ndarray]:
+    def eval_views(self, dom: "Domain | None" = None) -> list[np.ndarray]:
         """The unit sets that evaluation averages over: each window (I3D) or the group centres (TBN)."""
         if self.heads_units == 1:
-            return [np.array([w]) for w in range(self.eval.units)]
+            return [np.array([w]) for w in range((dom or self.eval).units)]
         return [self.fixed_units()]
+
+
+def averaged_over_views(rows: torch.Tensor, views: list[np.ndarray], batch: int, forward, dim: int) -> dict:
+    """The evaluation protocol (MM-SADA's test: each stored window a view, the outputs averaged over the views):
+    ``forward(clips, units)`` on every view's units of the clips ``rows``, ``batch`` clips at a time, concatenated
+    along ``dim`` and averaged over the views.  The trainer's evaluation and the plots' features both use it."""
+    total = None
+    for view in views:
+        units = torch.from_numpy(view).to(rows.device)
+        outs = [forward(rows[lo:lo + batch], units.expand(len(rows[lo:lo + batch]), -1))
+                for lo in range(0, len(rows), batch)]
+        s = {k: torch.cat([o[k] for o in outs], dim=dim) for k in outs[0]}
+        total = s if total is None else {k: total[k] + s[k] for k in s}
+    return {k: v / len(views) for k, v in total.items()}
 
 
 class EpochSampler:

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from extract import manifests as M
-from extract.errors import UserError
-from extract.store import FeatureStore
+from featstore import manifests as M
+from featstore.errors import UserError
+from featstore.schema import StoreAttrs
+from featstore.store import FeatureStore
 
 NAMES = {"rgb": "rgb", "flow": "flow", "audio": "audio", "spec": "audio"}
 ID_KEYS = ("narration_ids", "narration_id", "ids", "id")
@@ -99,14 +100,12 @@ def import_features(path: str | Path, manifest: str | Path, out: str | Path, bac
     verbs, nouns = split.class_counts(rows)
     shapes = {m: tuple(v.shape[1:]) for m, v in feats.items()}
     file_sha = _sha256(path)
-    attrs = {
-        "backbone": backbone, "checkpoints": {m: None for m in feats},
-        "sampling": {"backbone": backbone, "segments": int(next(iter(segs))), "imported": True},
-        "preprocessing": {"imported": features_name or "epic100-uda-challenge"},
-        "manifest_name": split.name, "manifest_sha256": M.manifest_sha256(rows), "verb_classes": verbs,
-        "noun_classes": nouns, "imported_from": {"file": str(path), "sha256": file_sha},
-        "split_kind": "train" if "train" in split.name else "test",
-    }
+    attrs = StoreAttrs(
+        backbone=backbone, checkpoints={m: None for m in feats},
+        sampling={"backbone": backbone, "segments": int(next(iter(segs))), "imported": True},
+        preprocessing={"imported": features_name or "epic100-uda-challenge"}, manifest_name=split.name,
+        manifest_sha256=M.manifest_sha256(rows), verb_classes=verbs, noun_classes=nouns,
+        split_kind=M.split_kind_of(split.name), imported_from={"file": str(path), "sha256": file_sha})
     store = FeatureStore.create(out, rows, shapes, attrs, overwrite=overwrite)
     chunk = store.chunk_clips
     for lo in range(0, n, chunk):
@@ -118,21 +117,3 @@ def import_features(path: str | Path, manifest: str | Path, out: str | Path, bac
         store.write(np.arange(sl.start, sl.stop), block)
     store.finalise()
     return store
-
-
-def register_import(command, console):
-    import typer
-
-    @command("import-features")
-    def import_cmd(
-        path: Path = typer.Argument(..., help="EPIC-100 UDA features pickle or HDF5 file."),
-        manifest: str = typer.Option(..., help="Annotation split (name or file) to join on narration_id."),
-        out: Path = typer.Option(..., help="The feature store to write (.zarr)."),
-        backbone: str = typer.Option("tbn", help="Backbone the features came from (the trainer checks it)."),
-        features_name: str = typer.Option("", help="A name for how the features were made; stores to be used "
-                                                   "together must carry the same name."),
-        overwrite: bool = typer.Option(False, help="Replace an existing store."),
-    ):
-        """Import features you already have (EPIC-100 UDA challenge pickles, HDF5) into a feature store."""
-        store = import_features(path, manifest, out, backbone, features_name, overwrite)
-        console.print(f"wrote {store.num_clips} clips ({', '.join(store.modalities)}) to {out}")

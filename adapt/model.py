@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from adapt import parts
-from extract.errors import UserError
+from featstore.errors import UserError
 
 
 def stream_groups(fusion: str, modalities: list[str]) -> list[tuple]:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from extract.errors import UserError
+from adapt.results import mean_std, pair_of, pair_order, read_jsonl, row_label, row_order
+from featstore.errors import UserError
 
 SOURCE_COLOUR, TARGET_COLOUR = "#1f77b4", "#ff7f0e"
 
@@ -38,7 +39,6 @@ def curve(row: dict, metric: str = "target_top1") -> dict:
     """{step: value} of one run, from its metrics.jsonl (or, without one, final.json's per-evaluation top-1)."""
     run_dir = Path(row["run_dir"]) if row.get("run_dir") else None
     if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
-        from adapt.report import read_jsonl
         out = {int(r["step"]): float(r[metric]) for r in read_jsonl(run_dir / "metrics.jsonl") if metric in r}
         if out:
             return out
@@ -49,14 +49,13 @@ def curve(row: dict, metric: str = "target_top1") -> dict:
 
 def accuracy_curves(rows: list[dict], metric: str = "target_top1", std: str = "sample") -> dict:
     """{pair: {label: (steps, mean, std or None)}} over the seeds of each label (steps every seed has)."""
-    from adapt.report import _label, _row_order, mean_std, pair_of
     backbones = len({r.get("backbone") for r in rows})
     grouped: dict = {}
     for r in rows:
         c = curve(r, metric)
         if c:
-            grouped.setdefault(pair_of(r), {}).setdefault(_label(r, backbones), []).append(c)
-    order = _row_order(rows, backbones)
+            grouped.setdefault(pair_of(r), {}).setdefault(row_label(r, backbones), []).append(c)
+    order = row_order(rows, backbones)
     out = {}
     for pair, labels in grouped.items():
         out[pair] = {}
@@ -72,13 +71,12 @@ def accuracy_curves(rows: list[dict], metric: str = "target_top1", std: str = "s
 
 def plot_accuracy(rows: list[dict], path: str | Path, metric: str = "target_top1", std: str = "sample"):
     """One panel per pair; returns the PNG path, or None when no run has evaluations."""
-    from adapt.report import _pair_order
     data = accuracy_curves(rows, metric, std)
     if not data:
         return None
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
-    pairs = sorted(data, key=_pair_order)
+    pairs = sorted(data, key=pair_order)
     cols = min(3, len(pairs))
     rows_n = math.ceil(len(pairs) / cols)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -189,29 +187,20 @@ def adapted_features(cfg, pair, model, params, dom, idx: np.ndarray, batch: int 
     import torch
     from torch.func import functional_call
 
-    from adapt.data import Gatherer, standardisation
-    if pair.heads_units == 1:
-        views = [np.array([w]) for w in range(dom.units)]  # each stored window, as evaluation does
-    else:
-        views = pair.eval_views()
+    from adapt.data import Gatherer, averaged_over_views, standardisation
     # the inputs as the run saw them: AdaBN with each domain's own statistics, otherwise the source store's
     stats = standardisation(dom) if cfg.adabn else standardisation(pair.source) if cfg.standardise else None
     gatherer = Gatherer(next(iter(dom.feats.values())).device)
     key = torch.tensor(cfg.seed, dtype=torch.int64)
-    sums = None
+
+    def forward(rows, units):
+        x = {m: v[0] for m, v in gatherer([(dom, (rows[None], units[None]), stats)], list(dom.feats)).items()}
+        out = functional_call(model, params, (x, key, 0.0))
+        return {m: v.float() for m, v in out["video"].items()}
+
     with torch.no_grad():
-        for view in views:
-            parts = []
-            for lo in range(0, len(idx), batch):
-                rows = torch.from_numpy(idx[lo:lo + batch])
-                units = torch.from_numpy(view).expand(len(rows), -1)
-                x = {m: v[0] for m, v in gatherer([(dom, (rows[None], units[None]), stats)],
-                                                  list(dom.feats)).items()}
-                out = functional_call(model, params, (x, key, 0.0))
-                parts.append({m: v.float() for m, v in out["video"].items()})
-            v = {m: torch.cat([p[m] for p in parts]) for m in parts[0]}
-            sums = v if sums is None else {m: sums[m] + v[m] for m in v}
-    return {m: (s / len(views)).numpy() for m, s in sums.items()}
+        v = averaged_over_views(torch.from_numpy(idx), pair.eval_views(dom), batch, forward, dim=0)
+    return {m: s.numpy() for m, s in v.items()}
 
 
 def tsne_embeddings(run_dir: str | Path, max_points: int = 500, seed: int = 0) -> dict:

@@ -19,105 +19,18 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
 
-from extract.errors import UserError
+from adapt.results import collect, mean_std, pair_of, pair_order, row_label, row_order
+from featstore.errors import UserError
 
 EPIC_KEYS = {"top1": ("verb_top1", "noun_top1", "action_top1"), "top5": ("verb_top5", "noun_top5", "action_top5")}
 
 
 # ------------------------------------------------------------------------------------------------------------
-# reading runs
-
-
-def read_final(path: Path) -> dict | None:
-    """A run's final.json, or None when it is cut or not JSON (the run then counts as not complete)."""
-    try:
-        row = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return row if isinstance(row, dict) else None
-
-
-def collect(paths: list, skipped: list | None = None) -> list[dict]:
-    """Rows (final.json dicts with ``run_dir``) from run folders, folders of run folders (searched recursively)
-    and results.jsonl files; a folder without any final.json falls back to its results.jsonl.  A run folder left
-    out is appended to ``skipped`` as (folder, why): its final.json is cut, or it has none (a run training now, or
-    one that stopped: a ``.partial`` folder)."""
-    rows, seen = [], set()
-    skipped = [] if skipped is None else skipped
-
-    def add(row, run_dir):
-        key = str(Path(run_dir).resolve()) if run_dir else json.dumps(row, sort_keys=True)
-        if key in seen:
-            return
-        seen.add(key)
-        rows.append({**row, "run_dir": str(run_dir) if run_dir else ""})
-
-    for p in paths:
-        p = Path(p)
-        if p.is_file():
-            for row in read_jsonl(p):
-                add(row, p.parent / row["run"] if row.get("run") else "")
-        elif found := ([p / "final.json"] if (p / "final.json").is_file() else
-                       sorted(p.rglob("final.json")) if p.is_dir() else []):
-            for f in (f for f in found if not f.parent.name.endswith((".partial", ".replaced"))):
-                row = read_final(f)
-                if row is None:
-                    skipped.append((str(f.parent), "final.json cut or unreadable"))
-                else:
-                    add(row, f.parent)
-            for c in sorted(p.rglob("config.json")):
-                if not (c.parent / "final.json").is_file() and not c.parent.name.endswith(".replaced"):
-                    skipped.append((str(c.parent), "not complete (training now, or stopped before its end)"))
-        elif p.is_dir():
-            if (p / "results.jsonl").is_file():
-                for row in read_jsonl(p / "results.jsonl"):
-                    add(row, p / row["run"] if row.get("run") else "")
-            else:
-                raise UserError(f"{p}: no runs (no final.json below it and no results.jsonl)")
-        else:
-            raise UserError(f"{p}: no such run folder or results file")
-    return rows
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The rows of a JSON-lines file (results.jsonl, metrics.jsonl); a bad line is one error naming its number."""
-    rows = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: line {n} is not JSON ({e.msg} at column {e.colno}); the file is cut or "
-                            f"damaged") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}: line {n} is not a JSON object")
-        rows.append(row)
-    return rows
-
-
-# ------------------------------------------------------------------------------------------------------------
 # arithmetic
-
-
-def mean_std(values: list[float], std: str = "sample") -> tuple[float, float | None]:
-    """(mean, std) of seeds' values; std is the sample std (ddof 1; None for one value) or the population std."""
-    if std not in ("sample", "population"):
-        raise UserError(f"--std {std}: one of sample, population")
-    n = len(values)
-    if n == 0:
-        return float("nan"), None
-    m = math.fsum(values) / n
-    ddof = 1 if std == "sample" else 0
-    if n - ddof <= 0:
-        return m, None
-    return m, math.sqrt(math.fsum((v - m) ** 2 for v in values) / (n - ddof))
 
 
 def _value(row: dict, metric: str) -> float | None:
@@ -127,16 +40,6 @@ def _value(row: dict, metric: str) -> float | None:
             return None
         v = v[part]
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-
-def pair_of(row: dict) -> str:
-    from adapt.sweep import pair_label
-    return row.get("pair") or pair_label(row.get("source", "?"), row.get("target", "?"))
-
-
-def _pair_order(label: str):
-    s, _, t = label.partition("→")
-    return (t, s)
 
 
 @dataclass
@@ -169,38 +72,24 @@ class ResultTable:
         raise KeyError(label)
 
 
-def _label(row: dict, backbones: int) -> str:
-    label = row.get("method", "?") + (f" [{row['tag']}]" if row.get("tag") else "")
-    return label + (f" ({row.get('backbone')})" if backbones > 1 else "")
-
-
-def _row_order(rows: list[dict], backbones: int) -> list[str]:
-    from adapt.methods import REGISTRY
-    order = list(REGISTRY)
-    first = {}
-    for i, r in enumerate(rows):
-        rank = order.index(r["method"]) if r.get("method") in order else len(order)
-        first.setdefault(_label(r, backbones), (rank, bool(r.get("tag")), i))  # method, untagged first, seen
-    return sorted(first, key=lambda k: first[k])
-
-
 def build_tables(rows: list[dict], metric: str = "target_top1", std: str = "sample") -> list[ResultTable]:
     """The domain-pair table of the runs without noun heads and the EPIC-100 table of those with them."""
     backbones = len({r.get("backbone") for r in rows})
-    meta = {_label(r, backbones): (r.get("method", "?"), r.get("tag") or "", r.get("backbone") or "") for r in rows}
+    meta = {row_label(r, backbones): (r.get("method", "?"), r.get("tag") or "", r.get("backbone") or "")
+            for r in rows}
     epic = [r for r in rows if "action_top1" in r]
     plain = [r for r in rows if "action_top1" not in r]
     tables = []
     if plain:
-        pairs = sorted({pair_of(r) for r in plain}, key=_pair_order)
+        pairs = sorted({pair_of(r) for r in plain}, key=pair_order)
         cells: dict = {}
         for r in plain:
             v = _value(r, metric)
             if v is None:
                 raise UserError(f"{r.get('run_dir') or r.get('run')}: no numeric {metric!r} in final.json")
-            cells.setdefault(_label(r, backbones), {}).setdefault(pair_of(r), []).append(v)
+            cells.setdefault(row_label(r, backbones), {}).setdefault(pair_of(r), []).append(v)
         out_rows = []
-        for label in _row_order(plain, backbones):
+        for label in row_order(plain, backbones):
             row_cells = {p: Cell(*mean_std(vs, std), len(vs), vs) for p, vs in cells[label].items()}
             mean = (math.fsum(row_cells[p].mean for p in pairs) / len(pairs)
                     if all(p in row_cells for p in pairs) else None)
@@ -209,16 +98,16 @@ def build_tables(rows: list[dict], metric: str = "target_top1", std: str = "samp
                                   len(pairs) > 1, metric, std, meta))
     if epic:
         keys = EPIC_KEYS["top5" if metric.endswith("top5") else "top1"]
-        pairs = sorted({pair_of(r) for r in epic}, key=_pair_order)
+        pairs = sorted({pair_of(r) for r in epic}, key=pair_order)
         names = {k: k.split("_")[0] for k in keys}
         columns = [names[k] if len(pairs) == 1 else f"{p} {names[k]}" for p in pairs for k in keys]
         cells = {}
         for r in epic:
             for k in keys:
                 col = names[k] if len(pairs) == 1 else f"{pair_of(r)} {names[k]}"
-                cells.setdefault(_label(r, backbones), {}).setdefault(col, []).append(float(r[k]))
+                cells.setdefault(row_label(r, backbones), {}).setdefault(col, []).append(float(r[k]))
         out_rows = [(label, {c: Cell(*mean_std(vs, std), len(vs), vs) for c, vs in cells[label].items()}, None)
-                    for label in _row_order(epic, backbones)]
+                    for label in row_order(epic, backbones)]
         tables.append(ResultTable(f"EPIC-100 target {keys[0].split('_')[1]} (%), mean ± {std} std over seeds",
                                   columns, out_rows, False, ",".join(keys), std, meta))
     return tables
@@ -313,31 +202,3 @@ def write_report(paths: list, out: str | Path | None = None, metric: str = "targ
     if console is not None:
         console.print("wrote " + ", ".join(str(p) for p in written.values()))
     return written
-
-
-def register_report(command, console):
-    import typer
-
-    @command("report")
-    def report_cmd(
-        runs: List[Path] = typer.Argument(None, help="Run folders, folders of run folders, or results.jsonl files."),
-        out: Optional[Path] = typer.Option(None, help="Where report.md, report.csv and the plots go "
-                                                      "(default: the first RUNS folder)."),
-        metric: str = typer.Option("target_top1", help="final.json key of the cells, e.g. target_top1, final_top1, "
-                                                       "per_modality.rgb; EPIC-100: top1 or top5."),
-        std: str = typer.Option("sample", help="Std over seeds: sample (n-1) or population (n)."),
-        tsne: Optional[Path] = typer.Option(None, "--tsne", help="A run folder: write its t-SNE plot (before / after "
-                                                                 "adaptation, per modality)."),
-        max_points: int = typer.Option(500, help="t-SNE: most points per domain."),
-        no_plots: bool = typer.Option(False, "--no-plots", help="Tables only."),
-    ):
-        """Result tables (mean ± std over seeds per domain pair), accuracy curves and t-SNE plots."""
-        if not runs and tsne is None:
-            raise UserError("give run folders (or results.jsonl files), or --tsne RUN")
-        if runs:
-            write_report(list(runs), out, metric, std, console, plots=not no_plots)
-        if tsne is not None:
-            from adapt import plots as P
-            target = (Path(out) if out else Path(tsne)) / "tsne.png"
-            P.plot_tsne(tsne, target, max_points=max_points)
-            console.print(f"wrote {target}")

@@ -16,7 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
-from extract.errors import UserError
+from featstore.errors import UserError
 
 PARTIAL, REPLACED = ".partial", ".replaced"
 

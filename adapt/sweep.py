@@ -36,19 +36,18 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import io
 import itertools
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
 
 from adapt.config import typed_value
-from extract.errors import UserError
+from adapt.results import pair_label, read_final
+from featstore.errors import UserError
+from featstore.store import is_store
 
 SPEC_KEYS = {"name", "methods", "pairs", "seeds", "backbone", "features_root", "out", "dataset", "device",
              "modalities", "set", "grid", "per_method"}
@@ -146,19 +145,11 @@ def _pairs(spec: dict, where: str) -> list[tuple[str, str, str]]:
     return out
 
 
-def pair_label(source: str, target: str) -> str:
-    """``D2→D1``; store paths by their names without ``.zarr`` and ``_train``."""
-    def short(s):
-        stem = Path(str(s)).stem if str(s).endswith(".zarr") else Path(str(s)).name
-        return stem.removesuffix("_train")
-    return f"{short(source)}→{short(target)}"
-
-
 def expand(spec: dict, where: str = "spec", out: str | None = None, extra_set: dict | None = None) -> list[Run]:
     """The runs of a spec in order pair, method, grid point, seed (see the module docstring for the format)."""
     from adapt import config as C
     from adapt.methods import REGISTRY
-    from adapt.data import store_path
+    from featstore.paths import resolve_store
 
     unknown = set(spec) - SPEC_KEYS
     if unknown:
@@ -199,7 +190,7 @@ def expand(spec: dict, where: str = "spec", out: str | None = None, extra_set: d
     grid = _grid(_table(spec, "grid", where), f"{where}: grid")
     runs = []
     for source, target, ev in _pairs(spec, where):
-        dataset = spec.get("dataset") or store_path(source, "train", backbone, root)[1]
+        dataset = spec.get("dataset") or resolve_store(source, "train", backbone, root)[1]
         for method in methods:
             mspec = per_method.get(method, {})
             mset = {k: typed_value(k, v, f"{where}: per_method.{method}.set")
@@ -266,7 +257,6 @@ _IGNORED = {"out", "device", "memory_budget"}
 def is_complete(run: Run) -> tuple[bool, str]:
     """(complete, why not): a run is complete when its ``final.json`` exists and its ``config.json`` (when there is
     one) holds the same settings as the sweep's."""
-    from adapt.report import read_final
     final = run.dir / "final.json"
     if not final.is_file():
         return False, "not trained"
@@ -340,7 +330,8 @@ def run_sweep(spec: dict | str | Path, console=None, max_stack: int = MAX_STACK,
     from rich.markup import escape
 
     from adapt import train as T
-    from adapt.data import DomainPair, resolve_device
+    from adapt.data import DomainPair
+    from featstore.devices import resolve_device
 
     if not isinstance(spec, dict):
         where = where or str(spec)
@@ -444,15 +435,15 @@ def run_sweep(spec: dict | str | Path, console=None, max_stack: int = MAX_STACK,
 
 def missing_stores(runs: list[Run]) -> list[str]:
     """The store paths (source, target, eval) of ``runs`` that hold no feature store."""
-    from adapt.data import store_path
+    from featstore.paths import resolve_store
     seen, missing = set(), []
     for r in runs:
         c = r.cfg
         for name, role in ((c.source, "train"), (c.target, "train"), (c.eval or c.target, "test")):
-            path, _ = store_path(name, role, c.backbone, c.features_root)
+            path, _ = resolve_store(name, role, c.backbone, c.features_root)
             if path not in seen:
                 seen.add(path)
-                if not (Path(path) / "zarr.json").is_file():
+                if not is_store(path):
                     missing.append(str(path))
     return missing
 
@@ -492,7 +483,6 @@ SCALARS = ("target_top1", "final_top1", "verb_top1", "noun_top1", "action_top1",
 
 def collect_rows(runs: list[Run]) -> list[dict]:
     """One row per complete run of the sweep: its final.json plus run, pair, run_dir and grid point."""
-    from adapt.report import read_final
     rows = []
     for r in runs:
         final = read_final(r.dir / "final.json")
@@ -532,155 +522,4 @@ def results_csv(rows: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# benchmark: K runs stacked against the same K runs one by one
-
-
-def _synthetic_store(path: Path, n: int, classes: int, units: int, shape: dict, shift: float, seed: int) -> Path:
-    """A complete I3D-like store: class prototype + domain shift + noise, ReLU'd (as tests/featstores.py)."""
-    import numpy as np
-    import pandas as pd
-
-    from extract.store import FeatureStore
-    rng = np.random.default_rng(seed)
-    protos_rng = np.random.default_rng(1234)
-    y = np.arange(n) % classes
-    manifest = pd.DataFrame({"id": [f"{path.stem}_{i}" for i in range(n)], "video_id": ["V_01"] * n,
-                             "start_frame": np.arange(n) * 10 + 1, "stop_frame": np.arange(n) * 10 + 9,
-                             "verb_class": y, "noun_class": -np.ones(n, dtype=int)})
-    attrs = {"backbone": "i3d", "manifest_sha256": path.stem, "checkpoints": {m: None for m in shape},
-             "sampling": {"windows": units}, "preprocessing": {}, "verb_classes": classes, "noun_classes": 0}
-    st = FeatureStore.create(path, manifest, {m: (units, *s) for m, s in shape.items()}, attrs)
-    feats = {}
-    for j, (m, s) in enumerate(shape.items()):
-        protos = protos_rng.standard_normal((classes, *s)).astype(np.float32)
-        dom = np.random.default_rng(seed * 31 + j).standard_normal(s).astype(np.float32) * shift
-        x = protos[y][:, None] + dom + rng.standard_normal((n, units, *s)).astype(np.float32) * 1.5
-        feats[m] = np.maximum(x, 0)
-    st.write(np.arange(n), feats)
-    st.finalise()
-    return path
-
-
-def bench_batched(k: int = 8, steps: int = 60, pooled: bool = True, method: str = "source_only",
-                  channels: int = 32, n: int = 48, classes: int = 4, units: int = 3, repeats: int = 3,
-                  device: str = "cpu", threads: int | None = None, console=None, **settings) -> dict:
-    """Seconds to train ``k`` runs (seeds 0..k-1) stacked in one call against the same runs one by one.
-
-    Synthetic stores like tests/featstores.py (``channels`` wide, ``n`` clips, ``units`` windows; pooled: (N, U, C),
-    otherwise 3x3 maps), made in a temporary folder.  Both sides share one loaded DomainPair, so the ratio is the
-    training itself; both are warmed up, then timed ``repeats`` times interleaved, keeping the fastest wall time
-    (the machine may be shared) and the least process CPU time.  ``settings`` override the runs' settings
-    (default: the TrainConfig defaults, batch 64 + 64, embed_dim 512, evaluation every steps / 4).
-    ``threads``: torch intra-op threads while timing (one thread makes the CPU-time ratio ``ratio_cpu`` a robust
-    figure on a machine shared with other processes: it counts no time spent waiting for a core)."""
-    import torch
-
-    from adapt.data import resolve_device
-    dev = resolve_device(device)
-    old_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        return _bench(k, steps, pooled, method, channels, n, classes, units, repeats, device, dev, console, settings)
-    finally:
-        torch.set_num_threads(old_threads)
-
-
-def _bench(k, steps, pooled, method, channels, n, classes, units, repeats, device, dev, console, settings):
-    import dataclasses
-
-    import torch
-
-    from adapt import config as C
-    from adapt.data import DomainPair
-    from adapt.train import train
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
-    with tempfile.TemporaryDirectory(prefix="bench_batched_") as tmp:
-        root = Path(tmp)
-        shape = {m: (channels,) if pooled else (channels, 3, 3) for m in ("rgb", "flow")}
-        base = root / "i3d"
-        base.mkdir()
-        s = _synthetic_store(base / "S_train.zarr", n, classes, units, shape, 0.0, 1)
-        t = _synthetic_store(base / "T_train.zarr", n, classes, units, shape, 1.0, 2)
-        e = _synthetic_store(base / "T_test.zarr", max(2, n // 2), classes, units, shape, 1.0, 3)
-        overrides = {"steps": steps, "stage1_steps": steps // 3, "eval_every": max(1, steps // 4),
-                     "device": device, **settings}
-        cfgs = [C.resolve(method, "custom", overrides, source=str(s), target=str(t), eval=str(e),
-                          out=str(root / "runs"), seed=i) for i in range(k)]
-        pair = DomainPair(cfgs[0], dev)
-        warm = [dataclasses.replace(c, steps=3, stage1_steps=1, eval_every=3, out=str(root / "warm")) for c in cfgs]
-        train(warm, None, False, pair=pair, overwrite=True)      # first-call costs of both paths
-        train(warm[:1], None, False, pair=pair, overwrite=True)
-
-        sides = {"sequential": lambda: [train([c], None, False, pair=pair, overwrite=True) for c in cfgs],
-                 "batched": lambda: train(cfgs, None, False, pair=pair, overwrite=True)}
-        wall = {name: [] for name in sides}
-        cpu = {name: [] for name in sides}
-        for _ in range(max(1, repeats)):
-            for name, fn in sides.items():
-                sync()
-                w0, c0 = time.perf_counter(), time.process_time()
-                fn()
-                sync()
-                wall[name].append(time.perf_counter() - w0)
-                cpu[name].append(time.process_time() - c0)
-        best = {name: min(range(len(wall[name])), key=wall[name].__getitem__) for name in sides}
-        result = {"k": k, "steps": steps, "pooled": pooled, "method": method, "channels": channels,
-                  "batch": cfgs[0].batch_source + cfgs[0].batch_target, "embed_dim": cfgs[0].embed_dim,
-                  "device": str(dev), "threads": torch.get_num_threads(),
-                  "batched_s": wall["batched"][best["batched"]], "sequential_s": wall["sequential"][best["sequential"]],
-                  "batched_cpu_s": min(cpu["batched"]),
-                  "sequential_cpu_s": min(cpu["sequential"]),
-                  "batched_all_s": wall["batched"], "sequential_all_s": wall["sequential"]}
-        result["ratio"] = result["sequential_s"] / result["batched_s"]
-        result["ratio_cpu"] = result["sequential_cpu_s"] / max(result["batched_cpu_s"], 1e-9)
-        if console is not None:
-            console.print(f"{k} runs x {steps} steps ({method}, {'pooled' if pooled else '3x3 maps'}, C={channels}, "
-                          f"batch {result['batch']}, embed {result['embed_dim']}, {result['device']}, "
-                          f"{result['threads']} threads): stacked {result['batched_s']:.2f} s, one by one "
-                          f"{result['sequential_s']:.2f} s: {result['ratio']:.2f}x (CPU time "
-                          f"{result['ratio_cpu']:.2f}x)")
-        return result
-
-
-# ------------------------------------------------------------------------------------------------------------
 # command line
-
-
-def register_sweep(command, console):
-    import typer
-
-    @command("sweep")
-    def sweep_cmd(
-        spec: Path = typer.Argument(..., help="Sweep spec (TOML or YAML): methods, pairs, seeds, set, grid, "
-                                              "per_method, backbone, features_root, out."),
-        max_stack: int = typer.Option(MAX_STACK, "--max-stack", help="Most runs trained stacked in one call."),
-        out: Optional[str] = typer.Option(None, help="Folder of the run folders and results (default: the spec's)."),
-        set_: List[str] = typer.Option([], "--set", help="Change a base setting of every run: --set steps=100."),
-        redo: bool = typer.Option(False, help="Retrain complete runs too."),
-        dry_run: bool = typer.Option(False, "--dry-run", help="Print the groups and what would be trained."),
-        metric: str = typer.Option("target_top1", help="Metric of the final table."),
-        quiet: bool = typer.Option(False, help="No progress bars."),
-    ):
-        """Train a grid of methods x pairs x settings x seeds, stacked; resumable; one results table."""
-        from adapt import config as C
-        from adapt import report as R
-        res = run_sweep(spec, console, max_stack=max_stack, progress=not quiet, out=out,
-                        extra_set=C.parse_sets(set_), redo=redo, dry_run=dry_run)
-        if res.files:
-            console.print(f"results: {', '.join(str(f) for f in res.files)}")
-            if res.rows:
-                for table in R.build_tables(res.rows, metric=metric):
-                    R.print_table(table, console)
-            missing = len(res.runs) - len(res.rows)
-            if missing:
-                console.print(f"[yellow]{missing} run(s) have no results (no final.json)[/yellow]")
-        if res.failed:
-            from adapt.train import TrainingError
-            names = [n for stack, _ in res.failed for n in stack]
-            raise TrainingError(f"{len(names)} run(s) stopped: {', '.join(names)} (see above); the others are "
-                                f"complete")

@@ -22,14 +22,15 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from adapt import config as C
 from adapt import metrics, rng
-from adapt.data import (DomainPair, EpochSampler, Gatherer, Prefetcher, draw_batch, read_part, resolve_device,
+from adapt.data import (DomainPair, EpochSampler, Gatherer, Prefetcher, averaged_over_views, draw_batch, read_part,
                         standardisation)
 from adapt.model import AdaptModel
 from adapt.runs import RunFolder
 from adapt.objectives import STAGE1, TERMS, apply_writes, bank_inputs, compute_terms, initial_state
 from adapt.schedule import LEVELS, Schedule
-from extract.allocator import retain_freed_memory
-from extract.errors import UserError
+from featstore.allocator import retain_freed_memory
+from featstore.devices import resolve_device
+from featstore.errors import UserError
 
 
 @functools.cache
@@ -203,20 +204,16 @@ def _train(cfgs, console, progress, pair, timings, device, folders) -> list:
 
     def evaluate(dom=pair.eval):
         model_params = params()
+
+        def forward(idx, units):
+            x = gatherer([(dom, (idx[None], units[None]), norm_t)], mods, key="eval")
+            return eval_fn(model_params, buffers, {m: v[0] for m, v in x.items()})
+
         template.train(False)
-        with torch.no_grad():
-            scores = None
-            for view in views:
-                outs = []
-                for lo in range(0, dom.n, cfg.eval_batch):
-                    idx = torch.arange(lo, min(lo + cfg.eval_batch, dom.n), device=device)
-                    units = torch.from_numpy(view).to(device).expand(len(idx), -1)
-                    x = gatherer([(dom, (idx[None], units[None]), norm_t)], mods, key="eval")
-                    outs.append(eval_fn(model_params, buffers, {m: v[0] for m, v in x.items()}))
-                s = {k: torch.cat([o[k] for o in outs], dim=1) for k in outs[0]}
-                scores = s if scores is None else {k: scores[k] + s[k] for k in s}
+        with torch.no_grad():  # softmax averaged over views (MM-SADA)
+            scores = averaged_over_views(torch.arange(dom.n, device=device), views, cfg.eval_batch, forward, dim=1)
         template.train(True)
-        return {k: v / len(views) for k, v in scores.items()}  # softmax averaged over views (MM-SADA)
+        return scores
 
     history = [[] for _ in cfgs]
     first_bad = torch.full((K, len(TERMS)), -1, dtype=torch.int64, device=device)
@@ -438,8 +435,9 @@ def _scores(out: dict) -> dict:
 
 
 def _challenge(c, k, pair, evaluate, device, d):
-    from adapt.data import load_domain, store_path
-    path, _ = store_path(c.challenge, "challenge", c.backbone, c.features_root)
+    from adapt.data import load_domain
+    from featstore.paths import resolve_store
+    path, _ = resolve_store(c.challenge, "challenge", c.backbone, c.features_root)
     dom = load_domain(path, c.challenge, pair.modalities, device, c.spatial, labels=False)
     sc = evaluate(dom)
     metrics.write_challenge_json(d / "test.json", dom.ids, sc["verb"][k], sc["noun"][k])
@@ -471,10 +469,10 @@ def _progress(console, enabled):
 def train_one(method: str, source: str, target: str, overrides: dict | None = None, console=None,
               progress: bool = True, overwrite: bool = False, **given) -> dict:
     """Resolve one run's configuration from its method and the dataset of its stores, and train it."""
-    from adapt.data import store_path
+    from featstore.paths import resolve_store
     backbone = given.get("backbone") or "i3d"
     root = given.get("features_root") or "features"
-    _, dataset = store_path(source, "train", backbone, root)
+    _, dataset = resolve_store(source, "train", backbone, root)
     cfg = C.resolve(method, dataset, overrides, source=source, target=target, **given)
     return train([cfg], console, progress, overwrite=overwrite)[0]
 

@@ -26,7 +26,7 @@ def main() -> None:
 
     from bench import bench_extract, bench_store, bench_stream, bench_train
     from bench.bench_train import SPATIAL_ONLY
-    from adapt.sweep import bench_batched
+    from bench.bench_batched import bench_batched
 
     console.rule("extraction")
     # best of 5 interleaved runs on each side: single timings on a shared machine swing by tens of percent

@@ -49,10 +49,11 @@ cfg = cfg.__class__(**{**cfg.__dict__, "backbone": "i3d", "modalities": ("rgb", 
 # warm the backbone's kernels (cached per shape for the process) so the time per clip is the steady state
 import torch
 from extract.inputs import input_shape
-from extract.runner import Extractor, _build_models, default_batch_size, resolve_device
+from extract.pipeline import Extractor, build_models, default_batch_size
+from featstore.devices import resolve_device
 dev = resolve_device(a["device"])
 bs = a["batch_size"] or default_batch_size(dev, cfg)
-models, _ = _build_models(cfg, {}, dev)
+models, _ = build_models(cfg, {}, dev)
 Extractor(cfg, models, dev, bs, "auto")([{m: torch.zeros(input_shape(cfg, m)) for m in cfg.modalities}] * bs)
 del models
 s = run_extraction(a["split"], cfg, a["out"], {}, device=a["device"], workers=a["workers"],
@@ -67,7 +68,7 @@ print(json.dumps({"extracted": s["extracted"], "run_seconds": s["run_seconds"], 
 
 def _manifest(n: int, folder: Path) -> Path:
     """The first ``n`` clips of the demo splits K1_train, K1_test, K2_train, K2_test, K3_train, ... as one CSV."""
-    from extract.manifests import MANIFEST_DIR
+    from featstore.manifests import MANIFEST_DIR
 
     frames = []
     for k in ("K1", "K2", "K3"):
@@ -89,8 +90,10 @@ def run(report=print, clips: int = 16, device: str = "cpu", workers: int | None 
 
     from extract.commands import ensure_demo_data
     from extract.config import DemoConfig
-    from extract.runner import (ClipDataset, Extractor, _build_models, _loader, _record, default_batch_size,
-                                default_workers, resolve_device, resolve_precision, run_extraction)
+    from extract.pipeline import (ClipDataset, Extractor, build_models, default_batch_size, default_workers, loader,
+                                  resolve_precision)
+    from extract.runner import _record, run_extraction
+    from featstore.devices import resolve_device
 
     t_start = time.perf_counter()
     null = Console(file=open("/dev/null", "w"))
@@ -108,7 +111,7 @@ def run(report=print, clips: int = 16, device: str = "cpu", workers: int | None 
 
     with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp:
         tmp = Path(tmp)
-        from extract.manifests import read_manifest
+        from featstore.manifests import read_manifest
         split = _manifest(clips, tmp)
         df = read_manifest(split, None, None)
         rows = list(range(len(df)))
@@ -123,7 +126,7 @@ def run(report=print, clips: int = 16, device: str = "cpu", workers: int | None 
             # steady rate, as the pipeline's: the clips after the first over the time after it (forking the
             # workers and importing in them is start-up)
             n, t = 0, None
-            for item in _loader(ds, nw, bs, False):
+            for item in loader(ds, nw, bs, False):
                 if item[1] is None:
                     raise RuntimeError(f"decode failed: {item[2] or item[3]}")
                 if t is None:
@@ -138,7 +141,7 @@ def run(report=print, clips: int = 16, device: str = "cpu", workers: int | None 
 
         # backbone only on pre-decoded clips, and the full pipeline, interleaved (the machine's load varies);
         # the same process, so the backbone's kernels are warm for both
-        models, _ = _build_models(cfg, {}, dev)
+        models, _ = build_models(cfg, {}, dev)
         ex = Extractor(cfg, models, dev, bs, resolve_precision("auto", dev))
         ds1 = ClipDataset(records, rows, cfg)
         decoded = [ds1[i][1] for i in range(len(rows))]

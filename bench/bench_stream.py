@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from extract.store import FeatureStore
+from featstore.store import FeatureStore
 
 
 def _store(path: Path, n: int, units: int, shape: tuple, seed: int, version: int = 2, classes: int = 8,
@@ -187,7 +187,7 @@ from adapt import config as C
 from adapt.data import DomainPair
 from adapt.train import train
 from bench.bench_stream import quarter_budget
-from extract.store import FeatureStore
+from featstore.store import FeatureStore
 def rss():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS"):
@@ -218,7 +218,7 @@ print(json.dumps({{"budget": int(cfg.memory_budget), "growth": peak[0] - base, "
 
 def epic100_sizes() -> list[dict]:
     """Bytes of the EPIC-100 UDA splits per modality and form, from the shipped manifests' clip counts."""
-    from extract import manifests as M
+    from featstore import manifests as M
     rows, registry = [], M.load_registry()
     for split in ("source_train", "source_val", "target_train", "target_val", "target_test"):
         n = int(registry["splits"][split]["clips"])

@@ -21,7 +21,7 @@ import torch
 
 from adapt import config as C
 from adapt.train import train
-from extract.store import FeatureStore
+from featstore.store import FeatureStore
 
 METHODS = ["source_only", "adabn", "mmd", "mcd", "dann", "pseudo_label", "mmsada", "contrastive", "ta3n", "m3em",
            "cia"]

@@ -18,7 +18,7 @@ def epic100_layout(root: Path) -> dict:
     """EPIC-100 challenge pickles (N, 25, 1024) for source_train / target_train / target_val, features a class
     prototype (the real verb label of each narration) + a domain shift + noise, imported into stores."""
     from adapt.importer import import_features
-    from extract import manifests as M
+    from featstore import manifests as M
     rng = np.random.default_rng(0)
     protos = rng.standard_normal((97, 1024)).astype(np.float32)
     out, out_labels = {}, None

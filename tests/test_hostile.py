@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from extract.store import FeatureStore
-from tests.featstores import make_pair
+from featstore.store import FeatureStore
+from featstore.synthetic import make_pair
 from tests.test_runner import ROOT, _cli, assert_same_store, make_data, subprocess_env, subset, tiny
 
 TINY_SETTINGS = ("frames_per_window", "frame_stride", "test_windows", "train_windows", "segments", "resize", "crop")
@@ -183,8 +183,8 @@ def test_ctrl_c_says_what_was_kept(demo, tmp_path, monkeypatch):
 def test_a_flipped_bit_in_an_extracted_store_is_found_named_and_redone(demo, tmp_path):
     """`extract --verify` (on by default when resuming) finds it and re-extracts the chunk; the trainer's reader
     names the chunk file."""
-    from extract.errors import UserError
-    from extract.runner import check_store
+    from featstore.errors import UserError
+    from featstore.integrity import check_store
     split = subset(demo["train"], range(6), tmp_path / "six.csv")
     ref, out = tmp_path / "ref.zarr", tmp_path / "s.zarr"
     assert _cli(*extract_args(split, demo["root"], ref)).exit_code == 0
@@ -220,9 +220,9 @@ def test_verify_says_a_version_1_store_has_no_checksums(demo, tmp_path, monkeypa
 
 
 def test_messages_name_lines_and_files_not_python_objects(tmp_path):
-    from adapt.report import read_jsonl
+    from adapt.results import read_jsonl
     from extract.decode import ClipError, read_image
-    from extract.errors import UserError
+    from featstore.errors import UserError
     lines = [json.dumps({"step": i, "target_top1": 50.0}) for i in range(6)]
     lines[4] = lines[4][:20]
     path = tmp_path / "metrics.jsonl"
@@ -249,5 +249,5 @@ def test_every_clip_failed_says_so(demo, tmp_path):
 def test_extract_settings_are_typed(demo, tmp_path):
     split = subset(demo["train"], range(2), tmp_path / "two.csv")
     msg = one_line_error(_cli(*extract_args(split, demo["root"], tmp_path / "s.zarr", "--set", "crop=big")))
-    assert "--set 'crop=big': crop takes a int, got 'big'" in msg
+    assert "--set crop=big: expected an integer" in msg
     assert not (tmp_path / "s.zarr").exists()

@@ -12,9 +12,9 @@ from adapt import config as C
 from adapt.importer import import_features
 from adapt.train import train
 from cli import app
-from extract import manifests as M
-from extract.errors import UserError
-from extract.store import FeatureStore
+from featstore import manifests as M
+from featstore.errors import UserError
+from featstore.store import FeatureStore
 
 
 def challenge_pickle(path, split, n, seed, spatial=False, shift=0.0):

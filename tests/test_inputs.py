@@ -14,7 +14,7 @@ from PIL import Image
 from extract import flow as F
 from extract import transforms as T
 from extract.config import ExtractConfig
-from extract.errors import UserError
+from featstore.errors import UserError
 from extract.inputs import ClipError, clip_frames, input_shape, load_clip
 
 MEDIA = Path("/work/shared/data/media")

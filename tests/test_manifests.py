@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from extract import manifests as M
-from extract.errors import UserError
+from featstore import manifests as M
+from featstore.errors import UserError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "manifests"
 REAL_COUNTS = {

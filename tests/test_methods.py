@@ -17,7 +17,7 @@ from adapt.data import EpochSampler, draw_batch
 from adapt.methods.mmsada import EPIC55_BASE
 from adapt.methods.ta3n import EPIC100_BASE
 from adapt.schedule import LEVELS, Schedule
-from tests.featstores import make_pair
+from featstore.synthetic import make_pair
 
 TINY = dict(batch_source=8, batch_target=8, embed_dim=32, sc_dim=8, trn_dim=16, eval_every=4, last_eval_every=4)
 

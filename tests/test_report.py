@@ -12,10 +12,11 @@ from typer.testing import CliRunner
 from adapt import config as C
 from adapt import plots as P
 from adapt import report as R
+from adapt import results
 from adapt.train import train
 from cli import app
-from extract.errors import UserError
-from tests.featstores import make_pair
+from featstore.errors import UserError
+from featstore.synthetic import make_pair
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -50,17 +51,17 @@ def runs(tmp_path):
 
 
 def test_mean_std_conventions():
-    assert R.mean_std([40.0, 44.0]) == (42.0, math.sqrt(8.0))                 # sample: / (n - 1)
-    assert R.mean_std([40.0, 44.0], "population") == (42.0, 2.0)              # population: / n
-    m, s = R.mean_std([50.0, 51.0, 55.0])
+    assert results.mean_std([40.0, 44.0]) == (42.0, math.sqrt(8.0))                 # sample: / (n - 1)
+    assert results.mean_std([40.0, 44.0], "population") == (42.0, 2.0)              # population: / n
+    m, s = results.mean_std([50.0, 51.0, 55.0])
     assert m == 52.0 and s == pytest.approx(math.sqrt(7.0), abs=1e-15)
-    assert R.mean_std([45.0]) == (45.0, None) and R.mean_std([45.0], "population") == (45.0, 0.0)
+    assert results.mean_std([45.0]) == (45.0, None) and results.mean_std([45.0], "population") == (45.0, 0.0)
     with pytest.raises(UserError):
-        R.mean_std([1.0], "other")
+        results.mean_std([1.0], "other")
 
 
 def test_pair_table_arithmetic(runs):
-    rows = R.collect([runs])
+    rows = results.collect([runs])
     assert len(rows) == 10
     (t,) = R.build_tables(rows)
     assert t.columns == ["D2→D1", "D1→D2"]  # ordered by target, then source (MM-SADA Table 1)
@@ -105,12 +106,12 @@ def test_default_out_is_the_first_folder_and_results_jsonl_input(runs, tmp_path)
     lines = [json.dumps({"run": d.name, **json.loads((d / "final.json").read_text())}) + "\n"
              for d in sorted(runs.iterdir()) if d.is_dir()]
     (runs / "results.jsonl").write_text("".join(lines))
-    a = R.build_tables(R.collect([runs]))[0]
-    b = R.build_tables(R.collect([runs / "results.jsonl"]))[0]
+    a = R.build_tables(results.collect([runs]))[0]
+    b = R.build_tables(results.collect([runs / "results.jsonl"]))[0]
     assert [(r[0], {k: c.values for k, c in r[1].items()}, r[2]) for r in a.rows] == \
            [(r[0], {k: c.values for k, c in r[1].items()}, r[2]) for r in b.rows]
     with pytest.raises(UserError, match="no such run folder"):
-        R.collect([tmp_path / "nothing"])
+        results.collect([tmp_path / "nothing"])
 
 
 def test_epic100_columns(tmp_path):
@@ -121,12 +122,12 @@ def test_epic100_columns(tmp_path):
                   action_top1=a, verb_top5=v + 30, noun_top5=n + 30, action_top5=a + 20)
     write_run(root, "source_only", "epic100_source", "epic100_target", 0, 40.0, verb_top1=40.0, noun_top1=20.0,
               action_top1=10.0, verb_top5=70.0, noun_top5=50.0, action_top5=30.0)
-    (t,) = R.build_tables(R.collect([root]))
+    (t,) = R.build_tables(results.collect([root]))
     assert t.columns == ["verb", "noun", "action"] and not t.mean_column
     _, cells, _ = t.row("ta3n")
     assert (cells["verb"].mean, cells["noun"].mean, cells["action"].mean) == (47.0, 28.0, 19.0)
     assert cells["action"].std == math.sqrt(2.0)
-    (t5,) = R.build_tables(R.collect([root]), metric="top5")
+    (t5,) = R.build_tables(results.collect([root]), metric="top5")
     assert t5.row("ta3n")[1]["verb"].mean == 77.0
     R.write_report([root], plots=False)
     md = (root / "report.md").read_text()
@@ -135,7 +136,7 @@ def test_epic100_columns(tmp_path):
 
 
 def test_accuracy_curves_and_plot(runs, tmp_path):
-    rows = R.collect([runs])
+    rows = results.collect([runs])
     curves = P.accuracy_curves(rows)
     steps, mean, sd = curves["D2→D1"]["source_only"]
     assert list(steps) == [10, 20, 30] and list(mean) == [40.0, 41.0, 42.0]
@@ -191,8 +192,8 @@ def test_a_cut_final_json_is_left_out_and_not_taken_for_complete(tmp_path):
     stopped.mkdir()
     (stopped / "config.json").write_text("{}")
     skipped = []
-    rows = R.collect([tmp_path], skipped)
+    rows = results.collect([tmp_path], skipped)
     assert [r["target_top1"] for r in rows] == [50.0]
     assert skipped == [(str(cut), "final.json cut or unreadable"),
                        (str(stopped), "not complete (training now, or stopped before its end)")]
-    assert R.read_final(cut / "final.json") is None
+    assert results.read_final(cut / "final.json") is None

@@ -25,10 +25,10 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from extract.config import ExtractConfig
-from extract.errors import UserError
-from extract.manifests import manifest_sha256, read_manifest
+from featstore.errors import UserError
+from featstore.manifests import manifest_sha256, read_manifest
 from extract.runner import run_extraction
-from extract.store import FeatureStore
+from featstore.store import FeatureStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -385,7 +385,8 @@ def test_cli_extract_with_settings(demo, tmp_path):
 
 
 def test_demo_splits_and_domains_resolve_to_demo_settings():
-    from extract.commands import build_config, default_out, expand_split, is_demo_split, split_kind_of
+    from extract.commands import build_config, default_out, expand_split, is_demo_split
+    from featstore.manifests import split_kind_of
     from extract.config import DemoConfig
 
     assert expand_split("K1") == ["K1_train", "K1_test"]
@@ -475,13 +476,13 @@ def test_workers_fork_with_opencv_single_threaded_and_the_parent_keeps_its_pool(
     gets its thread count back."""
     import cv2
 
-    from extract.runner import _keep, start_workers
+    from extract.pipeline import keep_item, start_workers
 
     before = cv2.getNumThreads()
     cv2.setNumThreads(2)
     try:
         cv2.resize(np.zeros((512, 512, 3), np.uint8), (1024, 1024))  # the pool's threads exist now
-        loader = torch.utils.data.DataLoader(_OpenCVThreads(), batch_size=None, num_workers=2, collate_fn=_keep,
+        loader = torch.utils.data.DataLoader(_OpenCVThreads(), batch_size=None, num_workers=2, collate_fn=keep_item,
                                              timeout=120)
         assert list(start_workers(loader)) == [1, 1, 1, 1]
         assert cv2.getNumThreads() == 2

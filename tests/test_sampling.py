@@ -13,8 +13,8 @@ from extract import flow as F
 from extract import sampling as S
 from extract import transforms as T
 from extract.config import ExtractConfig
-from extract.errors import UserError
-from extract.manifests import MANIFEST_DIR
+from featstore.errors import UserError
+from featstore.manifests import MANIFEST_DIR
 
 D1_TRAIN = MANIFEST_DIR / "mmsada" / "D1_train.csv"
 

@@ -10,8 +10,9 @@ import zarr
 from typer.testing import CliRunner
 
 from cli import app
-from extract.errors import UserError
-from extract.store import FeatureStore, check_compatible
+from featstore.errors import UserError
+from featstore.schema import StoreAttrs
+from featstore.store import FeatureStore, check_compatible
 
 SHAPES = {"rgb": (3, 8, 7, 7), "flow": (3, 8, 7, 7), "audio": (3, 8)}
 
@@ -34,7 +35,8 @@ def features(rows, seed=0):
 
 
 def make(path, n=23, chunk=4, **attrs):
-    return FeatureStore.create(path, manifest(n), SHAPES, {"backbone": "i3d", "manifest_sha256": "x", **attrs},
+    return FeatureStore.create(path, manifest(n), SHAPES,
+                               StoreAttrs(**{"backbone": "i3d", "manifest_sha256": "x", "verb_classes": 8, **attrs}),
                                chunk_clips=chunk)
 
 
@@ -136,7 +138,8 @@ def test_compatibility(tmp_path):
     a = make(tmp_path / "a.zarr", checkpoints={"rgb": "1"})
     b = make(tmp_path / "b.zarr", checkpoints={"rgb": "1"})
     check_compatible({"source": a, "target": b}, ["rgb"])
-    c = FeatureStore.create(tmp_path / "c.zarr", manifest(), SHAPES, {"backbone": "tbn", "manifest_sha256": "x"})
+    c = FeatureStore.create(tmp_path / "c.zarr", manifest(), SHAPES,
+                            StoreAttrs(backbone="tbn", manifest_sha256="x", verb_classes=8))
     with pytest.raises(UserError, match="backbone of target store .* is 'tbn'"):
         check_compatible({"source": a, "target": c})
     d = make(tmp_path / "d.zarr", checkpoints={"rgb": "2"})

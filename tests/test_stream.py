@@ -14,9 +14,10 @@ import torch
 from adapt import config as C
 from adapt import data as D
 from adapt.train import train
-from extract.errors import UserError
-from extract.store import FeatureStore, convert_store
-from tests.featstores import make_pair
+from featstore.errors import UserError
+from featstore.convert import convert_store
+from featstore.store import FeatureStore
+from featstore.synthetic import make_pair
 
 SMALL = dict(steps=8, stage1_steps=4, eval_every=4, last_eval_every=4, batch_source=8, batch_target=8,
              embed_dim=32, sc_dim=8, trn_dim=16)
@@ -150,7 +151,7 @@ def test_converter_resumes_after_sigkill_and_between_its_renames(tmp_path):
     src = root / "i3d" / "S_train.zarr"
     ref = tmp_path / "ref.zarr"
     subprocess.run(["cp", "-r", str(src), str(ref)], check=True)
-    code = ("import os, signal, sys\nfrom extract.store import convert_store\n"
+    code = ("import os, signal, sys\nfrom featstore.convert import convert_store\n"
             "def progress(done, total):\n    if done == 3:\n        os.kill(os.getpid(), signal.SIGKILL)\n"
             f"convert_store({str(src)!r}, progress=progress)\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}

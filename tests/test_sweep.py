@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from adapt import sweep as S
 from adapt import train as T
 from cli import app
-from extract.errors import UserError
-from tests.featstores import make_pair
+from featstore.errors import UserError
+from featstore.synthetic import make_pair
 
 TINY = {"steps": 8, "stage1_steps": 4, "eval_every": 4, "batch_source": 8, "batch_target": 8, "embed_dim": 32,
         "sc_dim": 8}
@@ -293,8 +293,9 @@ def test_missing_stores_are_refused_before_training(root, tmp_path, monkeypatch)
 
 
 def test_bench_batched_smoke():
-    r = S.bench_batched(k=2, steps=4, repeats=1, channels=8, n=16, embed_dim=16, batch_source=4, batch_target=4,
-                        threads=1)
+    from bench.bench_batched import bench_batched
+    r = bench_batched(k=2, steps=4, repeats=1, channels=8, n=16, embed_dim=16, batch_source=4, batch_target=4,
+                      threads=1)
     assert r["k"] == 2 and r["batched_s"] > 0 and r["sequential_s"] > 0 and r["ratio"] > 0
     assert r["pooled"] and r["threads"] == 1
 

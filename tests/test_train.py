@@ -15,8 +15,8 @@ from adapt.methods import REGISTRY as METHODS
 from adapt import train as T
 from adapt.train import TrainingError, train
 from cli import app
-from extract.errors import UserError
-from tests.featstores import make_pair, make_store
+from featstore.errors import UserError
+from featstore.synthetic import make_pair, make_store
 
 FAST = dict(steps=12, stage1_steps=4, eval_every=4, last_eval_every=4, batch_source=8, batch_target=8, embed_dim=32, sc_dim=8)
 
@@ -167,7 +167,7 @@ def test_refuses_nan_features(i3d_root, tmp_path):
 
 @pytest.mark.parametrize("damage,says", [("deleted", "chunk 0 missing"), ("truncated", "features of clips 0..23 .*do not decode")])
 def test_refuses_store_with_a_damaged_chunk(i3d_root, tmp_path, damage, says):
-    from extract.store import FeatureStore
+    from featstore.store import FeatureStore
     shape = {"rgb": (16, 3, 3), "flow": (16, 3, 3)}
     bad = make_store(tmp_path / "T_cut.zarr", 24, 4, 3, shape, 1.0, 2)
     chunk = FeatureStore.open(bad).chunk_file("rgb", 0)

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from extract.errors import UserError
+from featstore.errors import UserError
 
 FORMAT = "adapt-epic/backbone-checkpoint/v1"
 _RESERVED = ("format", "backbone", "modality", "input_channels", "state_dict")

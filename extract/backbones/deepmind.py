@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from extract.errors import UserError
+from featstore.errors import UserError
 
 BRANCHES = {"Branch_0/Conv3d_0a_1x1": "b0", "Branch_1/Conv3d_0a_1x1": "b1a", "Branch_1/Conv3d_0b_3x3": "b1b",
             "Branch_2/Conv3d_0a_1x1": "b2a", "Branch_2/Conv3d_0b_3x3": "b2b", "Branch_3/Conv3d_0b_1x1": "b3b"}

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from extract.errors import UserError
+from featstore.errors import UserError
 
 MMSADA_VERBS = ["take", "put", "open", "close", "wash", "cut", "mix", "pour"]
 

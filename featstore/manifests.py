@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from extract.errors import UserError
+from featstore.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MANIFEST_DIR = PROJECT_ROOT / "manifests"
@@ -333,6 +333,11 @@ class Split:
         verbs = self.verb_classes or (int(df["verb_class"].max()) + 1 if (df["verb_class"] >= 0).any() else 0)
         nouns = self.noun_classes or 0
         return verbs, nouns
+
+
+def split_kind_of(name: str) -> str:
+    """The split kind a name implies: ``*_train`` -> ``train`` (training windows), anything else -> ``test``."""
+    return "train" if str(name).endswith("_train") else "test"
 
 
 def load_registry() -> dict:

@@ -32,42 +32,14 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from extract.errors import UserError
-
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)
-MODALITIES = ("rgb", "flow", "audio")
-CLIP_ARRAYS = {
-    "id": str, "video_id": str, "verb_class": "int32", "noun_class": "int32",
-    "start_frame": "int64", "stop_frame": "int64", "done": "bool", "error": str,
-}
-DEFAULT_CHUNK_BYTES = 8 << 20  # aim for ~8 MiB (uncompressed) chunks of the feature arrays
-LOCK_FILE = "done/write.lock"  # inside an array folder, where Zarr's group listing does not look
+from featstore.errors import UserError
+from featstore.schema import (CLIP_ARRAYS, LOCK_FILE, MODALITIES, READABLE_VERSIONS, SCHEMA_VERSION,
+                             StoreAttrs, chunk_clips_for, default_codec, default_compressors, package_version)
 
 
-def default_codec():
-    """Zstandard level 3: in bench/bench_store.py on ReLU'd float16 maps it stores 1.7x smaller than raw and reads
-    at ~85% of the uncompressed speed, while Blosc-LZ4 + shuffle barely compresses (1.09x) for 7% faster reads."""
-    return zarr.codecs.ZstdCodec(level=3)
-
-
-def default_compressors() -> tuple:
-    """Zstandard, then a CRC32C checksum of the compressed bytes: a corrupt chunk fails to decode."""
-    return (default_codec(), zarr.codecs.Crc32cCodec())
-
-
-def _package_version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("adapt-epic")
-    except Exception:  # noqa: BLE001 - running from a checkout without installing
-        return "0+unknown"
-
-
-def chunk_clips_for(window_shapes: dict[str, tuple[int, ...]], target_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
-    """Clips per chunk so that the largest modality's chunk is about ``target_bytes`` of float16."""
-    per_clip = max(int(np.prod(s)) * 2 for s in window_shapes.values())
-    return int(max(1, min(1024, target_bytes // per_clip)))
+def is_store(path: str | Path) -> bool:
+    """Whether a store is at ``path`` (its group metadata exists; :meth:`FeatureStore.open` checks the rest)."""
+    return (Path(path) / "zarr.json").is_file()
 
 
 @dataclass
@@ -95,14 +67,14 @@ class FeatureStore:
     # creation and opening
 
     @classmethod
-    def create(cls, path: str | Path, manifest, window_shapes: dict[str, tuple[int, ...]], attrs: dict,
+    def create(cls, path: str | Path, manifest, window_shapes: dict[str, tuple[int, ...]], attrs: StoreAttrs,
                chunk_clips: int | None = None, overwrite: bool = False,
                version: int = SCHEMA_VERSION) -> "FeatureStore":
         """Create an empty store for the clips of ``manifest`` (a normalised manifest DataFrame).
 
         ``window_shapes`` maps each modality to the shape of one window's features, e.g.
-        ``{"rgb": (5, 1024, 7, 7)}`` (windows first).  ``attrs`` must hold ``backbone``, ``manifest_sha256`` and
-        may hold anything else that describes how the features are made.  ``version=1`` writes the old layout
+        ``{"rgb": (5, 1024, 7, 7)}`` (windows first).  ``attrs`` is the producer's description of the features
+        (:class:`~featstore.schema.StoreAttrs`).  ``version=1`` writes the old layout
         (whole-chunk Zstandard, no checksums), which readers still accept.
         """
         path = Path(path)
@@ -137,12 +109,9 @@ class FeatureStore:
         meta = {
             "schema_version": version, "num_clips": n, "chunk_clips": chunk,
             "modalities": list(window_shapes), "window_shapes": {m: list(s) for m, s in window_shapes.items()},
-            "package_version": _package_version(), "failed": {},
-            **attrs,
+            "package_version": package_version(), "failed": {},
+            **attrs.to_dict(),
         }
-        for key in ("backbone", "manifest_sha256"):
-            if key not in meta:
-                raise ValueError(f"store attrs need {key!r}")
         group.attrs.update(json.loads(json.dumps(meta)))
         (path / LOCK_FILE).touch()
         return cls(path, group, "r+")
@@ -151,7 +120,7 @@ class FeatureStore:
     def open(cls, path: str | Path, mode: str = "r", require_complete: bool = False) -> "FeatureStore":
         """Open and validate a store; every check that fails is a one-line :class:`UserError` naming the store."""
         path = Path(path)
-        if not (path / "zarr.json").is_file():
+        if not is_store(path):
             raise UserError(f"{path}: not a feature store (no zarr.json); extract one with `adapt extract`")
         try:
             group = zarr.open_group(str(path), mode=mode, zarr_format=3)
@@ -264,8 +233,16 @@ class FeatureStore:
     # ------------------------------------------------------------------------------------------------------
     # writing
 
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_clips // self.chunk_clips)
+
+    def chunk_rows(self, chunk: int) -> slice:
+        """The clips of chunk ``chunk`` (the same in every array)."""
+        return slice(int(chunk) * self.chunk_clips, min((int(chunk) + 1) * self.chunk_clips, self.num_clips))
+
     @contextlib.contextmanager
-    def _locked(self, chunk: int):
+    def locked(self, chunk: int):
         """Exclusive lock on one chunk (a byte of the lock file), shared by every process writing this store."""
         fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT)
         try:
@@ -314,7 +291,7 @@ class FeatureStore:
         for c in np.unique(chunks):
             sel = np.flatnonzero(chunks == c)
             order = sel[np.argsort(rows[sel])]
-            with self._locked(int(c)):
+            with self.locked(int(c)):
                 try:
                     put(order, rows[order])
                 except OSError as e:  # zarr's store leaves the file name out (a full disk reads "a file")
@@ -346,12 +323,22 @@ class FeatureStore:
         else:
             self.group[name].oindex[index] = values
 
-    def reset_failed(self) -> int:
-        """Clear the failure records so that a new run retries those clips; returns how many."""
-        errors = self.errors()
-        rows = np.flatnonzero(errors != "")
+    def reset_failed(self, chunks=None) -> int:
+        """Clear the failure records (of the clips in ``chunks``, default all) so that a new run retries those
+        clips; returns how many."""
+        rows = np.flatnonzero(self.errors() != "")
+        if chunks is not None:
+            rows = rows[np.isin(rows // self.chunk_clips, np.asarray(chunks))]
         self._write_chunks(rows, lambda sel, r: self._set(r, False, "error", np.array([""] * len(r))))
         return len(rows)
+
+    def forget(self, rows: slice) -> None:
+        """Mark clips ``rows`` (within one chunk, whose lock the caller holds) not done: their features go."""
+        self.group["done"][rows] = np.zeros(rows.stop - rows.start, dtype=bool)
+
+    def write_meta(self, name: str, rows: slice, values: np.ndarray) -> None:
+        """Rewrite a per-clip array's values for ``rows`` (within one chunk, whose lock the caller holds)."""
+        self.group[name][rows] = values
 
     def update_attrs(self, **kw) -> None:
         """Update group attributes (call from one process, e.g. rank 0 after all ranks finished)."""
@@ -409,79 +396,6 @@ class UnitReader:
         flat = self._read(self.arr.vindex[np.repeat(clips, units.shape[1]), units.reshape(-1)],
                           f"features of clips {clips[:3].tolist()}...", clips.tolist())
         return flat.reshape(len(clips), units.shape[1], *self.shape[2:])
-
-
-# ----------------------------------------------------------------------------------------------------------
-# converting a store to the current layout
-
-CONVERTING, OLD = ".converting", ".old"
-
-
-def convert_store(src: str | Path, dst: str | Path | None = None, progress=None) -> Path:
-    """Rewrite a store in the current layout (schema version 2): into ``dst``, or in place when ``dst`` is None.
-
-    Resumable: the new store is written chunk by chunk through :meth:`FeatureStore.write` (features, then
-    ``done``), so a run killed at any moment leaves the chunks it finished, and a new run skips them.  In place,
-    the new store grows beside the old one (``X.zarr.converting``) and replaces it at the end by two renames
-    (old -> ``X.zarr.old``, new -> ``X.zarr``; then the old one is deleted); a run killed between them finishes
-    them.  ``progress(done, total)`` is called after each chunk.  Returns the converted store's path."""
-    import shutil
-
-    src = Path(src)
-    in_place = dst is None
-    dst = Path(str(src) + CONVERTING) if in_place else Path(dst)
-    old = Path(str(src) + OLD)
-    if in_place and not src.exists() and old.exists() and dst.exists():
-        src = old  # killed between the two renames: the old store is complete under its new name
-    old_store = FeatureStore.open(src)
-    if old_store.version == SCHEMA_VERSION and in_place:
-        if old.exists():
-            shutil.rmtree(old)  # killed after the swap, before the old store was deleted
-        return src
-    if dst.exists() and (dst / "zarr.json").is_file():
-        new = FeatureStore.open(dst, mode="r+")
-        if new.num_clips != old_store.num_clips or new.attrs.get("manifest_sha256") != old_store.attrs.get(
-                "manifest_sha256"):
-            raise UserError(f"{dst}: exists and holds another store; remove it or choose another --out")
-    else:
-        if dst.exists():
-            shutil.rmtree(dst)  # a creation cut short before its metadata was complete
-        import pandas as pd
-        manifest = pd.DataFrame({k: old_store.meta(k) for k in
-                                 ("id", "video_id", "verb_class", "noun_class", "start_frame", "stop_frame")})
-        shapes = {m: tuple(old_store.attrs["window_shapes"][m]) for m in old_store.modalities}
-        skip = {"schema_version", "num_clips", "chunk_clips", "modalities", "window_shapes", "failed", "num_done"}
-        tmp = Path(str(dst) + ".creating")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        FeatureStore.create(tmp, manifest, shapes, {k: v for k, v in old_store.attrs.items() if k not in skip},
-                            chunk_clips=old_store.chunk_clips)
-        tmp.rename(dst)  # the new store appears whole or not at all
-        new = FeatureStore.open(dst, mode="r+")
-    readers = {m: old_store.reader(m) for m in old_store.modalities}
-    done_old, done_new = old_store.done_mask(), new.done_mask()
-    errors = old_store.errors()
-    chunks = range(0, old_store.num_clips, old_store.chunk_clips)
-    for i, lo in enumerate(chunks):
-        hi = min(lo + old_store.chunk_clips, old_store.num_clips)
-        rows = np.arange(lo, hi)
-        todo = rows[done_old[lo:hi] & ~done_new[lo:hi]]
-        if len(todo):
-            feats = {m: r.rows(lo, hi)[todo - lo] for m, r in readers.items()}
-            new.write(todo, feats)
-        failed = rows[(errors[lo:hi] != "") & ~done_old[lo:hi]]
-        if len(failed):
-            new.mark_failed(failed, [str(e) for e in errors[failed]])
-        if progress:
-            progress(i + 1, len(chunks))
-    new.finalise()
-    if not in_place:
-        return dst
-    if src != old:
-        src.rename(old)
-    dst.rename(Path(str(old)[:-len(OLD)]))
-    shutil.rmtree(old)
-    return Path(str(old)[:-len(OLD)])
 
 
 # ----------------------------------------------------------------------------------------------------------
