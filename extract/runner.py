@@ -158,15 +158,49 @@ def run_extraction(split, cfg: ExtractConfig, out: str | Path, checkpoints: dict
     """
     from rich.console import Console
 
-    from extract.inputs import check_config
-    from featstore.manifests import Split, resolve_split
-
     console = console or Console(stderr=True)
     t0 = time.perf_counter()
     from featstore.allocator import retain_freed_memory
     retain_freed_memory()  # every batch allocates the same tensors again: reuse their pages
     out = Path(out)
     checkpoints = {k: v for k, v in (checkpoints or {}).items() if v is not None}
+    cfg = _checked(cfg, checkpoints)
+    env, shard_t = _ranks(shard, overwrite)
+    dev = resolve_device(device, env.local_rank)
+    if shard_t is None:
+        init_dist(env, dev)
+    coordinated = env.active and shard_t is None
+    lead = env.rank == 0
+    try:
+        sp, df, models, attrs, precision, random_mods = _prepare_run(split, cfg, checkpoints, dev, precision,
+                                                                     console, lead)
+        prep = _open_store(out, df, window_shapes(cfg, models), attrs, chunk_clips, overwrite, retry_failed,
+                           shard_t, verify, env, coordinated, lead, console)
+        store = FeatureStore.open(out, mode="r+")
+        pending, skipped = _pending(store, env, limit)
+        bs = int(batch_size or default_batch_size(dev, cfg))
+        if bs < 1:
+            raise UserError(f"--batch-size {bs}: must be >= 1")
+        nw = max(0, min(default_workers(dev) if workers is None else int(workers), len(pending)))
+        label = f"{sp.name} {cfg.backbone}" + (f" shard {env.rank}/{env.world}" if env.active else "")
+        bar = _progress(console, progress and (lead or shard_t is not None), len(pending), label)
+        done_now = _extract(store, df, pending, cfg, models, dev, bs, nw, precision, flush_seconds, bar, label)
+        counts = {**done_now, "skipped": skipped}
+        counts = gather(env, counts) if coordinated else [counts]
+        summary, failed = _finish(out, sp, env, shard_t, coordinated, lead, counts, prep, t0, dev, bs, nw,
+                                  random_mods, console)
+        if failed and not allow_failures:
+            raise _failures(summary, failed, sp, env, shard_t, out)
+        return summary
+    except BaseException:
+        if coordinated and env.owns_group:
+            destroy_group()  # do not leave the other ranks waiting on a collective of this one
+        raise
+
+
+def _checked(cfg: ExtractConfig, checkpoints: dict) -> ExtractConfig:
+    """The settings and the checkpoints' modalities checked before anything is built."""
+    from extract.inputs import check_config
     cfg = replace(cfg, modalities=tuple(cfg.modalities))
     check_config(cfg)
     unknown = sorted(set(checkpoints) - set(cfg.modalities))
@@ -175,7 +209,11 @@ def run_extraction(split, cfg: ExtractConfig, out: str | Path, checkpoints: dict
                         f"(modalities: {', '.join(cfg.modalities)})")
     if not Path(cfg.data_root).is_dir():
         raise UserError(f"data root {cfg.data_root}: no such folder; pass --data-root")
+    return cfg
 
+
+def _ranks(shard, overwrite: bool) -> tuple[DistEnv, tuple[int, int] | None]:
+    """This process's rank and world: torchrun's, or ``--shard i/n``'s."""
     env = dist_env()
     shard_t = parse_shard(shard)
     if shard_t is not None:
@@ -185,189 +223,178 @@ def run_extraction(split, cfg: ExtractConfig, out: str | Path, checkpoints: dict
             raise UserError("--shard cannot be combined with --overwrite (the shards would replace each other's "
                             "store); delete the store first")
         env = DistEnv(rank=shard_t[0], world=shard_t[1], local_rank=0)
-    dev = resolve_device(device, env.local_rank)
-    if shard_t is None:
-        init_dist(env, dev)
-    coordinated = env.active and shard_t is None
-    lead = env.rank == 0
-    try:
-        sp = split if isinstance(split, Split) else resolve_split(split)
-        df = sp.read()
-        if len(df) == 0:
-            raise UserError(f"{sp.path}: the manifest has no clips")
-        models, shas = build_models(cfg, checkpoints, dev)
-        random_mods = [m for m in cfg.modalities if shas[m] is None]
-        if random_mods and lead:
-            console.print(f"[yellow]warning:[/yellow] no checkpoint for {', '.join(random_mods)}: the "
-                          f"{cfg.backbone} weights are random (seed {cfg.seed}), so the features only test the "
-                          f"pipeline; pass --checkpoint MODALITY=PATH", highlight=False, soft_wrap=True)
-        shapes = window_shapes(cfg, models)
-        precision = resolve_precision(precision, dev)
-        layouts = {m: getattr(getattr(mod, "checkpoint_info", None), "layout", None) for m, mod in models.items()}
-        attrs = run_attrs(cfg, sp, df, shas, precision, layouts)
+    return env, shard_t
 
-        # create (or check and repair) the store: rank 0 for all ranks, or each shard process for its own chunks
-        prep, error = None, None
-        if lead or shard_t is not None:
-            try:
-                prep = prepare_store(out, df, shapes, attrs, chunk_clips, overwrite, retry_failed,
-                                      shard=shard_t, verify=verify)
-            except UserError as e:
-                if not coordinated:
-                    raise
-                error = (type(e).__name__, str(e))
-        if coordinated:
-            prep, error = broadcast(env, (prep, error))
-            if error:
-                raise (StoreMismatch if error[0] == "StoreMismatch" else UserError)(error[1])
-        prep = prep or {}
-        if lead:
-            for line in prep.get("repaired", [])[:MAX_REASONS]:
-                console.print(f"[yellow]repaired:[/yellow] {out}: {line}", highlight=False, soft_wrap=True)
-            if prep.get("unchecked_bits"):
-                console.print(f"[yellow]note:[/yellow] {out} is a schema-version-1 store: its chunks carry no "
-                              f"checksums, so the check finds cut and missing chunks but not flipped bits (`adapt "
-                              f"convert-store` writes a version-2 copy)", highlight=False, soft_wrap=True)
-        store = FeatureStore.open(out, mode="r+")
 
-        pending = store.pending_rows()
-        mine = np.arange(store.num_clips)
-        if env.active:
-            pending = pending[(pending // store.chunk_clips) % env.world == env.rank]
-            mine = mine[(mine // store.chunk_clips) % env.world == env.rank]
-        skipped = len(mine) - len(pending)
-        if limit is not None:
-            pending = pending[: max(0, int(limit))]
+def _prepare_run(split, cfg, checkpoints, dev, precision, console, lead):
+    """The split's manifest, the backbones (with a warning for random weights) and the store's attributes."""
+    from featstore.manifests import Split, resolve_split
+    sp = split if isinstance(split, Split) else resolve_split(split)
+    df = sp.read()
+    models, shas = build_models(cfg, checkpoints, dev)
+    random_mods = [m for m in cfg.modalities if shas[m] is None]
+    if random_mods and lead:
+        console.print(f"[yellow]warning:[/yellow] no checkpoint for {', '.join(random_mods)}: the "
+                      f"{cfg.backbone} weights are random (seed {cfg.seed}), so the features only test the "
+                      f"pipeline; pass --checkpoint MODALITY=PATH", highlight=False, soft_wrap=True)
+    precision = resolve_precision(precision, dev)
+    layouts = {m: getattr(getattr(mod, "checkpoint_info", None), "layout", None) for m, mod in models.items()}
+    return sp, df, models, run_attrs(cfg, sp, df, shas, precision, layouts), precision, random_mods
 
-        bs = int(batch_size or default_batch_size(dev, cfg))
-        if bs < 1:
-            raise UserError(f"--batch-size {bs}: must be >= 1")
-        nw = default_workers(dev) if workers is None else int(workers)
-        nw = max(0, min(nw, len(pending)))
-        records = {int(r): _record(df, int(r)) for r in pending}
-        dataset = ClipDataset(records, pending, cfg)
-        extractor = Extractor(cfg, models, dev, bs, precision)
-        writer = ChunkWriter(store, pending, flush_seconds)
-        failures: dict[str, str] = {}
-        failed_now = 0
-        ids = df["id"].astype(str).to_numpy()
 
-        label = f"{sp.name} {cfg.backbone}" + (f" shard {env.rank}/{env.world}" if env.active else "")
-        show = progress and (lead or shard_t is not None)
-        bar = _progress(console, show, len(pending), label)
-        t_run = time.perf_counter()
-        with bar:
-            task = bar.add_task(label, total=len(pending))
-            batch: list[tuple[int, dict]] = []
-
-            def fail(row, reason):
-                nonlocal failed_now
-                failed_now += 1
-                if len(failures) < MAX_REASONS:
-                    failures[str(ids[row])] = reason
-                writer.failed(row, reason)
-
-            pace = {"t": None, "first": 0, "clips": 0}  # the steady rate counts from the first batch's end
-
-            def run_batch():
-                feats = extractor([x for _, x in batch])
-                for (row, _), f in zip(batch, feats):
-                    bad = [m for m, a in f.items() if not np.isfinite(a).all()]
-                    if bad:
-                        fail(row, f"clip {ids[row]}: non-finite {', '.join(bad)} features from the backbone "
-                                  f"(float16 overflow?)")
-                    else:
-                        writer.add(row, f)
-                bar.advance(task, len(batch))
-                pace["clips"] += len(batch)
-                if pace["t"] is None:
-                    pace.update(t=time.perf_counter(), first=len(batch))
-                batch.clear()
-
-            try:
-                for row, inputs, clip_error, user_error in loader(dataset, nw, bs, dev.type == "cuda"):
-                    if user_error:
-                        raise UserError(user_error)
-                    if clip_error:
-                        fail(row, clip_error)
-                        bar.advance(task, 1)
-                        continue
-                    batch.append((row, inputs))
-                    if len(batch) == bs:
-                        run_batch()
-                if batch:
-                    run_batch()
-            except BaseException:
-                # interrupted (Ctrl-C, an error): keep what is finished, then stop
-                try:
-                    writer.flush()
-                except Exception:  # noqa: BLE001 - the original error matters more
-                    pass
+def _open_store(out, df, shapes, attrs, chunk_clips, overwrite, retry_failed, shard_t, verify, env, coordinated,
+                lead, console) -> dict:
+    """Create (or check and repair) the store: rank 0 for all ranks, or each shard process for its own chunks."""
+    prep, error = None, None
+    if lead or shard_t is not None:
+        try:
+            prep = prepare_store(out, df, shapes, attrs, chunk_clips, overwrite, retry_failed, shard=shard_t,
+                                 verify=verify)
+        except UserError as e:
+            if not coordinated:
                 raise
-            writer.flush()
-        t_end = time.perf_counter()
-        seconds_run = t_end - t_run
-        after_first = pace["clips"] - pace["first"]
-        steady = after_first / (t_end - pace["t"]) if after_first > 0 and t_end > pace["t"] else 0.0
+            error = (type(e).__name__, str(e))
+    if coordinated:
+        prep, error = broadcast(env, (prep, error))
+        if error:
+            raise (StoreMismatch if error[0] == "StoreMismatch" else UserError)(error[1])
+    prep = prep or {}
+    if lead:
+        for line in prep.get("repaired", [])[:MAX_REASONS]:
+            console.print(f"[yellow]repaired:[/yellow] {out}: {line}", highlight=False, soft_wrap=True)
+        if prep.get("unchecked_bits"):
+            console.print(f"[yellow]note:[/yellow] {out} is a schema-version-1 store: its chunks carry no "
+                          f"checksums, so the check finds cut and missing chunks but not flipped bits (`adapt "
+                          f"convert-store` writes a version-2 copy)", highlight=False, soft_wrap=True)
+    return prep
 
-        # all done: finalise (rank 0 after every rank; a shard process when the store is complete)
-        counts = gather(env, {"extracted": writer.written, "failed_now": failed_now, "skipped": skipped,
-                               "failures": failures}) if coordinated else \
-            [{"extracted": writer.written, "failed_now": failed_now, "skipped": skipped, "failures": failures}]
-        if coordinated:
-            barrier(env)
-        if (lead and shard_t is None) or (shard_t is not None and len(store.pending_rows()) == 0):
-            store.finalise()
-        if coordinated:
-            barrier(env)
-        store = FeatureStore.open(out, mode="r")
-        failed_all = store.failed()
-        if shard_t is not None:  # a shard answers for its own chunks
-            errors = store.errors()
-            rows = np.flatnonzero(errors != "")
-            rows = rows[(rows // store.chunk_clips) % env.world == env.rank]
-            store_ids = store.meta("id")
-            failed_all = {str(store_ids[r]): str(errors[r]) for r in rows}
-        done_mask = store.done_mask()
-        done = int(done_mask.sum())
-        extracted = sum(c["extracted"] for c in counts)
-        shown: dict[str, str] = {}
-        for c in counts:
-            for k, v in c["failures"].items():
-                if len(shown) < MAX_REASONS:
-                    shown[k] = v
-        for k, v in failed_all.items():
+
+def _pending(store: FeatureStore, env: DistEnv, limit: int | None) -> tuple[np.ndarray, int]:
+    """This rank's rows still to extract, and how many of its rows are done or failed already."""
+    pending = store.pending_rows()
+    mine = np.arange(store.num_clips)
+    if env.active:
+        pending = pending[(pending // store.chunk_clips) % env.world == env.rank]
+        mine = mine[(mine // store.chunk_clips) % env.world == env.rank]
+    skipped = len(mine) - len(pending)
+    if limit is not None:
+        pending = pending[: max(0, int(limit))]
+    return pending, skipped
+
+
+def _extract(store, df, pending, cfg, models, dev, bs, nw, precision, flush_seconds, bar, label) -> dict:
+    """Decode, run the backbones and write the pending clips; a failed clip is recorded and the run goes on.
+    Returns this process's counts and the first failure reasons."""
+    dataset = ClipDataset({int(r): _record(df, int(r)) for r in pending}, pending, cfg)
+    extractor = Extractor(cfg, models, dev, bs, precision)
+    writer = ChunkWriter(store, pending, flush_seconds)
+    ids = df["id"].astype(str).to_numpy()
+    failures: dict[str, str] = {}
+    counts = {"failed_now": 0}
+    pace = {"t": None, "first": 0, "clips": 0}  # the steady rate counts from the first batch's end
+    batch: list[tuple[int, dict]] = []
+
+    def fail(row, reason):
+        counts["failed_now"] += 1
+        if len(failures) < MAX_REASONS:
+            failures[str(ids[row])] = reason
+        writer.failed(row, reason)
+
+    def run_batch():
+        for (row, _), f in zip(batch, extractor([x for _, x in batch])):
+            bad = [m for m, a in f.items() if not np.isfinite(a).all()]
+            if bad:
+                fail(row, f"clip {ids[row]}: non-finite {', '.join(bad)} features from the backbone "
+                          f"(float16 overflow?)")
+            else:
+                writer.add(row, f)
+        bar.advance(task, len(batch))
+        pace["clips"] += len(batch)
+        if pace["t"] is None:
+            pace.update(t=time.perf_counter(), first=len(batch))
+        batch.clear()
+
+    t_run = time.perf_counter()
+    with bar:
+        task = bar.add_task(label, total=len(pending))
+        try:
+            for row, inputs, clip_error, user_error in loader(dataset, nw, bs, dev.type == "cuda"):
+                if user_error:
+                    raise UserError(user_error)
+                if clip_error:
+                    fail(row, clip_error)
+                    bar.advance(task, 1)
+                    continue
+                batch.append((row, inputs))
+                if len(batch) == bs:
+                    run_batch()
+            if batch:
+                run_batch()
+        except BaseException:
+            try:  # interrupted (Ctrl-C, an error): keep what is finished, then stop
+                writer.flush()
+            except Exception:  # noqa: BLE001 - the original error matters more
+                pass
+            raise
+        writer.flush()
+    t_end = time.perf_counter()
+    after_first = pace["clips"] - pace["first"]
+    steady = after_first / (t_end - pace["t"]) if after_first > 0 and t_end > pace["t"] else 0.0
+    return {"extracted": writer.written, "failed_now": counts["failed_now"], "failures": failures,
+            "run_seconds": t_end - t_run, "steady": steady}
+
+
+def _finish(out, sp, env, shard_t, coordinated, lead, counts, prep, t0, dev, bs, nw, random_mods,
+            console) -> tuple[dict, dict]:
+    """Finalise the store (rank 0 after every rank; a shard process when the store is complete); the summary and
+    the failed clips this process answers for."""
+    if coordinated:
+        barrier(env)
+    store = FeatureStore.open(out, mode="r+")
+    if (lead and shard_t is None) or (shard_t is not None and len(store.pending_rows()) == 0):
+        store.finalise()
+    if coordinated:
+        barrier(env)
+    store = FeatureStore.open(out, mode="r")
+    failed_all = store.failed()
+    if shard_t is not None:  # a shard answers for its own chunks
+        errors = store.errors()
+        rows = np.flatnonzero(errors != "")
+        rows = rows[(rows // store.chunk_clips) % env.world == env.rank]
+        store_ids = store.meta("id")
+        failed_all = {str(store_ids[r]): str(errors[r]) for r in rows}
+    done = int(store.done_mask().sum())
+    extracted = sum(c["extracted"] for c in counts)
+    shown: dict[str, str] = {}
+    for failures in [c["failures"] for c in counts] + [failed_all]:
+        for k, v in failures.items():
             if len(shown) < MAX_REASONS and k not in shown:
                 shown[k] = v
-        seconds = time.perf_counter() - t0
-        all_failed = len(store.failed())
-        summary = {
-            "split": sp.name, "out": str(out), "clips": store.num_clips, "extracted": extracted,
-            "failed": len(failed_all), "failed_now": sum(c["failed_now"] for c in counts), "failures": shown,
-            "skipped": sum(c["skipped"] for c in counts), "seconds": round(seconds, 3),
-            "run_seconds": round(seconds_run, 3),
-            "clips_per_s": round(extracted / seconds_run, 3) if seconds_run > 0 else 0.0,
-            "steady_clips_per_s": round(steady, 3),
-            "done": done, "complete": done + all_failed == store.num_clips, "rank": env.rank,
-            "world": env.world, "device": str(dev), "batch_size": bs, "workers": nw,
-            "created": bool(prep.get("created")), "reset_failed": int(prep.get("reset_failed", 0)),
-            "repaired": list(prep.get("repaired", [])), "random_weights": random_mods,
-        }
-        if lead or shard_t is not None:
-            _print_summary(console, summary)
-        if failed_all and not allow_failures:
-            first = next(iter(shown.values()), next(iter(failed_all.values())))
-            where = f"shard {env.rank}/{env.world} of {sp.name}" if shard_t is not None else sp.name
-            rest = (f"the other {done} clips are in {out}" if done else
-                    f"no clip was extracted ({out} records why each failed)")
-            raise ExtractionFailed(
-                f"{len(failed_all)} of {store.num_clips} clips of {where} failed (first: {first}); {rest}; fix the "
-                f"data and re-run with --retry-failed, or pass --allow-failures", summary)
-        return summary
-    except BaseException:
-        if coordinated and env.owns_group:
-            destroy_group()  # do not leave the other ranks waiting on a collective of this one
-        raise
+    seconds_run = counts[env.rank if coordinated else 0]["run_seconds"]
+    summary = {
+        "split": sp.name, "out": str(out), "clips": store.num_clips, "extracted": extracted,
+        "failed": len(failed_all), "failed_now": sum(c["failed_now"] for c in counts), "failures": shown,
+        "skipped": sum(c["skipped"] for c in counts), "seconds": round(time.perf_counter() - t0, 3),
+        "run_seconds": round(seconds_run, 3),
+        "clips_per_s": round(extracted / seconds_run, 3) if seconds_run > 0 else 0.0,
+        "steady_clips_per_s": round(counts[env.rank if coordinated else 0]["steady"], 3),
+        "done": done, "complete": done + len(store.failed()) == store.num_clips, "rank": env.rank,
+        "world": env.world, "device": str(dev), "batch_size": bs, "workers": nw,
+        "created": bool(prep.get("created")), "reset_failed": int(prep.get("reset_failed", 0)),
+        "repaired": list(prep.get("repaired", [])), "random_weights": random_mods,
+    }
+    if lead or shard_t is not None:
+        _print_summary(console, summary)
+    return summary, failed_all
+
+
+def _failures(summary: dict, failed: dict, sp, env, shard_t, out) -> ExtractionFailed:
+    first = next(iter(summary["failures"].values()), next(iter(failed.values())))
+    where = f"shard {env.rank}/{env.world} of {sp.name}" if shard_t is not None else sp.name
+    rest = (f"the other {summary['done']} clips are in {out}" if summary["done"] else
+            f"no clip was extracted ({out} records why each failed)")
+    return ExtractionFailed(f"{len(failed)} of {summary['clips']} clips of {where} failed (first: {first}); {rest}; "
+                            f"fix the data and re-run with --retry-failed, or pass --allow-failures", summary)
 
 
 def _record(df, row: int) -> dict:
