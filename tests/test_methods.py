@@ -12,6 +12,7 @@ import torch
 
 from adapt import config as C
 from adapt import methods, objectives
+from adapt import step
 from adapt import train as T
 from adapt.data import EpochSampler, draw_batch
 from adapt.methods.mmsada import EPIC55_BASE
@@ -43,7 +44,7 @@ def trace(monkeypatch, cfg):
     """Train ``cfg`` alone and record, per step, the terms that act with their weights, the GRL coefficients, the
     learning rate and whether gradients were clipped."""
     steps, grl, lrs, clipped = [], [], [], []
-    real_total, real_grl, real_lr, real_clip = T._phase_total, Schedule.grl, Schedule.lr, T._clip_per_run
+    real_total, real_grl, real_lr, real_clip = step.phase_total, Schedule.grl, Schedule.lr, step.clip_per_run
 
     def total(phase, now, terms, w, cfg_):
         steps.append((phase, {t: round(float(w[t]), 6) for t in sorted(now)}))
@@ -53,8 +54,8 @@ def trace(monkeypatch, cfg):
         clipped.append(max_norm)
         return real_clip(leaves, max_norm, K)
 
-    monkeypatch.setattr(T, "_phase_total", total)
-    monkeypatch.setattr(T, "_clip_per_run", clip)
+    monkeypatch.setattr(step, "phase_total", total)
+    monkeypatch.setattr(step, "clip_per_run", clip)
     monkeypatch.setattr(Schedule, "grl", lambda self, c, s: grl.append(real_grl(self, c, s)) or grl[-1])
     monkeypatch.setattr(Schedule, "lr", lambda self, c, s: lrs.append(real_lr(self, c, s)) or lrs[-1])
     final = T.train([cfg], progress=False)[0]
@@ -193,11 +194,11 @@ def test_mcd_forms():
     w = {"cls": torch.tensor(0.2), "mcd": torch.tensor(0.2)}
     grl = C.TrainConfig(mcd_form="grl")
     # GRL form: the classifiers maximise the discrepancy (minus sign), the reversal makes the features minimise it
-    assert float(T._phase_total("all", {"cls", "mcd"}, terms, w, grl)) == pytest.approx(0.2 * 2.0 - 0.2 * 0.3)
+    assert float(step.phase_total("all", {"cls", "mcd"}, terms, w, grl)) == pytest.approx(0.2 * 2.0 - 0.2 * 0.3)
     three = C.TrainConfig(mcd_form="three_step")
-    assert float(T._phase_total("all", {"cls", "mcd"}, terms, w, three)) == pytest.approx(0.4)  # step A
-    assert float(T._phase_total("classifiers", {"cls", "mcd"}, terms, w, three)) == pytest.approx(0.4 - 0.06)
-    assert float(T._phase_total("generator", {"cls", "mcd"}, terms, w, three)) == pytest.approx(0.06)
+    assert float(step.phase_total("all", {"cls", "mcd"}, terms, w, three)) == pytest.approx(0.4)  # step A
+    assert float(step.phase_total("classifiers", {"cls", "mcd"}, terms, w, three)) == pytest.approx(0.4 - 0.06)
+    assert float(step.phase_total("generator", {"cls", "mcd"}, terms, w, three)) == pytest.approx(0.06)
 
 
 def test_domain_losses_are_summed_over_streams():
@@ -223,7 +224,7 @@ def test_clip_per_run_is_torchs_clip_for_each_run():
         pa.grad, pb.grad = a.grad[k].clone(), b.grad[k].clone()
         torch.nn.utils.clip_grad_norm_([pa, pb], 20.0)
         want.append((pa.grad, pb.grad))
-    T._clip_per_run([a, b], 20.0, 3)
+    step.clip_per_run([a, b], 20.0, 3)
     for k in range(3):
         torch.testing.assert_close(a.grad[k], want[k][0])
         torch.testing.assert_close(b.grad[k], want[k][1])

@@ -181,7 +181,6 @@ def test_cli_report_and_tsne_on_a_trained_run(tmp_path):
 
 
 def test_a_cut_final_json_is_left_out_and_not_taken_for_complete(tmp_path):
-    from adapt import report as R
     good, cut = tmp_path / "a_run", tmp_path / "b_run"
     good.mkdir()
     cut.mkdir()

@@ -257,14 +257,14 @@ def test_stacked_linear_weights_take_their_gradients_contiguous_without_a_copy(i
     from adapt.data import DomainPair
     from adapt.model import AdaptModel
     from adapt.objectives import compute_terms, initial_state
-    from adapt.train import _gradient_layout, active_terms
+    from adapt.step import active_terms, gradient_layout
 
     cfg = cfg_for(i3d_root, method, tmp_path)
     pair = DomainPair(cfg, torch.device("cpu"))
     models = [AdaptModel(cfg, pair.modalities, pair.feature_shapes, pair.verb_classes, 0, pair.heads_units)
               for _ in range(2)]
     stacked, buffers = stack_module_state(models)
-    leaves, params = _gradient_layout({k: v.detach() for k, v in stacked.items()}, models[0], 2)
+    leaves, params = gradient_layout({k: v.detach() for k, v in stacked.items()}, models[0], 2)
     for v in leaves.values():
         v.requires_grad_(True)
     linear = [f"{n}.weight" for n, m in models[0].named_modules() if isinstance(m, torch.nn.Linear)]
