@@ -28,7 +28,6 @@ __all__ = [
     "cross_modal_contrastive",
     "cross_domain_contrastive",
     "memory_bank_rows",
-    "update_memory_bank",
     "update_memory_labels",
     "entropy",
     "pseudo_label_ce",
@@ -258,19 +257,6 @@ def memory_bank_rows(bank: torch.Tensor, idx: torch.Tensor, feats: torch.Tensor,
     old = bank.index_select(0, idx.to(torch.int64))
     new = momentum * old + (1.0 - momentum) * feats.detach().to(bank.dtype)
     return F.normalize(new, dim=-1) if normalize else new
-
-
-def update_memory_bank(bank: torch.Tensor, idx: torch.Tensor, feats: torch.Tensor, momentum: float = 0.5,
-                       normalize: bool = True) -> torch.Tensor:
-    """Momentum update of a memory bank, out of place: :func:`memory_bank_rows` written into a copy.
-
-    ``M[idx_b] <- normalize(delta * M[idx_b] + (1 - delta) * F_b)``; other rows are unchanged.  ``idx`` must not
-    repeat within one call (index_copy keeps an arbitrary one).  Use one bank per domain and modality (M_s^a,
-    M_s^m, M_t^a, M_t^m).
-
-    Shapes: bank (N, d), idx (B,) int64 in [0, N), feats (B, d) -> new bank (N, d).
-    """
-    return bank.index_copy(0, idx.to(torch.int64), memory_bank_rows(bank, idx, feats, momentum, normalize))
 
 
 def update_memory_labels(labels: torch.Tensor, idx: torch.Tensor, new_labels: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ import math
 import torch
 import torch.nn as nn
 
-from adapt import parts
+from adapt import parts, rng
 from featstore.errors import UserError
 
 
@@ -165,7 +165,7 @@ class AdaptModel(nn.Module):
             else:
                 v = parts.time_mean(f)
             video[s] = v
-            v_drop = parts.keyed_dropout(v, cfg.dropout_video, key, 64 + i, self.training)
+            v_drop = rng.dropout(v, cfg.dropout_video, key, self.training, 64 + i)
             disc_in[s] = v_drop if cfg.video_disc_after_dropout else v
             v_cls = v_drop
             if hasattr(self, "classifier2") and cfg.mcd_form == "grl" and b_s:

@@ -36,13 +36,11 @@ import torch.nn.functional as F
 from . import rng
 
 __all__ = [
-    "GradReverse",
     "grad_reverse",
     "Embedding",
     "DomainDiscriminator",
     "CorrespondenceHead",
     "correspondence_negatives",
-    "keyed_dropout",
     "init_normal",
     "ProjectionHead",
     "GatingUnit",
@@ -50,14 +48,11 @@ __all__ = [
     "mutual_refinement_param_count",
     "correlation_map",
     "SpatialConsensus",
-    "TemporalAverage",
     "time_mean",
     "TRNMultiScale",
     "softmax_entropy",
     "DomainAttention",
     "attentive_entropy",
-    "Classifier",
-    "VerbNounClassifier",
 ]
 
 Features = Union[Mapping[str, torch.Tensor], Sequence[torch.Tensor]]
@@ -106,21 +101,6 @@ def grad_reverse(x: torch.Tensor, coeff: Union[float, torch.Tensor] = 1.0) -> to
     return _GradReverseFn.apply(x, coeff)
 
 
-class GradReverse(nn.Module):
-    """Module form of :func:`grad_reverse` (MM-SADA sec. 3.3, GRL before each D_m, eq. 2).
-
-    ``forward(x, coeff=None)`` uses ``coeff`` if given, else the constructor's default.
-    Shapes: x (...) -> (...).
-    """
-
-    def __init__(self, coeff: float = 1.0):
-        super().__init__()
-        self.coeff = float(coeff)
-
-    def forward(self, x: torch.Tensor, coeff: Union[None, float, torch.Tensor] = None) -> torch.Tensor:
-        return grad_reverse(x, self.coeff if coeff is None else coeff)
-
-
 # --------------------------------------------------------------------------------------
 # Shared embedding (TA3N's shared FC layer; MM-SADA dropout on features)
 # --------------------------------------------------------------------------------------
@@ -152,14 +132,6 @@ class Embedding(nn.Module):
         if self.spatial:
             y = y.movedim(-1, -3)
         return y
-
-
-def keyed_dropout(x: torch.Tensor, p: float, key, salt: int, training: bool) -> torch.Tensor:
-    """Inverted dropout with a mask from :func:`adapt.rng.keep_mask` (``key``, ``salt``); identity when not training
-    or ``p = 0``.  Shapes: x (...) -> (...)."""
-    if not training or not p:
-        return x
-    return x * rng.keep_mask(key, x.shape, p, salt).to(x.dtype)
 
 
 def init_normal(layer: nn.Linear, std: float, truncated: bool = False) -> None:
@@ -400,98 +372,66 @@ class SpatialConsensus(nn.Module):
 
     For the two spatial modalities (RGB R, flow F) with refined maps ``F_rM`` (B, 2c, h, w):
 
-    1. ``H_rM = Conv1x1_M(F_rM)`` (B, d, h, w): a per-modality 1x1 conv into a shared latent
-       space (``shared_projection=True`` uses one conv for both).
-    2. ``k`` downsamplings by 2 give ``H^0..H^k``: ``avg_pool2d(kernel 2, stride 2,
-       ceil_mode=True)`` by default (7 -> 4 -> 2 -> 1 for k = 3; a border window averages only
-       its in-bounds cells); ``ceil_mode=False`` floors (7 -> 3 -> 1 -> 1).  An axis of size 1
-       is not pooled further.
-    3. Per scale, eq. 5: ``C^s = correlation_map(H_R^s, H_F^s)`` (Pearson, i.e. channel-centred,
-       by default; ``centred=False`` = cosine as literally written in eq. 5).
-    4. Each ``C^s`` is upsampled to (h, w) (``upsample='bilinear'``, align_corners=False, default;
-       or ``'nearest'``) and summed: ``C = sum_s up(C^s)`` in [-(k+1), k+1], returned as the map.
+    1. ``H_rM = Conv1x1_M(F_rM)`` (B, d, h, w): a per-modality 1x1 conv into a shared latent space.
+    2. ``k`` downsamplings by 2 give ``H^0..H^k``: ``avg_pool2d(kernel 2, stride 2, ceil_mode=True)``
+       (7 -> 4 -> 2 -> 1 for k = 3; a border window averages only its in-bounds cells).  An axis of size 1 is
+       not pooled further.
+    3. Per scale, eq. 5: ``C^s = correlation_map(H_R^s, H_F^s)`` (Pearson, i.e. channel-centred).
+    4. Each ``C^s`` is upsampled to (h, w) (bilinear, align_corners=False) and summed: ``C = sum_s up(C^s)`` in
+       [-(k+1), k+1], returned as the map.
     5. Weighted average with residual (Wang et al. 2017 residual attention):
-       ``f_rM = sum_ij (1 + C~_ij) F_rM^(i,j) / (h w)`` with ``C~ = C / (k+1)`` (mean of the
-       scale correlations, so the weights lie in [0, 2] and C = 0 gives plain GAP) when
-       ``map_scale='mean'`` (default), or ``C~ = C`` when ``map_scale='sum'`` (literal reading).
+       ``f_rM = sum_ij (1 + C~_ij) F_rM^(i,j) / (h w)`` with ``C~ = C / (k+1)`` (the mean of the scale
+       correlations, so the weights lie in [0, 2] and C = 0 gives plain GAP).
 
     Non-spatial modalities (audio, (B, 2c)) pass through unchanged (and any spatial modality not
     among the two consensus modalities is plain GAP).  Extra leading dims (B, n, ...) are
     flattened and restored.
 
-    Parameters: ``2 * (2c * d + d)`` (``c_in * d + d`` if shared); d = ``proj_dim`` (default 256,
-    the papers do not state it).
+    Parameters: ``2 * (2c * d + d)``; d = ``proj_dim`` (default 256, the papers do not state it).
 
     Input: dict ``{name: tensor}`` or list in ``modalities`` order.
     Output: (pooled features in the same container, (B, 2c) each; consensus map C (B, h, w)).
     """
 
-    def __init__(self, in_channels: int = 2048, proj_dim: int = 256, k: int = 3, centred: bool = True,
-                 ceil_mode: bool = True, upsample: str = "bilinear", map_scale: str = "mean",
-                 shared_projection: bool = False, modalities: Sequence[str] = ("rgb", "flow", "audio"),
-                 consensus: Tuple[str, str] = ("rgb", "flow"), spatial: Iterable[str] = ("rgb", "flow"),
-                 eps: float = 1e-6):
+    def __init__(self, in_channels: int = 2048, proj_dim: int = 256, k: int = 3,
+                 modalities: Sequence[str] = ("rgb", "flow", "audio"), consensus: Tuple[str, str] = ("rgb", "flow"),
+                 spatial: Iterable[str] = ("rgb", "flow"), eps: float = 1e-6):
         super().__init__()
-        if upsample not in ("bilinear", "nearest"):
-            raise ValueError(f"upsample must be 'bilinear' or 'nearest', got {upsample!r}")
-        if map_scale not in ("mean", "sum"):
-            raise ValueError(f"map_scale must be 'mean' or 'sum', got {map_scale!r}")
         self.modalities = list(modalities)
         self.consensus = tuple(consensus)
         self.spatial = set(spatial)
         self.k = int(k)
-        self.centred = bool(centred)
-        self.ceil_mode = bool(ceil_mode)
-        self.upsample = upsample
-        self.map_scale = map_scale
         self.eps = eps
-        self.shared_projection = bool(shared_projection)
-        if self.shared_projection:
-            self.proj = nn.ModuleDict({"shared": nn.Conv2d(in_channels, proj_dim, kernel_size=1)})
-        else:
-            self.proj = nn.ModuleDict({m: nn.Conv2d(in_channels, proj_dim, kernel_size=1) for m in self.consensus})
-
-    def _project(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        return self.proj["shared" if self.shared_projection else name](x)
+        self.proj = nn.ModuleDict({m: nn.Conv2d(in_channels, proj_dim, kernel_size=1) for m in self.consensus})
 
     def scale_sizes(self, h: int, w: int) -> List[Tuple[int, int]]:
-        """Spatial sizes of the k+1 scales for an (h, w) input.
-
-        Each halving uses ceil (default) or floor; an axis already of size 1 is not pooled.
-        E.g. 7x7, k = 3: ceil 7 -> 4 -> 2 -> 1, floor 7 -> 3 -> 1 -> 1.
-        """
+        """Spatial sizes of the k+1 scales for an (h, w) input: each halving rounds up, an axis already of size 1
+        is not pooled (7x7, k = 3: 7 -> 4 -> 2 -> 1)."""
         sizes = [(h, w)]
         for _ in range(self.k):
-            sizes.append(tuple(self._half(v) for v in sizes[-1]))
+            sizes.append(tuple(v if v <= 1 else (v + 1) // 2 for v in sizes[-1]))
         return sizes
 
-    def _half(self, v: int) -> int:
-        if v <= 1:
-            return v
-        return (v + 1) // 2 if self.ceil_mode else v // 2
-
-    def _down(self, x: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _down(x: torch.Tensor) -> torch.Tensor:
         kh = 2 if x.shape[-2] > 1 else 1
         kw = 2 if x.shape[-1] > 1 else 1
         if kh == 1 and kw == 1:
             return x
-        return F.avg_pool2d(x, kernel_size=(kh, kw), stride=(kh, kw), ceil_mode=self.ceil_mode)
+        return F.avg_pool2d(x, kernel_size=(kh, kw), stride=(kh, kw), ceil_mode=True)
 
     def consensus_map(self, f_a: torch.Tensor, f_b: torch.Tensor) -> torch.Tensor:
         """Consensus map C = sum_s up(C^s) (M3EM eq. 5 and text); f_a, f_b (B, 2c, h, w) -> (B, h, w)."""
         h, w = f_a.shape[-2:]
-        ha = self._project(self.consensus[0], f_a)
-        hb = self._project(self.consensus[1], f_b)
+        ha = self.proj[self.consensus[0]](f_a)
+        hb = self.proj[self.consensus[1]](f_b)
         total = None
         for s in range(self.k + 1):
             if s > 0:
                 ha, hb = self._down(ha), self._down(hb)
-            c = correlation_map(ha, hb, self.centred, self.eps).unsqueeze(1)  # (B, 1, hs, ws)
+            c = correlation_map(ha, hb, True, self.eps).unsqueeze(1)  # (B, 1, hs, ws)
             if c.shape[-2:] != (h, w):
-                if self.upsample == "bilinear":
-                    c = F.interpolate(c, size=(h, w), mode="bilinear", align_corners=False)
-                else:
-                    c = F.interpolate(c, size=(h, w), mode="nearest")
+                c = F.interpolate(c, size=(h, w), mode="bilinear", align_corners=False)
             total = c if total is None else total + c
         return total.squeeze(1)
 
@@ -503,8 +443,7 @@ class SpatialConsensus(nn.Module):
         fa4 = fa.reshape((-1,) + tuple(fa.shape[-3:]))
         fb4 = fb.reshape((-1,) + tuple(fb.shape[-3:]))
         cmap = self.consensus_map(fa4, fb4)  # (N, h, w)
-        weight = cmap / (self.k + 1) if self.map_scale == "mean" else cmap
-        weight = 1.0 + weight
+        weight = 1.0 + cmap / (self.k + 1)
         out = {}
         for m in self.modalities:
             x = feats[m]
@@ -523,20 +462,6 @@ class SpatialConsensus(nn.Module):
 # --------------------------------------------------------------------------------------
 # Temporal aggregation (TSN average; TRN multi-scale as in TA3N)
 # --------------------------------------------------------------------------------------
-class TemporalAverage(nn.Module):
-    """Temporal average pooling (TSN consensus; TA3N "AvgPool"): ``v = (1/n) sum_t x_t``.
-
-    Shapes: x (B, n, ...) -> (B, ...) (mean over ``dim``, default 1).
-    """
-
-    def __init__(self, dim: int = 1):
-        super().__init__()
-        self.dim = dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return time_mean(x, self.dim)
-
-
 def time_mean(x: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """``x.mean(dim)``; when that axis has one entry (one window or segment per clip, as in training on pooled
     features), the entry itself, as a squeezed view: the same values without a reduction kernel (which for a
@@ -643,35 +568,3 @@ def attentive_entropy(logits: torch.Tensor, domain_logits: torch.Tensor) -> torc
     Shapes: logits (B, K), domain_logits (B, 2) -> scalar.
     """
     return ((1.0 + softmax_entropy(domain_logits)) * softmax_entropy(logits)).mean()
-
-
-# --------------------------------------------------------------------------------------
-# Classifiers
-# --------------------------------------------------------------------------------------
-class Classifier(nn.Module):
-    """Linear action classifier G_m (MM-SADA eq. 1; late fusion sums the logits of modalities).
-
-    Shapes: x (..., in_dim) -> logits (..., num_classes).
-    """
-
-    def __init__(self, in_dim: int, num_classes: int):
-        super().__init__()
-        self.fc = nn.Linear(in_dim, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(x)
-
-
-class VerbNounClassifier(nn.Module):
-    """Two linear heads for EPIC-100 (97 verbs, 300 nouns; TA3N / TBN EPIC-100 heads).
-
-    Shapes: x (..., in_dim) -> (verb_logits (..., num_verbs), noun_logits (..., num_nouns)).
-    """
-
-    def __init__(self, in_dim: int, num_verbs: int = 97, num_nouns: int = 300):
-        super().__init__()
-        self.verb = nn.Linear(in_dim, num_verbs)
-        self.noun = nn.Linear(in_dim, num_nouns)
-
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.verb(x), self.noun(x)

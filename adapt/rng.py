@@ -6,7 +6,7 @@ inside such a forward (vmap refuses random ops in its default mode, and even
 where allowed the draws would depend on how many runs are batched together).
 So every random draw here is a pure function of an integer *key*:
 
-    uniform(key, shape, salt) = (hash(seed(key, salt), counter) >> 8) / 2**24,   counter = 0..numel-1
+    bits(key, shape, salt) = hash(seed(key, salt), counter),   counter = 0..numel-1
 
 (:func:`dropout` takes several narrower draws from each hash instead: 32 one-bit draws for p = 0.5).
 This is the counter-based design of Salmon et al., "Parallel random numbers: as easy as 1, 2, 3" (SC 2011), with
@@ -31,8 +31,7 @@ from typing import Union
 import numpy as np
 import torch
 
-__all__ = ["as_key", "fold", "fold_int", "split", "uniform", "bernoulli", "dropout", "keep_mask", "draw_bits",
-           "MASK32"]
+__all__ = ["as_key", "fold", "fold_int", "dropout", "keep_mask", "draw_bits", "MASK32"]
 
 MASK32 = 0xFFFFFFFF
 _C1 = 0xCC9E2D51
@@ -56,15 +55,6 @@ def as_key(key: KeyLike, device=None) -> torch.Tensor:
 def _rotl(x: torch.Tensor, r: int) -> torch.Tensor:
     """32-bit rotate-left of int64 tensors holding 32-bit values (MurmurHash3 ROTL32); shape kept."""
     return ((x << r) | (x >> (32 - r))) & MASK32
-
-
-def split(key: torch.Tensor):
-    """Split an int64 key into its low and high 32-bit words, both in [0, 2**32).
-
-    Shapes: key (...) -> (lo (...), hi (...)).
-    """
-    key = as_key(key)
-    return key & MASK32, (key >> 32) & MASK32
 
 
 def _s64(c: int) -> int:
@@ -172,22 +162,6 @@ def _bits(key: KeyLike, shape, salt: int = 0) -> torch.Tensor:
     h.bitwise_xor_(_srl(h, 13)).mul_(_signed(0xC2B2AE35))
     h.bitwise_xor_(_srl(h, 16))
     return h.reshape(shape)
-
-
-def uniform(key: KeyLike, shape, salt: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Uniform numbers in [0, 1) from a counter-based hash (no global RNG state).
-
-    ``u[c] = (murmur3(c; seed(key, salt)) >> 8) * 2**-24`` for ``c = 0..numel-1``
-    (24 random bits, exactly representable in float32, so ``u < 1`` always).
-
-    Shapes: key () int64 (batched scalar under vmap), shape tuple -> tensor of ``shape``.
-    """
-    return _srl(_bits(key, shape, salt), 8).to(dtype).mul_(2.0 ** -24)
-
-
-def bernoulli(key: KeyLike, shape, p_keep: float, salt: int = 0) -> torch.Tensor:
-    """Boolean keep-mask with P(True) = ``p_keep``; shapes: key () -> bool tensor of ``shape``."""
-    return uniform(key, shape, salt) < p_keep
 
 
 @functools.lru_cache(maxsize=None)

@@ -22,32 +22,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from featstore.store import FeatureStore
+from featstore.synthetic import make_store
 
 
 def _store(path: Path, n: int, units: int, shape: tuple, seed: int, version: int = 2, classes: int = 8,
            modalities=("rgb", "flow")) -> Path:
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % classes
-    manifest = pd.DataFrame({"id": [f"{path.stem}_{i}" for i in range(n)], "video_id": ["V_01"] * n,
-                             "start_frame": np.arange(n) + 1, "stop_frame": np.arange(n) + 2,
-                             "verb_class": y, "noun_class": -np.ones(n, dtype=int)})
-    attrs = {"backbone": "tbn" if units == 25 else "i3d", "manifest_sha256": path.stem,
-             "checkpoints": {m: None for m in modalities}, "sampling": {}, "preprocessing": {},
-             "verb_classes": classes, "noun_classes": 0}
-    st = FeatureStore.create(path, manifest, {m: (units, *shape) for m in modalities}, attrs, version=version)
-    protos = rng.standard_normal((classes, *shape), dtype=np.float32)
-    for lo in range(0, n, st.chunk_clips):
-        rows = np.arange(lo, min(n, lo + st.chunk_clips))
-        feats = {m: np.maximum(protos[y[rows]][:, None] + rng.standard_normal((len(rows), units, *shape),
-                                                                              dtype=np.float32) * 2, 0)
-                 for m in modalities}
-        st.write(rows, feats)
-    st.finalise()
-    return path
+    """A synthetic store (:mod:`featstore.synthetic`) drawn chunk by chunk; TBN's when it has 25 units."""
+    return make_store(path, n, classes, units, {m: shape for m in modalities}, 0.0, seed,
+                      backbone="tbn" if units == 25 else "i3d", version=version, chunk_clips=None, noise=2.0,
+                      by_chunk=True)
 
 
 def _rchar() -> int:
@@ -188,6 +174,7 @@ from adapt.data import DomainPair
 from adapt.train import train
 from bench.bench_stream import quarter_budget
 from featstore.store import FeatureStore
+from featstore.synthetic import make_store
 def rss():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS"):

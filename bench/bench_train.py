@@ -15,34 +15,21 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import torch
 
 from adapt import config as C
 from adapt.train import train
-from featstore.store import FeatureStore
+from featstore.synthetic import make_store
 
 METHODS = ["source_only", "adabn", "mmd", "mcd", "dann", "pseudo_label", "mmsada", "contrastive", "ta3n", "m3em",
            "cia"]
 SPATIAL_ONLY = {"m3em", "cia"}
 
 
-def make_store(path: Path, n: int, units: int, shape: tuple, seed: int, classes: int = 8) -> Path:
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % classes
-    manifest = pd.DataFrame({"id": [f"{path.stem}_{i}" for i in range(n)], "video_id": ["V_01"] * n,
-                             "start_frame": np.arange(n) + 1, "stop_frame": np.arange(n) + 2,
-                             "verb_class": y, "noun_class": -np.ones(n, dtype=int)})
-    attrs = {"backbone": "i3d", "manifest_sha256": path.stem, "checkpoints": {"rgb": None, "flow": None},
-             "sampling": {}, "preprocessing": {}, "verb_classes": classes, "noun_classes": 0}
-    st = FeatureStore.create(path, manifest, {"rgb": (units, *shape), "flow": (units, *shape)}, attrs)
-    for lo in range(0, n, st.chunk_clips):
-        rows = np.arange(lo, min(n, lo + st.chunk_clips))
-        feats = {m: np.maximum(rng.standard_normal((len(rows), units, *shape), dtype=np.float32), 0)
-                 for m in ("rgb", "flow")}
-        st.write(rows, feats)
-    return path
+def synthetic(path: Path, n: int, units: int, shape: tuple, seed: int, classes: int = 8) -> Path:
+    """A synthetic I3D store (:mod:`featstore.synthetic`) drawn chunk by chunk (the large ones exceed memory)."""
+    return make_store(path, n, classes, units, {"rgb": shape, "flow": shape}, 0.0, seed, chunk_clips=None,
+                      by_chunk=True)
 
 
 def make_pair(root: Path, sizes=(1543, 2495, 750), spatial=False, scale: int = 1) -> dict:
@@ -51,7 +38,7 @@ def make_pair(root: Path, sizes=(1543, 2495, 750), spatial=False, scale: int = 1
     for name, n, seed in zip(("source", "target", "eval"), sizes, (1, 2, 3)):
         p = root / f"{name}{'_sp' if spatial else ''}_x{scale}.zarr"
         if not p.exists():
-            make_store(p, n * scale, 5, shape, seed)
+            synthetic(p, n * scale, 5, shape, seed)
         paths[name] = str(p)
     return paths
 

@@ -221,15 +221,6 @@ class FeatureStore:
         """A tensorstore reader of a modality's features (thread-safe; reads whole rows or (clip, unit) sets)."""
         return UnitReader(self.path / self.array(modality).path, self.path, modality)
 
-    def load(self, modality: str, rows: np.ndarray | slice | None = None) -> np.ndarray:
-        """Read a modality wholly (or the given rows) into memory as float16 numpy."""
-        arr = self.array(modality)
-        if rows is None:
-            return arr[:]
-        if isinstance(rows, slice):
-            return arr[rows]
-        return arr.oindex[np.asarray(rows)]
-
     # ------------------------------------------------------------------------------------------------------
     # writing
 

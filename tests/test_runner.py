@@ -25,10 +25,11 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from extract.config import ExtractConfig
+from extract.runner import run_extraction
 from featstore.errors import UserError
 from featstore.manifests import manifest_sha256, read_manifest
-from extract.runner import run_extraction
 from featstore.store import FeatureStore
+from tests import reference
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -170,7 +171,7 @@ def test_i3d_end_to_end_store_shapes_attrs(demo, tmp_path):
     st = FeatureStore.open(out, require_complete=True)
     assert st.modalities == ["rgb", "flow"]
     for m in ("rgb", "flow"):
-        a = st.load(m)
+        a = reference.features(st, m)
         assert a.shape == (4, 2, 1024, 2, 2) and a.dtype == np.float16
         assert np.isfinite(a).all()
         assert not np.array_equal(a[0], a[1])  # clips differ
@@ -197,10 +198,10 @@ def test_tbn_end_to_end_rgb_flow_audio(demo, tmp_path):
     s = run_extraction(split, cfg, out, {}, device="cpu", workers=1, batch_size=3, chunk_clips=2, console=quiet())
     assert s["extracted"] == 3 and s["complete"]
     st = FeatureStore.open(out, require_complete=True)
-    shapes = {m: st.load(m).shape for m in st.modalities}
+    shapes = {m: reference.features(st, m).shape for m in st.modalities}
     assert shapes == {"rgb": (3, 2, 1024, 2, 2), "flow": (3, 2, 1024, 2, 2), "audio": (3, 2, 1024)}
     for m in st.modalities:
-        a = st.load(m).astype(np.float32)
+        a = reference.features(st, m).astype(np.float32)
         assert np.isfinite(a).all() and a.std() > 0
         assert not np.array_equal(a[0], a[1])
 
@@ -210,13 +211,13 @@ def test_tbn_end_to_end_rgb_flow_audio(demo, tmp_path):
     run_extraction(split, cfg, same, {}, device="cpu", workers=0, batch_size=3, chunk_clips=2, console=quiet())
     other = FeatureStore.open(same, require_complete=True)
     for m in st.modalities:
-        assert np.array_equal(other.load(m), st.load(m)), m
+        assert np.array_equal(reference.features(other, m), reference.features(st, m)), m
 
     # the spatial audio map (1024 x 8 x 8 per segment)
     cfg2 = dataclasses.replace(cfg, modalities=("audio",), audio_map="spatial", segments=1)
     run_extraction(subset(demo["test"], [0], tmp_path / "one.csv"), cfg2, tmp_path / "spatial.zarr", {},
                    device="cpu", workers=0, batch_size=1, console=quiet())
-    assert FeatureStore.open(tmp_path / "spatial.zarr").load("audio").shape == (1, 1, 1024, 8, 8)
+    assert reference.features(FeatureStore.open(tmp_path / "spatial.zarr"), "audio").shape == (1, 1, 1024, 8, 8)
 
 
 def test_tbn_stored_segments_keep_the_group_centres(demo, tmp_path):
@@ -234,7 +235,7 @@ def test_tbn_stored_segments_keep_the_group_centres(demo, tmp_path):
     assert b.attrs["sampling"]["stored_segments"] == [1, 3] and b.attrs["sampling"]["segments"] == 4
     assert b.attrs["window_shapes"]["rgb"][0] == 2
     for m in a.modalities:  # the same segments' features (the backbone batch differs: float rounding)
-        np.testing.assert_allclose(b.load(m).astype(np.float32), a.load(m)[:, [1, 3]].astype(np.float32),
+        np.testing.assert_allclose(reference.features(b, m).astype(np.float32), reference.features(a, m)[:, [1, 3]].astype(np.float32),
                                    rtol=2e-3, atol=2e-3)
     from adapt.data import DomainPair
     pair = DomainPair.__new__(DomainPair)
@@ -378,7 +379,7 @@ def test_cli_extract_with_settings(demo, tmp_path):
     assert res.exit_code == 0, res.output
     assert "2 clips extracted" in res.output and "random" in res.output
     st = FeatureStore.open(out, require_complete=True)
-    assert st.modalities == ["rgb"] and st.load("rgb").shape == (2, 2, 1024, 1, 1)
+    assert st.modalities == ["rgb"] and reference.features(st, "rgb").shape == (2, 2, 1024, 1, 1)
     assert st.attrs["split_kind"] == "test"  # from the name: not *_train
     res = _cli("extract", "--split", split, "--data-root", demo["root"], "--set", "nonsense=1")
     assert res.exit_code == 2 and "nonsense" in res.output
