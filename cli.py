@@ -29,6 +29,7 @@ err_console = Console(stderr=True, width=_WIDTH)
 
 
 _FULL = {errno.ENOSPC, errno.EDQUOT}
+_DECODING = {"cv2", "decord", "soundfile"}  # the `extract` extra
 _KEPT = {"extract": "the clips already in the store are kept",
          "demo": "the clips already in the stores and the runs already complete are kept",
          "train": "the runs already complete are kept (a run cut while training starts again from step 0)",
@@ -55,6 +56,13 @@ def command(*args, **kwargs):
                     raise
                 err_console.print(f"[red]error:[/red] {escape(str(e.filename or 'a file'))}: {e.strerror}{said}; free some "
                                   f"space and run the same command again to go on", highlight=False, soft_wrap=True)
+                raise typer.Exit(2) from None
+            except ModuleNotFoundError as e:
+                if e.name not in _DECODING:
+                    raise
+                err_console.print(f"[red]error:[/red] this command decodes video, frames or audio and needs "
+                                  f"{e.name}: pip install 'adapt-epic\\[extract]' (`make` installs it)",
+                                  highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
             except KeyboardInterrupt:
                 err_console.print(f"interrupted{said}; run the same command again to go on",

@@ -49,9 +49,9 @@ def phase_total(phase: str, now: set, terms: dict, w: dict, cfg) -> torch.Tensor
 
 
 def single(fn):
-    """The step function for K = 1 without vmap's per-call overhead (measured: the demo's source-only steps went
-    from 97-112 to 148 a second with it): run 0 of each stacked argument, the coefficients shared, the run axis
-    added back to the results."""
+    """The step function for K = 1 without vmap's per-call overhead (source_only on pooled 1024-d features, batch
+    64 + 64, 2 CPU threads: 58-70 steps/s against 46 under vmap): run 0 of each stacked argument, the
+    coefficients shared, the run axis added back to the results."""
     tree = torch.utils._pytree
 
     def one(p, b, inputs, coeff):

@@ -251,3 +251,22 @@ def test_extract_settings_are_typed(demo, tmp_path):
     msg = one_line_error(_cli(*extract_args(split, demo["root"], tmp_path / "s.zarr", "--set", "crop=big")))
     assert "--set crop=big: expected an integer" in msg
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_without_the_decoding_packages_extract_says_what_to_install_and_train_runs(tmp_path):
+    """The `extract` extra (decord, OpenCV, soundfile) is stage 1's alone: `train` runs without it, `extract` says
+    in one line what to install."""
+    root = make_pair(tmp_path / "feat", "i3d", spatial=False, n=24, channels=16)
+    b = root / "i3d"
+    hide = "import sys\nfor m in ('cv2', 'decord', 'soundfile'): sys.modules[m] = None\nimport cli\n"
+    train = [sys.executable, "-c", hide + "cli.app()", "train", "--method", "source_only", "--source",
+             str(b / "S_train.zarr"), "--target", str(b / "T_train.zarr"), "--eval", str(b / "T_test.zarr"),
+             "--out", str(tmp_path / "runs"), "--quiet", "--steps", "8", "--set", "eval_every=4",
+             "--set", "batch_source=8", "--set", "batch_target=8"]
+    done = subprocess.run(train, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    extract = [sys.executable, "-c", hide + "cli.app()", "extract", "--split", "K1_test", "--out",
+               str(tmp_path / "s.zarr"), "--no-progress"]
+    done = subprocess.run(extract, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "pip install 'adapt-epic[extract]'" in done.stderr
