@@ -166,13 +166,17 @@ def register(command, console):
                                                                  "adaptation, per modality)."),
         max_points: int = typer.Option(500, help="t-SNE: most points per domain."),
         no_plots: bool = typer.Option(False, "--no-plots", help="Tables only."),
+        select: Optional[str] = typer.Option(None, "--select", help="A validator (source_val, entropy, im, snd, "
+                                                                    "dev) or all: the checkpoint and grid point "
+                                                                    "it selects per method and pair, against the "
+                                                                    "oracle's."),
     ):
         """Result tables (mean ± std over seeds per domain pair), accuracy curves and t-SNE plots."""
         from adapt.report import write_report
         if not runs and tsne is None:
             raise UserError("give run folders (or results.jsonl files), or --tsne RUN")
         if runs:
-            write_report(list(runs), out, metric, std, console, plots=not no_plots)
+            write_report(list(runs), out, metric, std, console, plots=not no_plots, select=select)
         if tsne is not None:
             from adapt import plots as P
             target = (Path(out) if out else Path(tsne)) / "tsne.png"

@@ -50,6 +50,12 @@ class TrainConfig:
     batch_target: typing.Optional[int] = 64  # none: batch_source x n_target / n_source (TA3N's bS_2)
     eval_every: int = 100
     eval_batch: int = 1024
+    # model selection (adapt/validators.py): validators computed at every evaluation, without target labels
+    validators: bool = True
+    validator_clips: int = 1000      # most clips of each domain the validators look at (a fixed subset)
+    source_holdout: float = 0.0      # fraction of the source train clips held out as labelled source validation
+    source_val: str = ""             # or a store / split / domain for it (EPIC-100: source_val); none: no
+                                     # source_val and dev validators
     last_evals: int = 9              # target_top1 = mean of the evaluations at the last 9 ...
     last_eval_every: int = 50        # ... checkpoints, 50 steps apart (MM-SADA submit_test.sh: 5600..6000)
     # optimiser
@@ -152,12 +158,12 @@ class TrainConfig:
 
 CHOICES = {"form": ("code", "paper"), "feature_form": ("float16", "int8"), "optimizer": ("sgd", "adam"), "temporal": ("avg", "trn"), "units": ("random", "fixed"),
            "init": ("torch", "mmsada", "ta3n"), "mcd_form": ("grl", "three_step"), "mmd_kernels": ("mmsada", "dan")}
-POSITIVE = ("steps", "batch_source", "eval_every", "eval_batch", "last_evals", "last_eval_every", "embed_dim",
+POSITIVE = ("steps", "batch_source", "eval_every", "eval_batch", "validator_clips", "last_evals", "last_eval_every", "embed_dim",
             "segments", "trn_dim", "reduction", "sc_dim", "mcd_generator_steps", "epochs", "batch_target",
             "disc_hidden", "lr", "tau")
 NON_NEGATIVE = ("stage1_steps", "lr_stage2", "momentum", "weight_decay", "clip_grad_norm", "audio_weight",
                 "trn_relations", "sc_k", "grl_gamma", "grl_p0", "lr_decay", *TrainConfig.WEIGHTS)
-PROBABILITY = ("dropout", "dropout_video", "bank_momentum", "pl_threshold")
+PROBABILITY = ("dropout", "dropout_video", "bank_momentum", "pl_threshold", "source_holdout")
 
 _HINTS = typing.get_type_hints(TrainConfig)
 
@@ -228,6 +234,9 @@ def check(cfg: TrainConfig) -> None:
     for k in ("lr_steps", "lr_epochs"):
         if any(not isinstance(s, (int, float)) or s < 0 for s in getattr(cfg, k)):
             raise UserError(f"{k}={getattr(cfg, k)!r}: expected a list of non-negative numbers, e.g. 3000,6000")
+    if cfg.source_holdout and cfg.source_val:
+        raise UserError("source_holdout and source_val both set: hold out source clips or give a source validation "
+                        "store, not both")
     if cfg.lr_epochs and not cfg.epochs:
         raise UserError("lr_epochs needs epochs (or give lr_steps in steps)")
     if not cfg.epochs and cfg.stage1_steps >= cfg.steps and any(

@@ -372,8 +372,12 @@ class EpochSampler:
     batch_generator.py:87-100; TA3N's RandomSampler): a permutation is consumed in order, and when it runs out a new
     one tops the batch up, skipping clips already in it (unless the domain has fewer clips than a batch)."""
 
-    def __init__(self, n: int, rng: np.random.Generator):
-        self.n, self.rng, self.pool = n, rng, np.empty(0, dtype=np.int64)
+    def __init__(self, n: int, rng: np.random.Generator, rows: np.ndarray | None = None):
+        """``rows``: the clips to draw from (default all ``n``; the source's training rows when some are held
+        out for validation)."""
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        self.n = n if rows is None else len(self.rows)
+        self.rng, self.pool = rng, np.empty(0, dtype=np.int64)
 
     def draw(self, batch: int) -> np.ndarray:
         take = list(self.pool[:batch])
@@ -386,7 +390,8 @@ class EpochSampler:
             need = batch - len(take)
             take += list(fresh[:need])
             self.pool = fresh[need:]
-        return np.asarray(take, dtype=np.int64)
+        take = np.asarray(take, dtype=np.int64)
+        return take if self.rows is None else self.rows[take]
 
 
 def draw_batch(pair: "DomainPair", cfg, rng: np.random.Generator, samplers: tuple, sizes: tuple,

@@ -125,6 +125,45 @@ def plot_accuracy(rows: list[dict], path: str | Path, metric: str = "target_top1
     return path
 
 
+def plot_selection(rows: list[dict], names: list[str], path: str | Path):
+    """One panel per validator: its value against the target top-1 at every (run, evaluation) of the runs, with
+    Spearman's rho in the title; returns the PNG path, or None when there is nothing to plot."""
+    from adapt import selection as S
+    panels = [(n, *_points(rows, n)) for n in names]
+    panels = [p for p in panels if len(p[1])]
+    if not panels:
+        return None
+    plt = _pyplot()
+    cols = min(3, len(panels))
+    fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(4.2 * cols, 3.4 *
+                                                                           math.ceil(len(panels) / cols)),
+                             squeeze=False)
+    for ax, (name, xs, ys) in zip(axes.flat, panels):
+        rho = S.spearman(xs, ys)
+        ax.scatter(xs, ys, s=9, alpha=0.6)
+        ax.set_xlabel(name)
+        ax.set_ylabel("target top-1 (%)")
+        ax.set_title(f"{name}: rho {rho:.2f}" if rho is not None else name, fontsize=10)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _points(rows: list[dict], name: str) -> tuple[list, list]:
+    from adapt import selection as S
+    xs, ys = [], []
+    for r in rows:
+        c = S.curves(r, name)
+        if c is not None:
+            xs += list(c[1])
+            ys += list(c[2])
+    return xs, ys
+
+
 # ------------------------------------------------------------------------------------------------------------
 # t-SNE before / after adaptation
 

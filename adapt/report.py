@@ -23,6 +23,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from adapt.results import collect, mean_std, pair_of, pair_order, row_label, row_order
 from featstore.errors import UserError
 
@@ -166,7 +168,7 @@ def print_table(t: ResultTable, console, digits: int = 2) -> None:
 
 
 def write_report(paths: list, out: str | Path | None = None, metric: str = "target_top1", std: str = "sample",
-                 console=None, plots: bool = True) -> dict:
+                 console=None, plots: bool = True, select: str | None = None) -> dict:
     """Collect the runs, print the tables, write report.md, report.csv (report_epic100.csv for the EPIC-100
     table) and accuracy.png into ``out`` (default: the first folder of ``paths``); returns the written paths."""
     skipped: list = []
@@ -199,6 +201,66 @@ def write_report(paths: list, out: str | Path | None = None, metric: str = "targ
         png = P.plot_accuracy(rows, out / "accuracy.png", metric=curve_metric, std=std)
         if png:
             written["accuracy.png"] = png
+    if select:
+        written.update(write_selection(rows, select, out, console, plots))
     if console is not None:
         console.print("wrote " + ", ".join(str(p) for p in written.values()))
     return written
+
+
+def write_selection(rows: list[dict], select: str, out: Path, console=None, plots: bool = True) -> dict:
+    """``--select VALIDATOR`` (or ``all``): per method and pair, the grid point and checkpoints the validator
+    chooses, the target top-1 there, the oracle's, the gap, the last-9 figure and Spearman's rho (see
+    :mod:`adapt.selection`); selection.md / selection.csv and, with plots, selection.png."""
+    from adapt import selection as S
+    from adapt.validators import CITATIONS
+    have = S.available(rows)
+    names = have if select == "all" else [select]
+    unknown = [n for n in names if n not in have]
+    if unknown or not names:
+        raise UserError(f"--select {select}: the runs carry the validators {', '.join(have) or 'none'} (train with "
+                        f"validators on; source_val and dev need --set source_holdout=0.1 or source_val=STORE)")
+    chosen = S.select(rows, names)
+    header = ["validator", "method", "pair", "grid point", "steps", "selected", "oracle", "gap", "last-9", "rho"]
+    lines = []
+    for c in chosen:
+        lines.append([c.validator, c.method, c.pair, c.tag or "-", " ".join(map(str, c.steps)), f"{c.selected:.2f}",
+                      f"{c.oracle:.2f}", f"{c.gap:.2f}", f"{c.last9:.2f}", "-" if c.rho is None else f"{c.rho:.2f}"])
+    summary = []
+    for n in names:
+        mine = [c for c in chosen if c.validator == n]
+        rho = S.overall_rho(rows, n)
+        summary.append([n, f"{np.mean([c.selected for c in mine]):.2f}", f"{np.mean([c.oracle for c in mine]):.2f}",
+                        f"{np.mean([c.gap for c in mine]):.2f}", "-" if rho is None else f"{rho:.2f}", CITATIONS[n]])
+    sum_header = ["validator", "selected (mean)", "oracle (mean)", "gap (mean)", "rho (all runs and steps)", "paper"]
+    written = {}
+    md = ["# Model selection without target labels\n", _md_table(sum_header, summary), "",
+          _md_table(header, lines), ""]
+    (out / "selection.md").write_text("\n".join(md))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(lines)
+    (out / "selection.csv").write_text(buf.getvalue())
+    written.update({"selection.md": out / "selection.md", "selection.csv": out / "selection.csv"})
+    if console is not None:
+        from rich.table import Table
+        for title, head, body in (("model selection: per method and pair", header, lines),
+                                  ("model selection: validators", sum_header[:5], [r[:5] for r in summary])):
+            table = Table(title=title)
+            for h in head:
+                table.add_column(h)
+            for r in body:
+                table.add_row(*r)
+            console.print(table)
+    if plots:
+        from adapt import plots as P
+        png = P.plot_selection(rows, names, out / "selection.png")
+        if png:
+            written["selection.png"] = png
+    return written
+
+
+def _md_table(header: list, rows: list) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(r) + " |" for r in rows])

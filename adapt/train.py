@@ -113,7 +113,8 @@ class Training:
         cfg = self.cfg
         if console is not None:
             console.print(pair.memory_line, highlight=False)
-        self.sched = Schedule.of(cfg, pair.source.n, pair.target.n)
+        self._validation_split()
+        self.sched = Schedule.of(cfg, len(self.train_rows), pair.target.n)
         self.K, self.Bs, self.Bt = len(cfgs), self.sched.batch_source, self.sched.batch_target
         self.mods, self.nouns = pair.modalities, pair.noun_classes
         # input standardisation: per-channel statistics of the source store for every domain, or, for AdaBN, of
@@ -129,6 +130,7 @@ class Training:
         self.history = [[] for _ in cfgs]
         self.first_bad = torch.full((self.K, len(TERMS)), -1, dtype=torch.int64, device=device)
         self.last_scores = None
+        self.best: dict = {}  # run -> validator -> (step, value) of its best checkpoint so far
 
     # ---- models: one per run, stacked ----------------------------------------------------------------------
 
@@ -168,6 +170,8 @@ class Training:
         self.eval_fn = vmap(lambda p, b, x: _scores(functional_call(self.template, (p, b),
                                                                     (x, self.run_keys[0], no_reversal))),
                             in_dims=(0, 0, None))
+        self.feature_fn = vmap(lambda p, b, x: _scores_and_features(
+            functional_call(self.template, (p, b), (x, self.run_keys[0], no_reversal))), in_dims=(0, 0, None))
 
     def _step_fn(self, phase: str, stage: int):
         """One run's loss for a pass (vmapped over the K runs; :func:`adapt.step.single` for K = 1)."""
@@ -188,10 +192,34 @@ class Training:
 
     # ---- data ------------------------------------------------------------------------------------------------
 
+    def _validation_split(self):
+        """The source rows trained on, and the clips the validators look at: held-out source clips (or a source
+        validation store), and fixed subsets of the source train and target clips (the same for every run)."""
+        cfg, pair = self.cfg, self.pair
+        n, cap = pair.source.n, cfg.validator_clips
+        order = np.random.default_rng(12345).permutation(n)
+        held = int(round(cfg.source_holdout * n))
+        if cfg.source_holdout and not 0 < held < n:
+            raise UserError(f"source_holdout={cfg.source_holdout}: holds out {held} of the {n} source clips")
+        self.train_rows = np.sort(order[held:]) if held else np.arange(n)
+        self.val_dom, self.val_rows = None, None
+        if held:
+            self.val_dom, self.val_rows = pair.source, np.sort(order[:held])[:cap]
+        elif cfg.source_val and cfg.validators:
+            from adapt.data import load_domain
+            from featstore.paths import resolve_store
+            path, _ = resolve_store(cfg.source_val, "test", cfg.backbone, cfg.features_root)
+            self.val_dom = load_domain(path, cfg.source_val, self.mods, self.device, cfg.spatial, labels=True)
+            self.val_rows = np.arange(min(self.val_dom.n, cap))
+        pick = lambda rows, seed: np.sort(np.random.default_rng(seed).permutation(rows)[:cap])  # noqa: E731
+        self.fit_rows = pick(self.train_rows, 1)                  # source train clips for DEV's domain classifier
+        self.target_rows = pick(np.arange(pair.target.n), 2)      # unlabelled target clips
+
     def _data(self):
         pair = self.pair
         self.rngs = [np.random.default_rng([c.seed, 7]) for c in self.cfgs]
-        self.samplers = [(EpochSampler(pair.source.n, r), EpochSampler(pair.target.n, r)) for r in self.rngs]
+        rows = None if len(self.train_rows) == pair.source.n else self.train_rows
+        self.samplers = [(EpochSampler(pair.source.n, r, rows), EpochSampler(pair.target.n, r)) for r in self.rngs]
         self.gatherer = Gatherer(self.device)
         self.pin = self.device.type == "cuda"
         self.streamed = [i for i, dom in enumerate((pair.source, pair.target)) if dom.streamed]
@@ -268,22 +296,42 @@ class Training:
 
     # ---- evaluation ------------------------------------------------------------------------------------------
 
-    def evaluate(self, dom=None) -> dict:
+    def evaluate(self, dom=None, rows=None, fn=None, norm=None) -> dict:
         """Softmax scores (K, N, classes) of the fused prediction and of each stream, averaged over the evaluation
-        views (MM-SADA's protocol: :func:`adapt.data.averaged_over_views`)."""
+        views (MM-SADA's protocol: :func:`adapt.data.averaged_over_views`); ``rows`` of ``dom`` (default all of
+        the evaluation split), ``fn`` another output function (the validators' scores and features)."""
         dom = dom or self.pair.eval
-        model_params = self.params()
+        model_params, fn = self.params(), fn or self.eval_fn
+        norm = self.norm_t if norm is None else norm
 
         def forward(idx, units):
-            x = self.gatherer([(dom, (idx[None], units[None]), self.norm_t)], self.mods, key="eval")
-            return self.eval_fn(model_params, self.buffers, {m: v[0] for m, v in x.items()})
+            x = self.gatherer([(dom, (idx[None], units[None]), norm)], self.mods, key="eval")
+            return fn(model_params, self.buffers, {m: v[0] for m, v in x.items()})
 
+        rows = torch.arange(dom.n) if rows is None else torch.as_tensor(rows)
         self.template.train(False)
         with torch.no_grad():
-            scores = averaged_over_views(torch.arange(dom.n, device=self.device), self.pair.eval_views(),
-                                         self.cfg.eval_batch, forward, dim=1)
+            scores = averaged_over_views(rows.to(self.device), self.pair.eval_views(dom), self.cfg.eval_batch,
+                                         forward, dim=1)
         self.template.train(True)
         return scores
+
+    def validate(self) -> list[dict]:
+        """Each run's validators (:mod:`adapt.validators`) at this checkpoint."""
+        from adapt import validators as V
+        target = self.evaluate(self.pair.target, self.target_rows, self.feature_fn, self.norm_t)
+        val = fit = None
+        if self.val_dom is not None:
+            val = self.evaluate(self.val_dom, self.val_rows, self.feature_fn, self.norm_s)
+            fit = self.evaluate(self.pair.source, self.fit_rows, self.feature_fn, self.norm_s)
+            y_val = self.val_dom.verb[torch.as_tensor(self.val_rows).to(self.val_dom.verb.device)].cpu().numpy()
+        out = []
+        for k in range(self.K):
+            np_ = lambda d, key: d[key][k].cpu().numpy()  # noqa: E731
+            sv = (np_(val, "verb"), y_val, np_(val, "feat")) if val is not None else None
+            out.append(V.scores(np_(target, "verb"), sv, np_(fit, "feat") if fit is not None else None,
+                                np_(target, "feat")))
+        return out
 
     def record(self, step: int, dirs: list) -> None:
         """Stop on a non-finite loss; evaluate; append each run's row to its metrics.jsonl."""
@@ -292,14 +340,37 @@ class Training:
             raise TrainingError(f"run {self.names[k]}: loss term {TERMS[t]!r} is not finite at step "
                                 f"{int(self.first_bad[k, t])}; stopped (check the features and the learning rate)")
         sc = self.last_scores = self.evaluate()
+        checks = self.validate() if self.cfg.validators else None
         ev = self.pair.eval
         for k in range(self.K):
             row = {"step": step, "target_top1": metrics.accuracy(sc["verb"][k], ev.verb)}
             row["per_modality"] = {s: metrics.accuracy(sc[f"verb_{s}"][k], ev.verb) for s in self.streams}
             if self.nouns:
                 row.update(metrics.epic100(sc["verb"][k], sc["noun"][k], ev.verb, ev.noun))
+            if checks is not None:
+                row["validators"] = checks[k]
+                self._keep_best(k, step, checks[k], dirs[k])
             self.history[k].append(row)
             _append(dirs[k] / "metrics.jsonl", json.dumps(row))
+
+    def _keep_best(self, k: int, step: int, checks: dict, d: Path) -> None:
+        """The heads of the checkpoint each validator prefers so far (``best/<validator>.pt``, with its step), so
+        a selected checkpoint can be evaluated again and exported: one file per validator, not one per step."""
+        best = self.best.setdefault(k, {})
+        heads = None
+        for name, value in checks.items():
+            if name in best and value <= best[name][1]:
+                continue
+            best[name] = (step, value)
+            if heads is None:
+                heads = self._heads(k)
+            (d / "best").mkdir(exist_ok=True)
+            buf = io.BytesIO()
+            torch.save({"step": step, "validator": name, "value": value, "heads": heads}, buf)
+            _write(d / "best" / f"{name}.pt", buf.getvalue())
+
+    def _heads(self, k: int) -> dict:
+        return {n: v[k].detach().cpu().clone(memory_format=torch.contiguous_format) for n, v in self.params().items()}
 
     # ---- run folders and results -----------------------------------------------------------------------------
 
@@ -342,9 +413,12 @@ class Training:
         if self.nouns:
             for key in ("verb_top1", "noun_top1", "action_top1", "verb_top5", "noun_top5", "action_top5"):
                 final[key] = mean(key)
+        if h and "validators" in h[0]:
+            final["validators_per_eval"] = {name: [r["validators"].get(name) for r in h]
+                                            for name in h[0]["validators"]}
+            final["validator_best_steps"] = {name: s for name, (s, _) in self.best.get(k, {}).items()}
         try:
-            heads = {n: v[k].detach().cpu().clone(memory_format=torch.contiguous_format)
-                     for n, v in self.params().items()}
+            heads = self._heads(k)
             buf = io.BytesIO()
             torch.save(heads, buf)  # to memory first: a full disk is then an OSError that names the file
             _write(d / "heads.pt", buf.getvalue())
@@ -390,6 +464,11 @@ def _scores(out: dict) -> dict:
     if out["noun"] is not None:
         s["noun"] = out["noun"].softmax(-1)
     return s
+
+
+def _scores_and_features(out: dict) -> dict:
+    """The validators' inputs: the fused prediction's softmax and the video-level features of every stream."""
+    return {"verb": out["verb"].softmax(-1), "feat": torch.cat([v for v in out["video"].values()], dim=-1)}
 
 
 def _challenge(c, k, t: Training, d):
