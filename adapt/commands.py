@@ -154,6 +154,22 @@ def register(command, console):
             raise TrainingError(f"{len(names)} run(s) stopped: {', '.join(names)} (see above); the others are "
                                 f"complete")
 
+    @command("protocol")
+    def protocol_cmd(
+        spec: Path = typer.Argument(..., help="A sweep spec without pairs: methods, grid, seeds, set (EPIC-100 "
+                                              "stores under features_root)."),
+        out: Optional[Path] = typer.Option(None, help="Folder of tune/, train/ and protocol.json (default: the "
+                                                      "spec's out)."),
+        select: str = typer.Option("oracle", "--select", help="How a method's grid point is chosen on the "
+                                                              "validation splits: oracle (target_val accuracy, "
+                                                              "the protocol's) or a validator."),
+        quiet: bool = typer.Option(False, help="No progress bars."),
+    ):
+        """EPIC-100 UDA's protocol: tune on source_val -> target_val, train the chosen settings on the train
+        splits, write test.json for target_test."""
+        from adapt.protocol import run_protocol
+        run_protocol(spec, out, select, console, progress=not quiet)
+
     @command("report")
     def report_cmd(
         runs: List[Path] = typer.Argument(None, help="Run folders, folders of run folders, or results.jsonl files."),

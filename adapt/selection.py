@@ -80,7 +80,7 @@ class Selection:
         return self.oracle - self.selected
 
 
-def _choose(runs: list, name: str) -> tuple[str, list, float] | None:
+def choose(runs: list, name: str) -> tuple[str, list, float] | None:
     """(grid point, checkpoint steps, mean target accuracy there) that validator ``name`` selects among ``runs``
     (final.json rows of one method and pair)."""
     by_tag: dict = {}
@@ -108,7 +108,7 @@ def select(rows: list[dict], names: list[str] | None = None) -> list[Selection]:
     names = names or available(rows)
     out = []
     for (method, pair), runs in groups.items():
-        oracle = _choose(runs, ORACLE)
+        oracle = choose(runs, ORACLE)
         if oracle is None:
             continue
         by_tag: dict = {}
@@ -116,7 +116,7 @@ def select(rows: list[dict], names: list[str] | None = None) -> list[Selection]:
             by_tag.setdefault(r.get("tag") or "", []).append(float(r.get("target_top1", np.nan)))
         last9 = max(float(np.mean(v)) for v in by_tag.values())
         for name in names:
-            chosen = _choose(runs, name)
+            chosen = choose(runs, name)
             if chosen is None:
                 continue
             xs, ys = [], []

@@ -488,7 +488,7 @@ def collect_rows(runs: list[Run]) -> list[dict]:
         final = read_final(r.dir / "final.json")
         if final is None:
             continue
-        rows.append({"run": r.name, "pair": r.pair, "grid": r.grid, **final})
+        rows.append({"run": r.name, "pair": r.pair, "grid": r.grid, **final, "run_dir": str(r.dir)})
     return rows
 
 

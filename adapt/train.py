@@ -113,10 +113,10 @@ class Training:
         cfg = self.cfg
         if console is not None:
             console.print(pair.memory_line, highlight=False)
+        self.mods, self.nouns = pair.modalities, pair.noun_classes
         self._validation_split()
         self.sched = Schedule.of(cfg, len(self.train_rows), pair.target.n)
         self.K, self.Bs, self.Bt = len(cfgs), self.sched.batch_source, self.sched.batch_target
-        self.mods, self.nouns = pair.modalities, pair.noun_classes
         # input standardisation: per-channel statistics of the source store for every domain, or, for AdaBN, of
         # each domain's own store (the target's at evaluation)
         self.norm_s = standardisation(pair.source) if (cfg.standardise or cfg.adabn) else None
