@@ -56,7 +56,7 @@ def _bench(k, steps, pooled, method, channels, n, classes, units, repeats, devic
         t = make_store(base / "T_train.zarr", n, classes, units, shape, 1.0, 2)
         e = make_store(base / "T_test.zarr", max(2, n // 2), classes, units, shape, 1.0, 3)
         overrides = {"steps": steps, "stage1_steps": steps // 3, "eval_every": max(1, steps // 4),
-                     "device": device, **settings}
+                     "device": device, "validators": False, **settings}
         cfgs = [C.resolve(method, "custom", overrides, source=str(s), target=str(t), eval=str(e),
                           out=str(root / "runs"), seed=i) for i in range(k)]
         pair = DomainPair(cfgs[0], dev)

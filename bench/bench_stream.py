@@ -84,7 +84,8 @@ def readers(root: Path, clips: int) -> dict:
 def _config(method, paths, steps, budget=None, **kw):
     from adapt import config as C
     cfg = C.resolve(method, "mmsada", None, source=paths["source"], target=paths["target"], eval=paths["eval"],
-                    steps=steps, stage1_steps=0, eval_every=10 ** 9, last_evals=1, memory_budget=budget, **kw)
+                    steps=steps, stage1_steps=0, eval_every=10 ** 9, last_evals=1, memory_budget=budget,
+                    validators=False, **kw)
     cfg.epochs, cfg.lr_epochs = None, []
     return cfg
 
@@ -182,7 +183,7 @@ def rss():
 paths = {json.dumps(paths)}
 cfg = C.resolve("cia", "mmsada", None, source=paths["source"], target=paths["target"], eval=paths["eval"],
                 out="{tempfile.mkdtemp()}", steps=8, stage1_steps=0, eval_every=8, last_evals=1,
-                batch_source=16, batch_target=16, embed_dim=512)
+                batch_source=16, batch_target=16, embed_dim=512, validators=False)
 cfg.memory_budget = str(quarter_budget(cfg, paths))
 import adapt.objectives, adapt.model, torch.optim  # imports before the baseline
 torch.zeros(1) @ torch.zeros(1)

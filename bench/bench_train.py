@@ -45,7 +45,8 @@ def make_pair(root: Path, sizes=(1543, 2495, 750), spatial=False, scale: int = 1
 
 def config(method, paths, steps, device, **kw):
     cfg = C.resolve(method, "mmsada", None, source=paths["source"], target=paths["target"], eval=paths["eval"],
-                    out=kw.pop("out"), steps=steps, stage1_steps=0, eval_every=10 ** 9, device=device, **kw)
+                    out=kw.pop("out"), steps=steps, stage1_steps=0, eval_every=10 ** 9, device=device,
+                    validators=False, **kw)  # the step is measured, not the evaluation
     cfg.epochs, cfg.lr_epochs = None, []  # TA3N's preset counts epochs: the benchmark counts steps
     return cfg
 
@@ -102,7 +103,7 @@ def watch():
 paths = {json.dumps(paths)}
 cfg = C.resolve("mmsada", "mmsada", None, source=paths["source"], target=paths["target"], eval=paths["eval"],
                 out="{tempfile.mkdtemp()}", steps=20, stage1_steps=0, eval_every=20, device="{device}",
-                spatial={spatial})
+                spatial={spatial}, validators=False)
 import adapt.objectives, adapt.model, zarr, torch.optim  # imports before the baseline
 base = rss()
 threading.Thread(target=watch, daemon=True).start()
