@@ -307,3 +307,28 @@ def test_a_cut_final_json_is_not_complete(tmp_path):
     (tmp_path / "final.json").write_text('{"target_top1": 5')
     run = types.SimpleNamespace(dir=tmp_path, cfg=TrainConfig())
     assert S.is_complete(run) == (False, "final.json cut or unreadable")
+
+
+def test_report_select_on_a_sweep_with_held_out_source_clips(root, tmp_path):
+    """A sweep like the demo's (source clips held out): `report --select all` prints each validator's choice, the
+    oracle's and the gap; runs trained without validators are refused in one line."""
+    b = Path(root) / "i3d"
+    spec = {"methods": ["dann"], "pairs": [[str(b / "S_train.zarr"), str(b / "T_train.zarr"),
+                                            str(b / "T_test.zarr")]], "seeds": [0, 1], "out": str(tmp_path / "a"),
+            "set": {"steps": 12, "stage1_steps": 4, "eval_every": 4, "batch_source": 8, "batch_target": 8,
+                    "source_holdout": 0.25}, "grid": {"w_adv": [0.5, 1.0]}}
+    S.run_sweep(spec, progress=False)
+    final = json.loads(next((tmp_path / "a").glob("dann_*_s0_*/final.json")).read_text())
+    assert set(final["validators_per_eval"]) == {"source_val", "entropy", "im", "snd", "dev"}
+    assert all(len(v) == 3 for v in final["validators_per_eval"].values())  # one per evaluation
+    best = next((tmp_path / "a").glob("dann_*_s0_*/best"))
+    assert sorted(p.stem for p in best.glob("*.pt")) == ["dev", "entropy", "im", "snd", "source_val"]
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "a"), "--select", "all", "--no-plots"])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "model selection: validators" in text and all(n in text for n in ("source_val", "dev", "snd"))
+    assert (tmp_path / "a" / "selection.csv").read_text().count("\n") == 1 + 5
+    spec_off = {**spec, "out": str(tmp_path / "b"), "set": {**spec["set"], "validators": False}}
+    S.run_sweep(spec_off, progress=False)
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "b"), "--select", "im", "--no-plots"])
+    assert res.exit_code == 2 and "the runs carry the validators none" in " ".join(res.output.split())

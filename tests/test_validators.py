@@ -97,3 +97,15 @@ def test_selection_picks_checkpoint_then_grid_point_and_compares_with_the_oracle
     ys = [40, 60, 50, 70, 30, 30, 20, 80, 35, 10, 10, 90]
     assert sel.rho == pytest.approx(S.spearman(xs, ys))
     assert S.available(rows) == ["im"]
+
+
+def test_held_out_source_clips_are_never_drawn_for_training():
+    from adapt.data import EpochSampler
+    rows = np.array([1, 3, 4, 8, 9])
+    s = EpochSampler(10, np.random.default_rng(0), rows)
+    drawn = np.concatenate([s.draw(2) for _ in range(10)])
+    assert set(drawn.tolist()) == set(rows.tolist())
+    assert len(set(drawn[:4].tolist())) == 4  # an epoch draws without replacement
+    # without rows the sampler is the plain one, draw for draw
+    a, b = EpochSampler(7, np.random.default_rng(3)), EpochSampler(7, np.random.default_rng(3), None)
+    assert all(np.array_equal(a.draw(3), b.draw(3)) for _ in range(5))
