@@ -31,10 +31,10 @@ Guarantees:
 * **Kill safety.**  Features are written a chunk at a time and ``done`` is set last (see
   :mod:`featstore.store`), so a process killed at any moment loses at most its unflushed buffer (an interrupted
   run -- Ctrl-C, an error -- writes what it finished before stopping).
-* **Damage repair.**  On resume the chunk files are checked (:func:`check_store`: a feature chunk missing although
-  clips in it are marked done, a chunk that does not decode (cut, or with a bad checksum), a per-clip chunk that
-  does not decode or does not match the manifest) and repaired so that the
-  affected clips are extracted again (:func:`check_and_repair`).
+* **Damage repair.**  On resume the chunk files are checked (:func:`featstore.integrity.check_store`: a feature
+  chunk missing although clips in it are marked done, a chunk that does not decode (cut, or with a bad checksum), a
+  per-clip chunk that does not decode or does not match the manifest) and repaired so that the affected clips are
+  extracted again (:func:`featstore.integrity.check_and_repair`).
 * **Bit-for-bit repeatable.**  Every backbone call has the same batch shape (the last batch is padded with
   zeros, which are dropped): on the CPU a convolution's result for one sample depends on the batch size (oneDNN
   uses another algorithm for a batch of one) but not on the other samples, so a resumed, a sharded or a
@@ -143,7 +143,7 @@ def run_extraction(split, cfg: ExtractConfig, out: str | Path, checkpoints: dict
         shard: ``(index, count)`` or ``"index/count"``: without torch.distributed, extract only the store chunks
             ``c`` with ``c % count == index`` (independent processes or machines sharing the store's folder;
             whichever comes first creates the store).  Not with torchrun, which shards by rank itself.
-        verify: on resume, check the store's chunk files and repair damage (:func:`check_and_repair`).
+        verify: on resume, check the store's chunk files and repair damage (:func:`featstore.integrity.check_and_repair`).
 
     Returns:
         The summary dict: ``split``, ``out``, ``clips``, ``extracted`` (this run), ``failed`` (clips failed in
