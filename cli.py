@@ -54,8 +54,9 @@ def command(*args, **kwargs):
             except OSError as e:
                 if e.errno not in _FULL:
                     raise
-                err_console.print(f"[red]error:[/red] {escape(str(e.filename or 'a file'))}: {e.strerror}{said}; free some "
-                                  f"space and run the same command again to go on", highlight=False, soft_wrap=True)
+                where = escape(str(e.filename or "a file"))
+                err_console.print(f"[red]error:[/red] {where}: {e.strerror}{said}; free some space and run the same "
+                                  f"command again to go on", highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
             except ModuleNotFoundError as e:
                 if e.name not in _DECODING:

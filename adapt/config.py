@@ -156,10 +156,11 @@ class TrainConfig:
         return json.dumps(d, sort_keys=True)
 
 
-CHOICES = {"form": ("code", "paper"), "feature_form": ("float16", "int8"), "optimizer": ("sgd", "adam"), "temporal": ("avg", "trn"), "units": ("random", "fixed"),
-           "init": ("torch", "mmsada", "ta3n"), "mcd_form": ("grl", "three_step"), "mmd_kernels": ("mmsada", "dan")}
-POSITIVE = ("steps", "batch_source", "eval_every", "eval_batch", "validator_clips", "last_evals", "last_eval_every", "embed_dim",
-            "segments", "trn_dim", "reduction", "sc_dim", "mcd_generator_steps", "epochs", "batch_target",
+CHOICES = {"form": ("code", "paper"), "feature_form": ("float16", "int8"), "optimizer": ("sgd", "adam"),
+           "temporal": ("avg", "trn"), "units": ("random", "fixed"), "init": ("torch", "mmsada", "ta3n"),
+           "mcd_form": ("grl", "three_step"), "mmd_kernels": ("mmsada", "dan")}
+POSITIVE = ("steps", "batch_source", "eval_every", "eval_batch", "validator_clips", "last_evals", "last_eval_every",
+            "embed_dim", "segments", "trn_dim", "reduction", "sc_dim", "mcd_generator_steps", "epochs", "batch_target",
             "disc_hidden", "lr", "tau")
 NON_NEGATIVE = ("stage1_steps", "lr_stage2", "momentum", "weight_decay", "clip_grad_norm", "audio_weight",
                 "trn_relations", "sc_k", "grl_gamma", "grl_p0", "lr_decay", *TrainConfig.WEIGHTS)

@@ -211,8 +211,8 @@ def _gb(n: int) -> str:
 
 def plan_memory(sizes: dict, stream_need: dict, budget: int, why: str) -> tuple[set, str]:
     """Which stores are streamed: stores go into memory smallest first while they and the streaming buffers of
-    the rest fit the budget (a store smaller than its buffers always).  Returns (streamed roles, the one line that says so); refuses in one line when even
-    streaming every store cannot fit."""
+    the rest fit the budget (a store smaller than its buffers always).  Returns (streamed roles, the one line that
+    says so); refuses in one line when even streaming every store cannot fit."""
     streamed, total = set(sizes), sum(stream_need.values())  # "work": the step's own memory, always needed
     for role in sorted(sizes, key=sizes.get):
         change = sizes[role] - stream_need[role]
@@ -360,8 +360,8 @@ def averaged_over_views(rows: torch.Tensor, views: list[np.ndarray], batch: int,
     total = None
     for view in views:
         units = torch.from_numpy(view).to(rows.device)
-        outs = [forward(rows[lo:lo + batch], units.expand(len(rows[lo:lo + batch]), -1))
-                for lo in range(0, len(rows), batch)]
+        parts = [rows[lo:lo + batch] for lo in range(0, len(rows), batch)]
+        outs = [forward(part, units.expand(len(part), -1)) for part in parts]
         s = {k: torch.cat([o[k] for o in outs], dim=dim) for k in outs[0]}
         total = s if total is None else {k: total[k] + s[k] for k in s}
     return {k: v / len(views) for k, v in total.items()}

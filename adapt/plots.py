@@ -129,7 +129,7 @@ def plot_selection(rows: list[dict], names: list[str], path: str | Path):
     """One panel per validator: its value against the target top-1 at every (run, evaluation) of the runs, with
     Spearman's rho in the title; returns the PNG path, or None when there is nothing to plot."""
     from adapt import selection as S
-    panels = [(n, *_points(rows, n)) for n in names]
+    panels = [(n, *S.points(rows, n)) for n in names]
     panels = [p for p in panels if len(p[1])]
     if not panels:
         return None
@@ -151,17 +151,6 @@ def plot_selection(rows: list[dict], names: list[str], path: str | Path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def _points(rows: list[dict], name: str) -> tuple[list, list]:
-    from adapt import selection as S
-    xs, ys = [], []
-    for r in rows:
-        c = S.curves(r, name)
-        if c is not None:
-            xs += list(c[1])
-            ys += list(c[2])
-    return xs, ys
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -119,13 +119,8 @@ def select(rows: list[dict], names: list[str] | None = None) -> list[Selection]:
             chosen = choose(runs, name)
             if chosen is None:
                 continue
-            xs, ys = [], []
-            for r in runs:
-                _, values, acc = curves(r, name)
-                xs += list(values)
-                ys += list(acc)
             out.append(Selection(method, pair, name, chosen[0], chosen[1], chosen[2], oracle[2], last9,
-                                 spearman(xs, ys), len(runs)))
+                                 spearman(*points(runs, name)), len(runs)))
     return out
 
 
@@ -138,12 +133,17 @@ def available(rows: list[dict]) -> list[str]:
     return [n for n in NAMES if n in (have or set())]
 
 
-def overall_rho(rows: list[dict], name: str) -> float | None:
-    """Spearman's rho between validator ``name`` and the target accuracy over every (run, step) of ``rows``."""
+def points(rows: list[dict], name: str) -> tuple[list, list]:
+    """(validator values, target accuracies) at every (run, step) of ``rows`` that carry validator ``name``."""
     xs, ys = [], []
     for r in rows:
         c = curves(r, name)
         if c is not None:
             xs += list(c[1])
             ys += list(c[2])
-    return spearman(xs, ys)
+    return xs, ys
+
+
+def overall_rho(rows: list[dict], name: str) -> float | None:
+    """Spearman's rho between validator ``name`` and the target accuracy over every (run, step) of ``rows``."""
+    return spearman(*points(rows, name))

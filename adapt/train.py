@@ -24,8 +24,8 @@ from torch.func import functional_call, stack_module_state, vmap
 from adapt import config as C
 from adapt import metrics, rng
 from adapt import step as S
-from adapt.data import (DomainPair, EpochSampler, Gatherer, Prefetcher, averaged_over_views, draw_batch, read_part,
-                        standardisation)
+from adapt.data import (DomainPair, EpochSampler, Gatherer, Prefetcher, averaged_over_views, draw_batch, load_domain,
+                        read_part, standardisation)
 from adapt.model import AdaptModel
 from adapt.objectives import STAGE1, TERMS, apply_writes, bank_inputs, compute_terms, initial_state
 from adapt.runs import RunFolder
@@ -33,6 +33,7 @@ from adapt.schedule import LEVELS, Schedule
 from featstore.allocator import retain_freed_memory
 from featstore.devices import resolve_device
 from featstore.errors import UserError
+from featstore.paths import resolve_store
 
 active_terms = S.active_terms  # part of a run's architecture; callers outside the loop use it too
 
@@ -131,6 +132,7 @@ class Training:
         self.first_bad = torch.full((self.K, len(TERMS)), -1, dtype=torch.int64, device=device)
         self.last_scores = None
         self.best: dict = {}  # run -> validator -> (step, value) of its best checkpoint so far
+        self._challenge = None  # (split, scores) of the challenge's test split, once evaluated
 
     # ---- models: one per run, stacked ----------------------------------------------------------------------
 
@@ -206,14 +208,20 @@ class Training:
         if held:
             self.val_dom, self.val_rows = pair.source, np.sort(order[:held])[:cap]
         elif cfg.source_val and cfg.validators:
-            from adapt.data import load_domain
-            from featstore.paths import resolve_store
-            path, _ = resolve_store(cfg.source_val, "test", cfg.backbone, cfg.features_root)
-            self.val_dom = load_domain(path, cfg.source_val, self.mods, self.device, cfg.spatial, labels=True)
+            self.val_dom = self._load(cfg.source_val, "test", labels=True)
             self.val_rows = np.arange(min(self.val_dom.n, cap))
+        if self.val_dom is not None:
+            labels = self.val_dom.verb
+            self.val_labels = labels[torch.as_tensor(self.val_rows).to(labels.device)].cpu().numpy()
         pick = lambda rows, seed: np.sort(np.random.default_rng(seed).permutation(rows)[:cap])  # noqa: E731
         self.fit_rows = pick(self.train_rows, 1)                  # source train clips for DEV's domain classifier
         self.target_rows = pick(np.arange(pair.target.n), 2)      # unlabelled target clips
+
+    def _load(self, name: str, role: str, labels: bool):
+        """A store besides the pair's (the source validation split, the challenge's test split), in memory."""
+        cfg = self.cfg
+        path, _ = resolve_store(name, role, cfg.backbone, cfg.features_root)
+        return load_domain(path, name, self.mods, self.device, cfg.spatial, labels=labels)
 
     def _data(self):
         pair = self.pair
@@ -324,11 +332,10 @@ class Training:
         if self.val_dom is not None:
             val = self.evaluate(self.val_dom, self.val_rows, self.feature_fn, self.norm_s)
             fit = self.evaluate(self.pair.source, self.fit_rows, self.feature_fn, self.norm_s)
-            y_val = self.val_dom.verb[torch.as_tensor(self.val_rows).to(self.val_dom.verb.device)].cpu().numpy()
         out = []
         for k in range(self.K):
             np_ = lambda d, key: d[key][k].cpu().numpy()  # noqa: E731
-            sv = (np_(val, "verb"), y_val, np_(val, "feat")) if val is not None else None
+            sv = (np_(val, "verb"), self.val_labels, np_(val, "feat")) if val is not None else None
             out.append(V.scores(np_(target, "verb"), sv, np_(fit, "feat") if fit is not None else None,
                                 np_(target, "feat")))
         return out
@@ -385,6 +392,13 @@ class Training:
                         "trainable_parameters": self.n_params}
             _write(d / "config.json", json.dumps(resolved, indent=1))
 
+    def _challenge_scores(self):
+        """The challenge split and every run's scores on it, evaluated once for the K runs (at the end)."""
+        if self._challenge is None:
+            dom = self._load(self.cfg.challenge, "challenge", labels=False)
+            self._challenge = (dom, self.evaluate(dom))
+        return self._challenge
+
     def close(self) -> None:
         if self.prefetch:
             self.prefetch.close()
@@ -423,7 +437,8 @@ class Training:
             torch.save(heads, buf)  # to memory first: a full disk is then an OSError that names the file
             _write(d / "heads.pt", buf.getvalue())
             if c.challenge and self.nouns:
-                _challenge(c, k, self, d)
+                dom, sc = self._challenge_scores()
+                metrics.write_challenge_json(d / "test.json", dom.ids, sc["verb"][k], sc["noun"][k])
             _write(d / "final.json", json.dumps(final, indent=1))  # last: marks the run complete
             folder.commit()
         except OSError as e:
@@ -469,15 +484,6 @@ def _scores(out: dict) -> dict:
 def _scores_and_features(out: dict) -> dict:
     """The validators' inputs: the fused prediction's softmax and the video-level features of every stream."""
     return {"verb": out["verb"].softmax(-1), "feat": torch.cat([v for v in out["video"].values()], dim=-1)}
-
-
-def _challenge(c, k, t: Training, d):
-    from adapt.data import load_domain
-    from featstore.paths import resolve_store
-    path, _ = resolve_store(c.challenge, "challenge", c.backbone, c.features_root)
-    dom = load_domain(path, c.challenge, t.pair.modalities, t.device, c.spatial, labels=False)
-    sc = t.evaluate(dom)
-    metrics.write_challenge_json(d / "test.json", dom.ids, sc["verb"][k], sc["noun"][k])
 
 
 def _write(path: Path, data: str | bytes) -> None:

@@ -22,8 +22,6 @@ from featstore.settings import coerce, kind_of, split_items
 
 DEMO_SPLITS = ("K1_train", "K1_test", "K2_train", "K2_test")
 DEFAULT_MODALITIES = {"i3d": ("rgb", "flow"), "tbn": ("rgb", "flow", "audio")}
-# ExtractConfig fields the dedicated options set (``--set`` may still override them).
-_PATH_FIELDS = {"data_root"}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -54,7 +52,7 @@ def apply_settings(cfg: ExtractConfig, items: list[str] | None) -> ExtractConfig
         if key not in hints:
             raise UserError(f"--set {key}={value}: unknown setting; one of {', '.join(sorted(hints))}")
         kind, optional = kind_of(hints[key])
-        changes[key] = coerce(key, value, Path if key in _PATH_FIELDS else kind, optional)
+        changes[key] = coerce(key, value, kind, optional)
     return dataclasses.replace(cfg, **changes)
 
 

@@ -143,7 +143,8 @@ def run_extraction(split, cfg: ExtractConfig, out: str | Path, checkpoints: dict
         shard: ``(index, count)`` or ``"index/count"``: without torch.distributed, extract only the store chunks
             ``c`` with ``c % count == index`` (independent processes or machines sharing the store's folder;
             whichever comes first creates the store).  Not with torchrun, which shards by rank itself.
-        verify: on resume, check the store's chunk files and repair damage (:func:`featstore.integrity.check_and_repair`).
+        verify: on resume, check the store's chunk files and repair damage
+            (:func:`featstore.integrity.check_and_repair`).
 
     Returns:
         The summary dict: ``split``, ``out``, ``clips``, ``extracted`` (this run), ``failed`` (clips failed in

@@ -145,9 +145,9 @@ def flow_frame(n, rule: str = "mmsada"):
     3).  ``"tbn"`` equals ``"ceil"`` for every ``n >= 1``: TBN computes ``floor((start - 1) / 2) + i`` on 0-based
     file names (its ``preprocessing_epic/symlinks.py`` links ``x_{i}`` to ``frame_{i+1}``), which is
     ``ceil(n / 2)`` in EPIC's 1-based numbers; it is kept as a name so that a configuration can say which code it
-    follows.  All are raised to at least 1 (``int(1 / 2) = 0`` has no file).  Accepts an int (returns int) or an integer array.  Only for
-    stride-2 flow: with stride-1 flow (EPIC-100 extension videos) the flow frame equals the RGB frame number
-    (see :func:`flow_frames_for`).
+    follows.  All are raised to at least 1 (``int(1 / 2) = 0`` has no file).  Accepts an int (returns int) or an
+    integer array.  Only for stride-2 flow: with stride-1 flow (EPIC-100 extension videos) the flow frame equals the
+    RGB frame number (see :func:`flow_frames_for`).
     """
     arr = np.asarray(n, dtype=np.int64)
     if rule == "mmsada":

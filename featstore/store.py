@@ -13,9 +13,10 @@ Every array is chunked along ``clip`` with the same ``chunk_clips``, so a chunk 
 every array.  Schema version 2 stores each feature chunk as a Zarr v3 shard of one-unit inner chunks (one window or
 segment of one clip, Zstandard + CRC32C each), so a reader that wants 5 of a clip's 25 segments reads those 5 and
 the shard's index, and a flipped bit fails its checksum; version 1 (whole-chunk Zstandard) stores are still read,
-and ``adapt convert-store`` rewrites them (:func:`convert_store`).  Reads go through tensorstore (its C++ Zarr v3
-reader: 4x zarr-python's speed on whole shards, 15-30x on 5-of-25 unit reads; ``bench/bench_stream.py``).  Writers may fill rows in any order and from several processes at once: each write takes an
-exclusive byte-range lock (``fcntl.lockf``) for each chunk it touches, writes the features, and only then sets
+and ``adapt convert-store`` rewrites them (:func:`featstore.convert.convert_store`).  Reads go through tensorstore
+(its C++ Zarr v3 reader: 4x zarr-python's speed on whole shards, 15-30x on 5-of-25 unit reads;
+``bench/bench_stream.py``).  Writers may fill rows in any order and from several processes at once: each write takes
+an exclusive byte-range lock (``fcntl.lockf``) for each chunk it touches, writes the features, and only then sets
 ``done``.  Chunk files are replaced atomically by Zarr's local store, so a writer killed at any moment leaves
 every chunk either old or new, and the ``done`` mask says exactly which clips hold features.
 """
