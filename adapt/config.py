@@ -1,193 +1,236 @@
-"""The training configuration: one flat set of settings, resolved in layers.
+"""A run's settings, grouped by who owns them, and resolved in layers.
 
-``resolve(method, dataset, overrides, **given)`` builds a run's :class:`TrainConfig` from
+* :class:`RunSettings`: what every run has, whatever its method: what to train on, the schedule, the optimiser,
+  the evaluation and validators, the inputs, the shared video model (:mod:`adapt.model`) and the gradient-reversal
+  schedule.
+* the method's own settings: its ``Settings`` dataclass (:mod:`adapt.method`; e.g. ``w_adv``, ``tau``), each owned by
+  the method of its lineage that declares it.
 
-1. the defaults below: the released MM-SADA code's composition for EPIC-55 (``jonmun/MM-SADA-code``);
-2. the dataset's base (:data:`DATASETS`): EPIC-100 takes the TA3N baseline code's composition and schedule
-   (``jonmun/EPIC-KITCHENS-100_UDA_TA3N``), the demo kitchens the EPIC-55 one scaled to 150 steps;
-3. the method's preset (``adapt/methods/<name>.py``: its parts, weights and, where its paper has one, schedule);
+A run's configuration is one flat dataclass of both (:func:`config_class`), so ``cfg.steps`` and ``cfg.w_adv`` read
+alike, ``--set`` and sweep specs name any of them, and a key the run's method does not have is refused in one
+line.  ``resolve(method, dataset, overrides, **given)`` builds it from
+
+1. the defaults: the run settings' defaults below are the released MM-SADA code's composition for EPIC-55
+   (``jonmun/MM-SADA-code``; the facts are in :mod:`adapt.datasets`), the method settings' are "off";
+2. the dataset's base (:mod:`adapt.datasets`: EPIC-100 is the TA3N baseline code's, the demo kitchens EPIC-55's
+   scaled to 150 steps); a base setting the method does not have is skipped;
+3. the method's preset (its facts, ``adapt/methods/<name>.py``);
 4. the arguments given (``--steps``, ``--seed``, ...), and last the ``--set key=value`` overrides.
 
-Every setting is a field of :class:`TrainConfig`; ``adapt train --settings`` prints them resolved.  The settings
-that take ``none`` (``lr_stage2``, ``batch_target``, ``epochs``, ...) mean "derived" when unset, as their comments say.
+``adapt train --settings`` prints them resolved, by owner.  The settings that take ``none`` (``lr_stage2``,
+``batch_target``, ``epochs``, ...) mean "derived" when unset, as their comments say.  Ranges and choices are
+declared with the field (:func:`positive`, :func:`one_of`, ...) and checked before anything is read.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import typing
 from dataclasses import dataclass, field, fields
 
-from adapt.methods.ta3n import EPIC100_BASE
 from featstore.errors import UserError
 from featstore.settings import coerce, kind_of, split_items
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# declaring a setting's range
+
+
+def positive(default, **kw):
+    """A setting that must be a positive number (or none, where it takes none)."""
+    return field(default=default, metadata={"range": "positive", **kw})
+
+
+def non_negative(default, **kw):
+    return field(default=default, metadata={"range": "non_negative", **kw})
+
+
+def probability(default, **kw):
+    """A setting in [0, 1)."""
+    return field(default=default, metadata={"range": "probability", **kw})
+
+
+def one_of(default, *choices):
+    return field(default=default, metadata={"choices": (default, *choices)})
+
+
+def listed(default=()):
+    """A list setting (comma-separated on the command line)."""
+    return field(default_factory=lambda: list(default))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the settings every run has
+
+
 @dataclass
-class TrainConfig:
+class RunSettings:
     # what to train on
-    method: str = "source_only"
+    method: str = "source_only"      # a built-in name, path/to/method.py or package.module:ClassName
     backbone: str = "i3d"
     source: str = ""                 # domain (D1), split (D1_train) or store path
     target: str = ""
     eval: str = ""                   # default: the target domain's test split
     features_root: str = "features"
     out: str = "runs"
-    modalities: list = field(default_factory=list)  # empty: every modality the stores share
+    modalities: list = listed()      # empty: every modality the stores share
     seed: int = 0
     tag: str = ""                    # distinguishes runs of one method and pair (set by sweeps)
     challenge: str = ""              # EPIC-100: a store to predict for the challenge's test.json
     device: str = "auto"
     memory_budget: typing.Optional[str] = None  # "24G": stores that do not fit are streamed; none = what is free
-    form: str = "code"               # "code" | "paper": where a paper and its released code differ (adapt/methods)
+    form: str = one_of("code", "paper")  # where a paper and its released code differ (adapt/methods)
     # schedule (MM-SADA code: stage 1 = 3K steps, stage 2 = 6K steps restored from it; batch 64 + 64)
-    steps: int = 9000
-    epochs: typing.Optional[int] = None  # when set: steps = epochs x steps per epoch (TA3N); see schedule.py
-    stage1_steps: int = 3000         # alignment terms start here (MM-SADA's two stages); 0 = from the start
-    batch_source: int = 64
-    batch_target: typing.Optional[int] = 64  # none: batch_source x n_target / n_source (TA3N's bS_2)
-    eval_every: int = 100
-    eval_batch: int = 1024
+    steps: int = positive(9000)
+    epochs: typing.Optional[int] = positive(None)  # when set: steps = epochs x steps per epoch (TA3N)
+    stage1_steps: int = non_negative(3000)  # stage 2 (the alignment terms) starts here; 0 = one stage
+    batch_source: int = positive(64)
+    batch_target: typing.Optional[int] = non_negative(64)  # none: batch_source x n_target / n_source (TA3N's bS_2)
+    eval_every: int = positive(100)
+    eval_batch: int = positive(1024)
+    last_evals: int = positive(9)    # target_top1 = mean of the evaluations at the last 9 ...
+    last_eval_every: int = positive(50)  # ... checkpoints, 50 steps apart (MM-SADA submit_test.sh: 5600..6000)
     # model selection (adapt/validators.py): validators computed at every evaluation, without target labels
     validators: bool = True
-    validator_clips: int = 1000      # most clips of each domain the validators look at (a fixed subset)
-    source_holdout: float = 0.0      # fraction of the source train clips held out as labelled source validation
-    source_val: str = ""             # or a store / split / domain for it (EPIC-100: source_val); none: no
-                                     # source_val and dev validators
-    last_evals: int = 9              # target_top1 = mean of the evaluations at the last 9 ...
-    last_eval_every: int = 50        # ... checkpoints, 50 steps apart (MM-SADA submit_test.sh: 5600..6000)
+    validator_clips: int = positive(1000)  # most clips of each domain the validators look at (a fixed subset)
+    source_holdout: float = probability(0.0)  # fraction of the source train clips held out as source validation
+    source_val: str = ""             # or a store / split / domain for it (EPIC-100: source_val)
     # optimiser
-    optimizer: str = "sgd"           # "sgd" (momentum) | "adam"
-    lr: float = 0.01
-    lr_stage2: typing.Optional[float] = None  # none: lr (the MM-SADA code's --lr is never read: 0.01 throughout)
-    lr_steps: list = field(default_factory=list)   # steps after which lr is multiplied by lr_decay
-    lr_epochs: list = field(default_factory=list)  # the same in epochs (TA3N: at the start of epochs 10 and 20)
-    lr_decay: float = 0.1
-    momentum: float = 0.9
+    optimizer: str = one_of("sgd", "adam")  # "sgd" (momentum) | "adam"
+    lr: float = positive(0.01)
+    lr_stage2: typing.Optional[float] = non_negative(None)  # none: lr (the MM-SADA code's --lr is never read)
+    lr_steps: list = listed()        # steps after which lr is multiplied by lr_decay
+    lr_epochs: list = listed()       # the same in epochs (TA3N: at the start of epochs 10 and 20)
+    lr_decay: float = non_negative(0.1)
+    momentum: float = non_negative(0.9)
     nesterov: bool = False
-    weight_decay: float = 1e-7
-    clip_grad_norm: typing.Optional[float] = None  # global L2 norm per run (TA3N: 20); none = off
-    init: str = "torch"              # "torch" | "mmsada" | "ta3n": the reference code's initialisers
+    weight_decay: float = non_negative(1e-7)
+    clip_grad_norm: typing.Optional[float] = non_negative(None)  # global L2 norm per run (TA3N: 20); none = off
     # inputs and sampling
     spatial: bool = False            # keep 7x7 maps (needed by MC / SC); otherwise pooled at load
-    feature_form: str = "float16"    # in memory: "float16" | "int8" (per-channel scales: half the memory)
+    feature_form: str = one_of("float16", "int8")  # in memory; int8: per-channel scales, half the memory
     standardise: bool = False        # inputs standardised per channel with the source store's statistics
-    adabn: bool = False              # per-domain input statistics; evaluation with the target's
-    segments: int = 5                # TBN: segments per clip the heads see (TA3N: 5 of 25)
-    units: str = "random"            # training units: "random" (a window / one segment per group) | "fixed"
+    segments: int = positive(5)      # TBN: segments per clip the heads see (TA3N: 5 of 25)
+    units: str = one_of("random", "fixed")  # training units: a random window / segment per group, or the centres
     sync_windows: bool = False       # one window index for every modality (MM-SADA's "Sync"); default independent
-    # the model
+    # the video model (adapt/model.py)
     fusion: str = "late"             # "late" (a stream per modality) | "concat" (one stream) | groups "rgb+flow,audio"
     fusion_mean: bool = False        # late fusion averages the streams' logits (Kim et al.) instead of summing them
-    audio_weight: float = 0.5        # weight of an audio-only stream in the late fusion (M3EM)
-    embed_dim: int = 1024            # the trainable embedding standing in for the backbone's top (see README)
-    dropout: float = 0.0             # on the embedding's output: every head sees it (TA3N dropout_i)
-    dropout_video: float = 0.5       # on the video feature, before the classifier (MM-SADA; TA3N dropout_v)
-    video_disc_after_dropout: bool = False  # the video discriminator sees dropout_video's output (TA3N)
-    temporal: str = "avg"            # "avg" | "trn" (TA3N's TRN-multiscale); I3D uses one window per clip
-    trn_relations: int = 3           # relations per scale (TA3N TRNmodule subsample_num); 0 = all subsets
-    trn_dim: int = 256               # TRN bottleneck width = the video feature's width
-    domain_attention: bool = False   # TA3N: relation features weighted by 2 - H(d)
-    disc_hidden: typing.Optional[int] = 100  # discriminator hidden width; none = its input's width (TA3N)
+    audio_weight: float = non_negative(0.5)  # weight of an audio-only stream in the late fusion (M3EM)
+    embed_dim: int = positive(1024)  # the trainable embedding standing in for the backbone's top (see README)
+    dropout: float = probability(0.0)  # on the embedding's output: every head sees it (TA3N dropout_i)
+    dropout_video: float = probability(0.5)  # on the video feature, before the classifier (MM-SADA; TA3N dropout_v)
+    temporal: str = one_of("avg", "trn")  # TRN-multiscale: TA3N's; I3D uses one window per clip
+    trn_relations: int = non_negative(3)  # relations per scale (TA3N TRNmodule subsample_num); 0 = all subsets
+    trn_dim: int = positive(256)     # TRN bottleneck width = the video feature's width
     mc: bool = False                 # SMR / MC mutual-refinement gating (M3EM eqs. 1-4)
     sc: bool = False                 # CMC / SC spatial consensus (M3EM eq. 5)
-    reduction: int = 16
-    sc_k: int = 3
-    sc_dim: int = 256
-    # gradient reversal: coefficient = beta x (2 / (1 + exp(-grl_gamma p)) - 1)
-    grl_gamma: float = 10.0
+    reduction: int = positive(16)
+    sc_k: int = non_negative(3)
+    sc_dim: int = positive(256)
+    init: str = one_of("torch", "mmsada", "ta3n")  # the reference code's initialisers (adapt.model.REFERENCE_INIT)
+    # gradient reversal: coefficient = beta x (2 / (1 + exp(-grl_gamma p)) - 1), beta the method's per level
+    grl_gamma: float = non_negative(10.0)
     grl_restart: bool = True         # p counts from the start of stage 2 (MM-SADA code) rather than step 0
-    grl_p0: float = 0.0              # p at the first step (TA3N: 1/30, its epochs count from 1)
-    beta_adv: float = 0.2            # per-modality discriminators (MM-SADA lambda_in 0.2)
-    beta_video: float = 1.0
-    beta_frame: float = 1.0
-    beta_relation: float = 1.0
-    beta_mcd: float = 1.0            # MCD in the GRL form (MM-SADA code, lambda_in's default 1.0)
-    # method details
-    mcd_form: str = "grl"            # "grl" (MM-SADA code: one step) | "three_step" (Saito et al.)
-    mcd_generator_steps: int = 4
-    mmd_kernels: str = "mmsada"      # "mmsada" (12 fixed bandwidths) | "dan" (DAN's mean-distance family)
-    tau: float = 0.1
-    bank_momentum: float = 0.5
-    xmodal_bank: bool = True         # Kim et al.: memory-bank negatives in the cross-modal loss
-    pl_threshold: float = 0.8
-    # loss weights (stage 2, or the whole run when stage1_steps = 0)
-    w_cls: float = 0.2               # lambda_y (MM-SADA code stage 2: 0.2)
-    w_target_cls: float = 0.0        # supervised target (upper bound)
-    w_adv: float = 0.0               # lambda_d: per-stream discriminators (MM-SADA, M3EM)
-    w_video_adv: float = 0.0         # lambda_vd: the discriminator on the video feature (DANN, CIA, TA3N)
-    w_frame_adv: float = 0.0         # lambda_fd: frame-level discriminators (CIA, TA3N)
-    w_relation_adv: float = 0.0      # TA3N relation discriminators
-    w_corr: float = 0.0              # lambda_c: MM-SADA correspondence
-    w_mmd: float = 0.0
-    w_xmodal: float = 0.0            # Kim et al. cross-modal contrastive
-    w_xdomain: float = 0.0           # Kim et al. cross-domain contrastive
-    w_pseudo: float = 0.0
-    w_attn_entropy: float = 0.0      # TA3N attentive entropy (gamma)
-    w_mcd: float = 0.0
-    # stage-1 weights (MM-SADA code: 1.0 x CE + 5.0 x L_c); none = the stage-2 weight
-    w_cls_stage1: typing.Optional[float] = 1.0
-    w_target_cls_stage1: typing.Optional[float] = None
-    w_corr_stage1: typing.Optional[float] = None
+    grl_p0: float = non_negative(0.0)  # p at the first step (TA3N: 1/30, its epochs count from 1)
 
-    WEIGHTS = ("w_cls", "w_target_cls", "w_adv", "w_video_adv", "w_frame_adv", "w_relation_adv", "w_corr", "w_mmd",
-               "w_xmodal", "w_xdomain", "w_pseudo", "w_attn_entropy", "w_mcd",
-               "w_cls_stage1", "w_target_cls_stage1", "w_corr_stage1")
+
+RUN_GROUPS = {  # for --settings: the run settings by what they are about, in the order above
+    "run": "method", "schedule": "steps", "validators": "validators", "optimiser": "optimizer",
+    "inputs": "spatial", "video model": "fusion", "gradient reversal": "grl_gamma"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a run's configuration: the run settings and its method's
+
+
+class ConfigBase:
+    """What every run's configuration can say about itself (mixed into :func:`config_class`)."""
+
+    method_class: typing.ClassVar[type]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def weight(self, term: str, stage: int) -> float:
-        """The weight of loss term ``term`` in stage 1 or 2 (a stage-1 weight of none is the stage-2 weight)."""
-        w = getattr(self, f"w_{term}")
-        if stage == 1 and hasattr(self, f"w_{term}_stage1"):
-            w1 = getattr(self, f"w_{term}_stage1")
-            return w if w1 is None else w1
-        return w
+    def owner(self, name: str) -> str:
+        """'run: <group>' for a run setting, or the method of the lineage that declares it."""
+        return setting_owners(self.method_class)[name]
+
+    def weight_settings(self) -> set:
+        """The settings that weigh the method's loss terms (in either stage)."""
+        out = set()
+        for t in self.method_class.terms():
+            out.add(t.weight)
+            if isinstance(t.stage1, str):
+                out.add(t.stage1)
+        return out
+
+    def active_terms(self, stage: int) -> tuple:
+        """The method's terms with a non-zero weight in ``stage``, in their declared order (the others are left out
+        of the objective rather than multiplied by zero)."""
+        return tuple(t.name for t in self.method_class.terms() if t.weight_in(self, stage))
 
     def architecture_key(self) -> str:
-        """Everything except the seed and the loss weights: runs with equal keys can be trained stacked."""
+        """Everything except the seed and the loss weights' values: runs with equal keys can be trained stacked
+        (a zero weight removes a term, and its head, so which terms act is part of the key)."""
         d = self.to_dict()
-        for k in ("seed", "out", "tag", "memory_budget", *self.WEIGHTS):
-            d.pop(k)
-        d["active_terms"] = [w for w in self.WEIGHTS if getattr(self, w)]  # a zero weight removes its head
-        return json.dumps(d, sort_keys=True)
+        for k in ("seed", "out", "tag", "memory_budget", *self.weight_settings()):
+            d.pop(k, None)
+        d["active_terms"] = [self.active_terms(1), self.active_terms(2)]
+        return json.dumps(d, sort_keys=True, default=str)
 
 
-CHOICES = {"form": ("code", "paper"), "feature_form": ("float16", "int8"), "optimizer": ("sgd", "adam"),
-           "temporal": ("avg", "trn"), "units": ("random", "fixed"), "init": ("torch", "mmsada", "ta3n"),
-           "mcd_form": ("grl", "three_step"), "mmd_kernels": ("mmsada", "dan")}
-POSITIVE = ("steps", "batch_source", "eval_every", "eval_batch", "validator_clips", "last_evals", "last_eval_every",
-            "embed_dim", "segments", "trn_dim", "reduction", "sc_dim", "mcd_generator_steps", "epochs", "batch_target",
-            "disc_hidden", "lr", "tau")
-NON_NEGATIVE = ("stage1_steps", "lr_stage2", "momentum", "weight_decay", "clip_grad_norm", "audio_weight",
-                "trn_relations", "sc_k", "grl_gamma", "grl_p0", "lr_decay", *TrainConfig.WEIGHTS)
-PROBABILITY = ("dropout", "dropout_video", "bank_momentum", "pl_threshold", "source_holdout")
-
-_HINTS = typing.get_type_hints(TrainConfig)
-
-
-def _kind(name: str) -> tuple[type, bool]:
-    """(the setting's type, whether it takes none) from TrainConfig's annotation."""
-    return kind_of(_HINTS[name])
+@functools.cache
+def config_class(method_cls: type) -> type:
+    """The configuration dataclass of runs of ``method_cls``: :class:`RunSettings` and its ``Settings``."""
+    clash = {f.name for f in fields(method_cls.Settings)} & {f.name for f in fields(RunSettings)}
+    if clash:
+        raise UserError(f"method {method_cls.name}: its settings {', '.join(sorted(clash))} are run settings; "
+                        f"give them other names")
+    cls = dataclasses.make_dataclass(f"{method_cls.__name__}Config", [], bases=(ConfigBase, method_cls.Settings,
+                                                                                 RunSettings))
+    cls.method_class = method_cls
+    cls.__module__ = method_cls.__module__
+    return cls
 
 
-def _coerce(name: str, value: str):
-    """A ``--set`` string as the setting's type (``none`` for the settings that take it)."""
-    kind, optional = _kind(name)
-    return coerce(name, value, kind, optional)
+@functools.cache
+def setting_owners(method_cls: type) -> dict:
+    """{setting: owner}: 'run: <group>' for the run settings, the declaring method's name for the method's."""
+    from adapt.method import own_settings
+    out, group = {}, None
+    starts = {v: k for k, v in RUN_GROUPS.items()}
+    for f in fields(RunSettings):
+        group = starts.get(f.name, group)
+        out[f.name] = f"run: {group}"
+    out.update(dict(own_settings(method_cls)))
+    return out
 
 
-def typed_value(name: str, value, where: str = "--set"):
-    """A value from a sweep spec (TOML / YAML: already typed) or ``--set`` (a string) as setting ``name``'s type;
-    an unknown setting or a value of the wrong type is a one-line error naming ``where``."""
-    if name not in _HINTS or name in ("WEIGHTS",):
-        raise UserError(f"{where}: unknown setting {name!r} (`adapt train --settings` lists them)")
+def _hints(cfg_or_cls) -> dict:
+    cls = cfg_or_cls if isinstance(cfg_or_cls, type) else type(cfg_or_cls)
+    return typing.get_type_hints(cls)
+
+
+def _unknown(cls, name: str, where: str) -> UserError:
+    m = cls.method_class
+    return UserError(f"{where}: {name!r} is not a setting of method {m.name} (`adapt train --method "
+                     f"{m.name} --settings` lists them)")
+
+
+def typed_value(cls, name: str, value, where: str = "--set"):
+    """A value from a sweep spec (TOML / YAML: already typed) or ``--set`` (a string) as setting ``name``'s type
+    for configurations of class ``cls``; an unknown setting or a value of the wrong type is a one-line error
+    naming ``where``."""
+    hints = _hints(cls)
+    if name not in {f.name for f in fields(cls)}:
+        raise _unknown(cls, name, where)
+    kind, optional = kind_of(hints[name])
     if isinstance(value, str):
-        return value  # resolve() converts strings with the --set rules
-    kind, optional = _kind(name)
+        return coerce(name, value, kind, optional, where)
     if value is None and optional:
         return None
     bad = UserError(f"{where}: {name} = {value!r}: expected a {kind.__name__}")
@@ -215,23 +258,23 @@ def parse_sets(items: list[str]) -> dict:
     return split_items(items)
 
 
-def check(cfg: TrainConfig) -> None:
+def check(cfg) -> None:
     """Refuse settings that cannot train, with one line naming the setting (before anything is read)."""
-    for k, allowed in CHOICES.items():
-        if getattr(cfg, k) not in allowed:
-            raise UserError(f"{k}={getattr(cfg, k)!r}: one of {', '.join(allowed)}")
-    for k in POSITIVE:
-        v = getattr(cfg, k)
-        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-            raise UserError(f"{k}={v!r}: must be a positive number")
-    for k in NON_NEGATIVE:
-        v = getattr(cfg, k)
-        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
-            raise UserError(f"{k}={v!r}: must be zero or positive")
-    for k in PROBABILITY:
-        v = getattr(cfg, k)
-        if not (isinstance(v, (int, float)) and 0 <= v < 1):
-            raise UserError(f"{k}={v!r}: must be in [0, 1)")
+    weights = cfg.weight_settings()
+    for f in fields(cfg):
+        v, meta = getattr(cfg, f.name), f.metadata
+        rule = meta.get("range") or ("non_negative" if f.name in weights else None)
+        if "choices" in meta and v not in meta["choices"]:
+            raise UserError(f"{f.name}={v!r}: one of {', '.join(map(str, meta['choices']))}")
+        if v is None or rule is None:
+            continue
+        number = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if rule == "positive" and not (number and v > 0):
+            raise UserError(f"{f.name}={v!r}: must be a positive number")
+        if rule == "non_negative" and not (number and v >= 0):
+            raise UserError(f"{f.name}={v!r}: must be zero or positive")
+        if rule == "probability" and not (number and 0 <= v < 1):
+            raise UserError(f"{f.name}={v!r}: must be in [0, 1)")
     for k in ("lr_steps", "lr_epochs"):
         if any(not isinstance(s, (int, float)) or s < 0 for s in getattr(cfg, k)):
             raise UserError(f"{k}={getattr(cfg, k)!r}: expected a list of non-negative numbers, e.g. 3000,6000")
@@ -240,73 +283,52 @@ def check(cfg: TrainConfig) -> None:
                         "store, not both")
     if cfg.lr_epochs and not cfg.epochs:
         raise UserError("lr_epochs needs epochs (or give lr_steps in steps)")
-    if not cfg.epochs and cfg.stage1_steps >= cfg.steps and any(
-            getattr(cfg, f"w_{t}") for t in ("adv", "video_adv", "frame_adv", "relation_adv", "mmd", "xdomain",
-                                              "pseudo", "attn_entropy", "mcd")):
+    later = [t for t in cfg.method_class.terms() if t.weight_in(cfg, 2) and not t.weight_in(cfg, 1)]
+    if not cfg.epochs and cfg.stage1_steps >= cfg.steps and later:
         raise UserError(f"stage1_steps={cfg.stage1_steps} leaves no stage 2 in {cfg.steps} steps: the method's "
-                        f"alignment terms would never act (lower stage1_steps or raise steps)")
+                        f"terms {', '.join(t.name for t in later)} would never act (lower stage1_steps or raise "
+                        f"steps)")
     if (cfg.mc or cfg.sc) and not cfg.spatial:
         cfg.spatial = True
 
 
-def resolve(method: str, dataset: str, overrides: dict | None = None, **given) -> TrainConfig:
+def resolve(method, dataset: str, overrides: dict | None = None, **given):
     """The configuration of a run: defaults, then the dataset's base, the method's preset, the arguments given,
-    and last the ``--set`` overrides (strings are converted to the setting's type)."""
-    from adapt import methods
-    if method not in methods.REGISTRY:
-        raise UserError(f"unknown method {method!r}: one of {', '.join(methods.REGISTRY)}")
-    cfg = TrainConfig(method=method)
+    and last the ``--set`` overrides (strings are converted to the setting's type).  ``method``: a built-in name,
+    a file or module reference (:func:`adapt.method.load`) or a Method class."""
+    from adapt import datasets
+    from adapt.method import FORMS, load, preset, reference_of
+    m = load(method)
+    cls = config_class(m)
+    cfg = cls(method=reference_of(m))
     backbone = given.get("backbone") or cfg.backbone
     form = (overrides or {}).get("form") or given.get("form") or cfg.form
-    if form not in methods.FORMS:
-        raise UserError(f"form={form!r}: one of {', '.join(methods.FORMS)}")
-    base = DATASETS.get(dataset, {})
-    preset = methods.REGISTRY[method].preset(dataset, backbone, form)
-    names = {f.name for f in fields(TrainConfig)}
-    for layer in (base, preset):
-        for k, v in layer.items():
+    if form not in FORMS:
+        raise UserError(f"form={form!r}: one of {', '.join(FORMS)}")
+    names = {f.name for f in fields(cls)}
+    for k, v in (*datasets.base(dataset).items(), *preset(m.base_facts, dataset, backbone, form).items()):
+        if k in names:
             setattr(cfg, k, v)
+    for k, v in preset(m.facts, dataset, backbone, form).items():
+        if k not in names:
+            raise UserError(f"method {m.name}: its fact names {k!r}, not one of its settings")
+        setattr(cfg, k, v)
     if dataset == "demo":
-        shorten(cfg, DEMO_STEPS)
-        for k, v in DEMO.items():
+        datasets.shorten(cfg, datasets.DEMO_STEPS)
+        for k, v in datasets.DEMO.items():
             setattr(cfg, k, v)
     for k, v in given.items():
         if v is not None:
             setattr(cfg, k, v)
     for k, v in (overrides or {}).items():
-        if k not in names:
-            raise UserError(f"--set {k}: unknown setting (`adapt train --settings` lists them)")
-        setattr(cfg, k, _coerce(k, v) if isinstance(v, str) else v)
+        setattr(cfg, k, typed_value(cls, k, v))
     check(cfg)
     return cfg
 
 
-# The datasets' bases.  "mmsada" (D1/D2/D3) is the defaults themselves.  EPIC-100 is the TA3N baseline's code,
-# which its source-only script shares (script_test_sourceonly.sh differs from script_test_ta3n.sh only in
-# use_target): the facts and their lines are in adapt/methods/ta3n.py.
-DATASETS = {
-    "mmsada": {},
-    "epic100": {f.setting: f.value for f in EPIC100_BASE if f.setting},
-    "demo": {},
-}
-# the demo kitchens: the EPIC-55 base; after the method's preset, its schedule is scaled to DEMO_STEPS and the
-# features are standardised (the demo's features come from random weights; real I3D features are not, in the code)
-DEMO_STEPS = 150
-DEMO = {"standardise": True}
-
-
-def shorten(cfg: TrainConfig, steps: int) -> None:
-    """Scale a schedule to ``steps`` steps: stage split, learning-rate steps and the last-evaluations spacing
-    keep their fractions of the run; evaluation every ``steps / 15``."""
-    total = cfg.steps
-    if cfg.epochs:
-        epochs, cfg.epochs = cfg.epochs, None
-        cfg.lr_steps = [round((e - 1) / epochs * steps) for e in cfg.lr_epochs]  # at the start of epoch e
-        cfg.lr_epochs = []
-        total = steps
-    scale = steps / total
-    cfg.steps = steps
-    cfg.stage1_steps = round(cfg.stage1_steps * scale)
-    cfg.lr_steps = [round(s * scale) for s in cfg.lr_steps]
-    cfg.eval_every = max(1, steps // 15)
-    cfg.last_eval_every = cfg.eval_every
+def settings_text(cfg) -> str:
+    """Every setting with its resolved value, by owner (``adapt train --settings``)."""
+    by_owner: dict = {}
+    for f in fields(cfg):
+        by_owner.setdefault(cfg.owner(f.name), []).append(f"  {f.name} = {getattr(cfg, f.name)!r}")
+    return "\n".join(f"[{owner}]\n" + "\n".join(lines) for owner, lines in by_owner.items())

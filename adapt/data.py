@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapt import parts
+from adapt.method import load as load_method
 from featstore.errors import UserError
 from featstore.paths import resolve_store
 from featstore.store import FeatureStore, check_compatible
@@ -280,14 +280,15 @@ class DomainPair:
         form = cfg.feature_form
         self.source = load_domain(src, cfg.source, modalities, device, cfg.spatial, labels=True,
                                   streamed="source" in streamed, form=form)
+        method = load_method(cfg.method)
         self.target = load_domain(tgt, cfg.target, modalities, device, cfg.spatial,
-                                  labels=cfg.w_target_cls > 0,  # the target's labels are not read otherwise
+                                  labels=method.uses_target_labels,  # the target's labels are not read otherwise
                                   streamed="target" in streamed, form=form)
         self.eval = load_domain(ev, cfg.eval or cfg.target, modalities, device, cfg.spatial, labels=True,
                                 streamed="eval" in streamed, form=form)
         if (self.source.verb < 0).any():
             raise UserError(f"{src}: the source store has unlabelled clips; the source must be labelled")
-        if cfg.w_target_cls > 0 and (self.target.verb < 0).any():
+        if method.uses_target_labels and (self.target.verb < 0).any():
             raise UserError(f"{tgt}: supervised target training needs a labelled target store")
         attrs = stores["source"].attrs
         self.verb_classes = int(attrs.get("verb_classes") or int(self.source.verb.max()) + 1)
@@ -395,13 +396,13 @@ class EpochSampler:
 
 
 def draw_batch(pair: "DomainPair", cfg, rng: np.random.Generator, samplers: tuple, sizes: tuple,
-               correspondence: bool) -> list[dict]:
+               arrange=None) -> list[dict]:
     """One run's clips and units for one step: per domain (source, target) ``{m: (clip idx (B,), units (B, T))}``.
 
     Units: the fixed group centres (``units=fixed``, TA3N), else drawn per clip, independently for each modality
-    (MM-SADA batch_generator.py:294-298; Kim et al. Table 5) or shared by them (``sync_windows``).  With the
-    correspondence head, the first half of each domain's clips take their flow (clip and window) from the next
-    clip of that half: MM-SADA's negatives (batch_generator.py:110-119)."""
+    (MM-SADA batch_generator.py:294-298; Kim et al. Table 5) or shared by them (``sync_windows``).  ``arrange``
+    (the method's :meth:`adapt.method.Method.arrange`) may then pair them otherwise (MM-SADA's correspondence
+    negatives)."""
     out = []
     for sampler, B in zip(samplers, sizes):
         idx = sampler.draw(B)
@@ -414,11 +415,7 @@ def draw_batch(pair: "DomainPair", cfg, rng: np.random.Generator, samplers: tupl
         else:
             units = {m: pair.sample_units(rng, B) for m in pair.modalities}
         sel = {m: (idx, units[m]) for m in pair.modalities}
-        if correspondence and "flow" in sel:
-            n = parts.correspondence_negatives(B)
-            order = np.concatenate([np.roll(np.arange(n), -1), np.arange(n, B)])
-            sel["flow"] = (idx[order], units["flow"][order])
-        out.append(sel)
+        out.append(arrange(sel, B) if arrange else sel)
     return out
 
 

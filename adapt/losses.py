@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "cross_entropy",
+    "tasks_ce",
+    "domain_ce",
     "mk_mmd",
     "multi_gaussian_kernel",
     "mmsada_mmd",
@@ -50,6 +52,30 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
     Shapes: logits (N, C), labels (N,) int64 -> ()."""
     return -logits.log_softmax(-1).gather(-1, labels[:, None]).mean()
+
+
+def tasks_ce(verb: torch.Tensor, noun: Optional[torch.Tensor], rows: slice, y: torch.Tensor,
+             n: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean over tasks (verb, and noun when there are noun logits and labels) of the cross-entropy of ``rows``
+    (TA3N main.py:506: ``0.5 (CE_verb + CE_noun)``; verb alone on EPIC-55).
+
+    Shapes: verb (B, V), noun (B, N) or None, y / n (len(rows),) int64 -> ()."""
+    ce = [cross_entropy(verb[rows], y)]
+    if noun is not None and n is not None:
+        ce.append(cross_entropy(noun[rows], n))
+    return sum(ce) / len(ce)
+
+
+def domain_ce(logits: torch.Tensor, b_s: int) -> torch.Tensor:
+    """A domain discriminator's cross-entropy with label 0 for the first ``b_s`` rows (source) and 1 for the rest
+    (target); a (B, T, 2) input has one label per clip, repeated over its units, and the mean runs over every row
+    (MM-SADA model.py:493-501; TA3N main.py:577-589).
+
+    Shapes: logits (B, 2) or (B, T, 2) -> ()."""
+    labels = (torch.arange(logits.shape[0], device=logits.device) >= b_s).long()
+    if logits.dim() == 3:
+        labels = labels[:, None].expand(logits.shape[:2])
+    return cross_entropy(logits.reshape(-1, 2), labels.reshape(-1))
 
 
 # --------------------------------------------------------------------------------------
@@ -250,7 +276,7 @@ def memory_bank_rows(bank: torch.Tensor, idx: torch.Tensor, feats: torch.Tensor,
     ``normalize(delta * M[idx_b] + (1 - delta) * F_b)`` with ``delta = momentum`` (0.5).  ``feats`` is detached
     (banks carry no gradient).  A bank initialised with zeros therefore holds the normalised feature after its
     first update.  The trainer writes these rows into its banks in place after the step
-    (:func:`adapt.objectives.apply_writes`): an out-of-place bank would be copied whole every step.
+    (:func:`adapt.step.apply_writes`): an out-of-place bank would be copied whole every step.
 
     Shapes: bank (N, d), idx (B,) int64 in [0, N), feats (B, d) -> rows (B, d).
     """

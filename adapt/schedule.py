@@ -7,8 +7,8 @@ the learning rate and the gradient-reversal coefficients at each step, and the s
 * Learning rate: ``lr`` in stage 1, ``lr_stage2`` (none = ``lr``) from ``stage1_steps`` on, multiplied by
   ``lr_decay`` after each of ``lr_steps`` (steps) or at the start of each of ``lr_epochs`` (1-based epochs,
   TA3N main.py:208-212).
-* Gradient reversal (Ganin et al. 2016 sec. 5.2.2): ``beta x (2 / (1 + exp(-gamma p)) - 1)`` per discriminator
-  level, ``p = grl_p0 + (step - start) / (steps - start)`` where ``start`` is ``stage1_steps`` when ``grl_restart``
+* Gradient reversal (Ganin et al. 2016 sec. 5.2.2): ``beta x (2 / (1 + exp(-gamma p)) - 1)`` per reversal level
+  of the method (``Method.reversals``: a level and the setting that holds its beta), ``p = grl_p0 + (step - start) / (steps - start)`` where ``start`` is ``stage1_steps`` when ``grl_restart``
   (the MM-SADA code restarts its step counter for stage 2: utils.py:86-91, train.py:116-117) and 0 otherwise.
   TA3N uses gamma 1 and p from 1/30 (main.py:332-333, 355-361).
 * Evaluations: every ``eval_every`` steps, and at the ``last_evals`` steps ``last_eval_every`` apart that end the run
@@ -21,9 +21,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-
-LEVELS = ("adv", "video", "frame", "relation", "mcd")  # the GRL coefficient vector's order
-
 
 @dataclass
 class Schedule:
@@ -59,11 +56,11 @@ class Schedule:
         start = self.stage1_steps if cfg.grl_restart else 0
         return max(0.0, cfg.grl_p0 + (step - start) / max(1, self.steps - start))
 
-    def grl(self, cfg, step: int) -> np.ndarray:
-        """The GRL coefficient of each discriminator level (:data:`LEVELS`) at ``step``."""
+    def grl(self, cfg, step: int, reversals: dict) -> np.ndarray:
+        """The coefficient of each reversal level ``{level: beta setting}`` at ``step``, in that order (float32)."""
         p = self.grl_progress(cfg, step)
         warm = 2.0 / (1.0 + math.exp(-cfg.grl_gamma * p)) - 1.0
-        return np.array([getattr(cfg, f"beta_{lvl}") * warm for lvl in LEVELS], dtype=np.float32)
+        return np.array([getattr(cfg, beta) * warm for beta in reversals.values()], dtype=np.float32)
 
     def to_dict(self) -> dict:
         return {"steps": self.steps, "epoch_steps": self.epoch_steps, "batch_source": self.batch_source,

@@ -1,11 +1,16 @@
 """The one training loop: :func:`train` claims the run folders, builds a :class:`Training` and runs its steps,
 evaluating at the schedule's steps, then writes each run's results.
 
-K runs that share stores and architecture (seeds, loss weights; see ``TrainConfig.architecture_key``) are trained
-together: their parameters are stacked with ``torch.func.stack_module_state`` and every step calls the model
-through ``vmap(functional_call)`` over one pytree of per-run inputs (features, labels, dropout key, loss weights,
-memory banks).  A single run is the case K = 1 of the same code, so a stacked run gives the same numbers as the run
-alone (per-run index sampling with numpy generators, per-run dropout keys from ``adapt.rng``, element-wise
+The loop knows no method by name: a run's method (:mod:`adapt.method`) is a model class with its terms, and one
+step of one run is, in the order a paper writes it::
+
+    batch -> forward (the method's model) -> terms -> sum_t w_t(stage) L_t -> backward -> update -> state writes
+
+K runs that share stores and architecture (seeds, loss weights; see ``architecture_key`` in :mod:`adapt.config`)
+are trained together: their parameters are stacked with ``torch.func.stack_module_state`` and every step calls the
+model through ``vmap(functional_call)`` over one pytree of per-run inputs (features, labels, dropout key, loss
+weights, state).  A single run is the case K = 1 of the same code, so a stacked run gives the same numbers as the
+run alone (per-run index sampling with numpy generators, per-run dropout keys from ``adapt.rng``, element-wise
 optimisers).  The step's pieces and their reasons are in :mod:`adapt.step`.
 """
 
@@ -22,21 +27,18 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from adapt import config as C
+from adapt import method as M
 from adapt import metrics, rng
 from adapt import step as S
 from adapt.data import (DomainPair, EpochSampler, Gatherer, Prefetcher, averaged_over_views, draw_batch, load_domain,
                         read_part, standardisation)
-from adapt.model import AdaptModel
-from adapt.objectives import STAGE1, TERMS, apply_writes, bank_inputs, compute_terms, initial_state
+from adapt.model import Inputs
 from adapt.runs import RunFolder
-from adapt.schedule import LEVELS, Schedule
+from adapt.schedule import Schedule
 from featstore.allocator import retain_freed_memory
 from featstore.devices import resolve_device
 from featstore.errors import UserError
 from featstore.paths import resolve_store
-
-active_terms = S.active_terms  # part of a run's architecture; callers outside the loop use it too
-
 
 class TrainingError(UserError):
     """A run that cannot go on (a non-finite loss); exit code 1."""
@@ -44,12 +46,12 @@ class TrainingError(UserError):
     exit_code = 1
 
 
-def run_name(cfg: C.TrainConfig) -> str:
-    name = f"{cfg.method}_{Path(str(cfg.source)).stem}-{Path(str(cfg.target)).stem}_s{cfg.seed}"
+def run_name(cfg) -> str:
+    name = f"{M.load(cfg.method).name}_{Path(str(cfg.source)).stem}-{Path(str(cfg.target)).stem}_s{cfg.seed}"
     return name + (f"_{cfg.tag}" if cfg.tag else "")
 
 
-def train(cfgs: list[C.TrainConfig], console=None, progress: bool = True, pair: DomainPair | None = None,
+def train(cfgs: list, console=None, progress: bool = True, pair: DomainPair | None = None,
           timings: dict | None = None, overwrite: bool = False) -> list:
     """Train the runs ``cfgs`` (one architecture) stacked; returns their ``final.json`` dicts.
 
@@ -120,16 +122,15 @@ class Training:
         self.K, self.Bs, self.Bt = len(cfgs), self.sched.batch_source, self.sched.batch_target
         # input standardisation: per-channel statistics of the source store for every domain, or, for AdaBN, of
         # each domain's own store (the target's at evaluation)
-        self.norm_s = standardisation(pair.source) if (cfg.standardise or cfg.adabn) else None
-        self.norm_t = standardisation(pair.target) if cfg.adabn else self.norm_s
-        self.active = S.active_terms(cfg)
-        if "corr" in self.active and min(self.Bs, self.Bt) < 4:
-            raise UserError(f"the correspondence head needs at least 4 clips per domain and step "
-                            f"(batch {self.Bs} + {self.Bt})")
+        self.method = M.load(cfg.method)
+        self.norm_s = standardisation(pair.source) if (cfg.standardise or self.method.per_domain_statistics) else None
+        self.norm_t = standardisation(pair.target) if self.method.per_domain_statistics else self.norm_s
         self._models()
+        self.method.check(cfg, {1: (self.Bs, self.Bt), 2: (self.Bs, self.Bt)}, self.streams)
         self._data()
         self.history = [[] for _ in cfgs]
-        self.first_bad = torch.full((self.K, len(TERMS)), -1, dtype=torch.int64, device=device)
+        self.term_names = [t.name for t in self.method.terms()]
+        self.first_bad = torch.full((self.K, len(self.term_names)), -1, dtype=torch.int64, device=device)
         self.last_scores = None
         self.best: dict = {}  # run -> validator -> (step, value) of its best checkpoint so far
         self._challenge = None  # (split, scores) of the challenge's test split, once evaluated
@@ -138,55 +139,53 @@ class Training:
 
     def _models(self):
         cfgs, cfg, pair, device, K = self.cfgs, self.cfg, self.pair, self.device, self.K
+        inputs = Inputs(tuple(self.mods), pair.feature_shapes, pair.verb_classes, self.nouns, pair.heads_units)
         models = []
         for c in cfgs:
             torch.manual_seed(c.seed)
-            models.append(AdaptModel(c, self.mods, pair.feature_shapes, pair.verb_classes, self.nouns,
-                                     pair.heads_units))
+            models.append(self.method(c, inputs))
         self.template = copy.deepcopy(models[0]).to("meta")
         stacked, self.buffers = stack_module_state([m.to(device) for m in models])
         # the optimiser's tensors (leaves), and ``params()``: the model's parameters (views of the leaves)
         leaves, self.params = S.gradient_layout({k: v.detach() for k, v in stacked.items()}, models[0], K)
         self.leaves = {k: v.requires_grad_(True) for k, v in leaves.items()}
         self.n_params = sum(p[0].numel() for p in self.leaves.values())
-        self.three_step = "mcd" in self.active and cfg.mcd_form == "three_step"
-        gen, cls = models[0].param_groups()
-        if self.three_step:
-            self.opt_gen = S.optimiser(cfg, [self.leaves[n] for n in gen])
-            self.opt_cls = S.optimiser(cfg, [self.leaves[n] for n in cls])
-        else:
-            self.opt_gen, self.opt_cls = S.optimiser(cfg, list(self.leaves.values())), None
-        self.optimisers = [o for o in (self.opt_gen, self.opt_cls) if o is not None]
-        # the loss weights of each stage per run (K,); terms with a zero weight in both stages are left out
-        self.weights = {stage: {t: torch.tensor([c.weight(t, stage) if (stage == 2 or t in STAGE1) else 0.0
-                                                 for c in cfgs], dtype=torch.float32, device=device)
-                                for t in self.active} for stage in (1, 2)}
+        # one optimiser per parameter group of the method (one group unless its update steps some apart)
+        self.optimisers = {g: S.optimiser(cfg, [self.leaves[n] for n in names])
+                           for g, names in models[0].parameter_groups().items()}
+        # the loss weights of each stage per run (K,): the terms acting in that stage
+        self.weights = {stage: {t.name: torch.tensor([t.weight_in(c, stage) for c in cfgs], dtype=torch.float32,
+                                                     device=device)
+                                for t in self.method.terms() if t.name in cfg.active_terms(stage)}
+                        for stage in (1, 2)}
         self.streams = models[0].streams
-        width = models[0].classifier[self.streams[0]].verb.in_features
-        state = initial_state(cfg, self.streams, pair.source.n, pair.target.n, width, device)
+        state = models[0].initial_state(pair.source.n, pair.target.n, device)
         self.state = {k: torch.stack([v] * K) for k, v in state.items()}
         self.run_keys = torch.tensor([c.seed for c in cfgs], dtype=torch.int64, device=device)
-        self._step_fns = {}
+        self._step_fns, self._plans = {}, {}
         self.template.train(True)
-        no_reversal = torch.zeros(len(LEVELS), device=device)
-        self.eval_fn = vmap(lambda p, b, x: _scores(functional_call(self.template, (p, b),
-                                                                    (x, self.run_keys[0], no_reversal))),
+        no_reversal = {level: torch.zeros((), device=device) for level in self.method.reversals}
+        evaluation = lambda: M.Context(self.run_keys[0], no_reversal)  # noqa: E731
+        self.eval_fn = vmap(lambda p, b, x: _scores(functional_call(self.template, (p, b), (x, evaluation()))),
                             in_dims=(0, 0, None))
         self.feature_fn = vmap(lambda p, b, x: _scores_and_features(
-            functional_call(self.template, (p, b), (x, self.run_keys[0], no_reversal))), in_dims=(0, 0, None))
+            functional_call(self.template, (p, b), (x, evaluation()))), in_dims=(0, 0, None))
 
-    def _step_fn(self, phase: str, stage: int):
-        """One run's loss for a pass (vmapped over the K runs; :func:`adapt.step.single` for K = 1)."""
+    def _step_fn(self, phase: M.Phase, stage: int):
+        """One run's pass: forward, terms, the phase's loss (vmapped over the K runs; :func:`adapt.step.single`
+        for K = 1) -> (loss, every term's value, the state's writes)."""
         if (phase, stage) not in self._step_fns:
-            cfg, Bs, template = self.cfg, self.Bs, self.template
-            now = self.active if stage == 2 else tuple(t for t in self.active if t in STAGE1)
+            Bs, model, names = self.Bs, self.template, self.term_names
+            now = self.cfg.active_terms(stage)
+            loss = phase.loss or S.weighted_sum
 
             def one_run(p, b, run, coeff):
-                out = functional_call(template, (p, b), (run["x"], run["key"], coeff, Bs,
-                                                         bank_inputs(run["state"], cfg)))
-                terms, writes = compute_terms(out, cfg, Bs, run["batch"], run["state"], now)
-                total = S.phase_total(phase, now, terms, run["w"], cfg)
-                return total, torch.stack([terms[t] for t in TERMS]), writes
+                ctx = M.Context(run["key"], coeff, Bs, run["state"], run["batch"], stage)
+                out = functional_call(model, (p, b), (run["x"], ctx))
+                terms = {t: getattr(model, t)(out, ctx) for t in now}
+                zero = out["verb"].new_zeros(())
+                values = torch.stack([terms[t] if t in terms else zero for t in names])
+                return loss(terms, run["w"]), values, model.writes(out, ctx)
 
             self._step_fns[phase, stage] = S.single(one_run) if self.K == 1 else vmap(
                 one_run, in_dims=(0, 0, 0, None), randomness="error")
@@ -236,7 +235,7 @@ class Training:
     def _draw(self, step):
         """The step's clips and units (numpy, drawn in step order) and the streamed domains' features read."""
         pair, mods = self.pair, self.mods
-        per_run = [draw_batch(pair, self.cfg, r, smp, (self.Bs, self.Bt), "corr" in self.active)
+        per_run = [draw_batch(pair, self.cfg, r, smp, (self.Bs, self.Bt), self.template.arrange)
                    for r, smp in zip(self.rngs, self.samplers)]
         sel = [{m: (np.stack([run[d][m][0] for run in per_run]), np.stack([run[d][m][1] for run in per_run]))
                 for m in mods} for d in (0, 1)]
@@ -256,7 +255,7 @@ class Training:
         batch = {"y_s": pair.source.verb[idx_s], "idx_s": idx_s, "idx_t": idx_t}
         if self.nouns:
             batch["n_s"] = pair.source.noun[idx_s].clamp_min(0)
-        if "target_cls" in self.active:
+        if self.method.uses_target_labels:
             batch["y_t"] = pair.target.verb[idx_t]
             if self.nouns:
                 batch["n_t"] = pair.target.noun[idx_t].clamp_min(0)
@@ -265,42 +264,40 @@ class Training:
     # ---- the step --------------------------------------------------------------------------------------------
 
     def step(self, step: int, inputs: dict) -> None:
-        """One optimisation step of every run: learning rate and GRL coefficients of the step, the passes of the
-        method (one; MCD's three-step form: A, B, then C ``mcd_generator_steps`` times), then the memory banks."""
+        """One optimisation step of every run: the learning rate and reversal coefficients of the step, the
+        method's passes (one, unless its update has several: MCD's three steps), then its state's writes."""
         cfg, sched = self.cfg, self.sched
         stage = sched.stage(step)
         if step == sched.stage1_steps and step > 0:
             # stage 2 starts with fresh optimiser state, as the MM-SADA code's stage-2 run restores the weights but
             # not the momentum (utils.py:27-28, 57-58); it also lets stage 2's new heads join the fused step
-            for o in self.optimisers:
+            for o in self.optimisers.values():
                 o.state.clear()
-        for o in self.optimisers:
+        for o in self.optimisers.values():
             for g in o.param_groups:
                 g["lr"] = sched.lr(cfg, step)
-        coeff = torch.from_numpy(sched.grl(cfg, step)).to(self.device)
+        levels = self.method.reversals
+        coeff = dict(zip(levels, torch.from_numpy(sched.grl(cfg, step, levels)).to(self.device).unbind(0)))
         keys = torch.tensor([rng.fold_int(c.seed, step) for c in self.cfgs], dtype=torch.int64, device=self.device)
         run = {**inputs, "key": keys, "w": self.weights[stage], "state": self.state}
-        if self.three_step and stage == 2:  # Saito et al.: A) all on source, B) classifiers, C) generator x n
-            plan = [("all", self.optimisers), ("classifiers", [self.opt_cls])] + \
-                   [("generator", [self.opt_gen])] * cfg.mcd_generator_steps
-        else:
-            plan = [("all", self.optimisers)]
-        writes = {}
-        for phase, opts in plan:
-            for o in self.optimisers:
+        writes = None
+        if stage not in self._plans:
+            self._plans[stage] = self.template.phases(stage)
+        for phase in self._plans[stage]:
+            for o in self.optimisers.values():
                 o.zero_grad(set_to_none=True)
-            total, terms, phase_writes = self._step_fn(phase, stage)(self.params(), self.buffers, run, coeff)
-            total.sum().backward()
+            loss, terms, phase_writes = self._step_fn(phase, stage)(self.params(), self.buffers, run, coeff)
+            loss.sum().backward()
             if cfg.clip_grad_norm:
                 S.clip_per_run(list(self.leaves.values()), cfg.clip_grad_norm, self.K)
-            for o in opts:
-                o.step()
-            if phase == "all":
+            for g in phase.groups or self.optimisers:
+                self.optimisers[g].step()
+            if writes is None:  # the first pass's: its terms are the step's, its writes read the state as it was
                 writes = phase_writes
                 bad = ~torch.isfinite(terms.detach())
                 self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step),
                                              self.first_bad)
-        apply_writes(self.state, writes)  # the memory banks, in place, once every pass has read them
+        S.apply_writes(self.state, writes)  # in place, once every pass has read the state
 
     # ---- evaluation ------------------------------------------------------------------------------------------
 
@@ -343,8 +340,8 @@ class Training:
     def record(self, step: int, dirs: list) -> None:
         """Stop on a non-finite loss; evaluate; append each run's row to its metrics.jsonl."""
         if self.first_bad.max().item() >= 0:
-            k, t = divmod(int(torch.argmax((self.first_bad >= 0).flatten().int())), len(TERMS))
-            raise TrainingError(f"run {self.names[k]}: loss term {TERMS[t]!r} is not finite at step "
+            k, t = divmod(int(torch.argmax((self.first_bad >= 0).flatten().int())), len(self.term_names))
+            raise TrainingError(f"run {self.names[k]}: loss term {self.term_names[t]!r} is not finite at step "
                                 f"{int(self.first_bad[k, t])}; stopped (check the features and the learning rate)")
         sc = self.last_scores = self.evaluate()
         checks = self.validate() if self.cfg.validators else None

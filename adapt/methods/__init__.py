@@ -1,15 +1,24 @@
-"""The methods: one file each (its paper, its preset as a table of facts with their references, and where a
-frozen-feature run differs).  ``REGISTRY`` maps the ``--method`` names to them, in the order of the papers'
-tables."""
+"""The built-in methods: one file each (its paper, its facts, its heads, its terms; :mod:`adapt.method` is the
+contract).  ``REGISTRY`` maps the ``--method`` names to their classes, in the order of the papers' tables; a
+method of your own is given by its file or module instead (``--method path/to/my_method.py``)."""
 
-from adapt.methods import (adabn, cia, contrastive, dann, m3em, mcd, mmd, mmsada, pseudo_label, source_only, ta3n,
-                           target_only)
-from adapt.methods.base import FORMS, Fact, Method
+from adapt.methods.adabn import AdaBN
+from adapt.methods.cia import CIA
+from adapt.methods.contrastive import Contrastive
+from adapt.methods.dann import DANN
+from adapt.methods.m3em import M3EM
+from adapt.methods.mcd import MCD
+from adapt.methods.mmd import MMD
+from adapt.methods.mmsada import MMSADA
+from adapt.methods.pseudo_label import PseudoLabel
+from adapt.methods.source_only import SourceOnly
+from adapt.methods.ta3n import TA3N
+from adapt.methods.target_only import TargetOnly
 
-REGISTRY: dict = {m.METHOD.name: m.METHOD for m in (
-    source_only, target_only, adabn, mmd, mcd, dann, pseudo_label, mmsada, contrastive, ta3n, m3em, cia)}
+REGISTRY: dict = {m.name: m for m in (
+    SourceOnly, TargetOnly, AdaBN, MMD, MCD, DANN, PseudoLabel, MMSADA, Contrastive, TA3N, M3EM, CIA)}
 
-__all__ = ["REGISTRY", "FORMS", "Fact", "Method", "markdown_table"]
+__all__ = ["REGISTRY", "markdown_table"]
 
 
 def markdown_table() -> str:

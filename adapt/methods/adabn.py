@@ -7,16 +7,18 @@ BatchNorm, so here each domain's inputs are standardised per channel with that d
 evaluation uses the target's: AdaBN applied to the head's input.
 """
 
-from adapt.methods.base import Method, facts
+from adapt.method import Method, facts
 
-METHOD = Method(
-    name="adabn",
-    title="AdaBN, Li et al. 2018 (MM-SADA Table 1)",
-    citation="Y. Li et al. Adaptive Batch Normalization for practical domain adaptation. Pattern Recognition 2018.",
-    composition="per-domain input statistics (each domain's own store), evaluation with the target's",
-    facts=facts(
-        ("adabn", True, "AdaBN sec. 3; MM-SADA paper sec. 4.2 ('BN layers updated with target statistics')"),
+
+class AdaBN(Method):
+    name = "adabn"
+    title = "AdaBN, Li et al. 2018 (MM-SADA Table 1)"
+    citation = "Y. Li et al. Adaptive Batch Normalization for practical domain adaptation. Pattern Recognition 2018."
+    composition = "per-domain input statistics (each domain's own store), evaluation with the target's"
+    facts = facts(
+        (None, "per-domain statistics", "AdaBN sec. 3; MM-SADA paper sec. 4.2 ('BN layers updated with target "
+                                        "statistics')"),
         (None, "stage 2: 0.2 CE, target clips in the batch", "MM-SADA-code scripts/submit_BN.sh:24"),
-    ),
-    differences=("Statistics of the head's input per domain, not of the frozen backbone's BatchNorm layers.",),
-)
+    )
+    differences = ("Statistics of the head's input per domain, not of the frozen backbone's BatchNorm layers.",)
+    per_domain_statistics = True

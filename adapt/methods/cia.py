@@ -7,21 +7,23 @@ lambda_fd L_fd`` with 1, 1 and 0.5 (supp. sec. 1).  I3D: Adam 1e-4, per-modality
 Table 3, "◇").  On TBN features CIA is built on TA3N (TRN aggregation, SGD 3e-3, supp. sec. 1).
 """
 
-from adapt.methods.base import Method, facts
-from adapt.methods.ta3n import built_on_ta3n
+from adapt.method import facts
+from adapt.methods.ta3n import TA3N, built_on_ta3n
 
 S = "CIA supplementary "
 TBN = {"when": {"backbone": "tbn"}}
 I3D = {"when": {"backbone": "i3d"}}
 
-METHOD = Method(
-    name="cia",
-    title="CIA, Yang et al., CVPR 2022",
-    citation="L. Yang et al. Interact before Align: Leveraging Cross-Modal Knowledge for Domain Adaptive Action "
-             "Recognition. CVPR 2022.",
-    composition="MC + SC + video-level (lambda_vd 1) and frame-level (lambda_fd 0.5) adversarial; I3D: Adam 1e-4; "
-                "TBN: TA3N + the modules, SGD 3e-3",
-    facts=facts(
+
+class CIA(TA3N):
+    name = "cia"
+    title = "CIA, Yang et al., CVPR 2022"
+    citation = ("L. Yang et al. Interact before Align: Leveraging Cross-Modal Knowledge for Domain Adaptive Action "
+                "Recognition. CVPR 2022.")
+    composition = ("MC + SC + video-level (lambda_vd 1) and frame-level (lambda_fd 0.5) adversarial; I3D: Adam 1e-4; "
+                   "TBN: TA3N + the modules, SGD 3e-3")
+    base_facts = ()  # TA3N's base only on TBN, through built_on_ta3n below
+    facts = facts(
         ("spatial", True, S + "sec. 1 (1024x7x7 for RGB and flow)"),
         ("mc", True, S + "sec. 1 (MC, r = 16)"),
         ("sc", True, S + "sec. 1 (SC, k = 3)"),
@@ -40,12 +42,11 @@ METHOD = Method(
         *built_on_ta3n(TBN),
         ("w_frame_adv", 0.5, S + "sec. 1 (lambda_fd = 0.5)", TBN),
         ("lr", 3e-3, S + "sec. 1 (SGD 3e-3 when TRN aggregates)", TBN),
-    ),
-    differences=(
+    )
+    differences = (
         "The supplement does not give MC's and SC's equations: they are M3EM's SMR and CMC.",
         "Frozen features: CIA trains I3D end to end on EPIC-55; here MC and SC act on stored 7x7 maps, and with one "
         "stored window per clip the frame-level discriminator sees the same clip feature as the video-level one.",
         "Batch, steps and GRL schedule are not stated: the dataset's (MM-SADA's 9K steps with I3D; TA3N's 30 "
         "epochs with TBN).",
-    ),
-)
+    )

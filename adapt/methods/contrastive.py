@@ -16,19 +16,29 @@ windows drawn independently (sec. 3.2, Table 5); the reported figure averages th
 protocol).
 """
 
-from adapt.methods.base import Method, facts
-from adapt.methods.mmsada import EPIC55_BASE
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from adapt import losses, parts
+from adapt.config import positive, probability
+from adapt.datasets import EPIC55_BASE
+from adapt.method import Method, MethodSettings, facts, term
 
 P = "Kim et al. "
 
-METHOD = Method(
-    name="contrastive",
-    title="Kim et al., ICCV 2021: cross-modal and cross-domain contrastive learning",
-    citation="D. Kim et al. Learning Cross-modal Contrastive Features for Video Domain Adaptation. ICCV 2021.",
-    base=EPIC55_BASE,
-    composition="CE(averaged logits) + 1.25 (L_mo^s + L_mo^t + L_do^rgb + L_do^flow), memory banks (momentum 0.5), "
-                "target-anchored L_do on pseudo-labels > 0.8, tau 0.1",
-    facts=facts(
+
+class Contrastive(Method):
+    name = "contrastive"
+    title = "Kim et al., ICCV 2021: cross-modal and cross-domain contrastive learning"
+    citation = "D. Kim et al. Learning Cross-modal Contrastive Features for Video Domain Adaptation. ICCV 2021."
+    composition = ("CE(averaged logits) + 1.25 (L_mo^s + L_mo^t + L_do^rgb + L_do^flow), memory banks (momentum 0.5), "
+                   "target-anchored L_do on pseudo-labels > 0.8, tau 0.1")
+    base_facts = EPIC55_BASE
+    facts = facts(
         ("w_xmodal", 1.25, P + "eq. 7, sec. 4.1 (lambda = 1.25 on each term; L_mo^s + L_mo^t summed)"),
         ("w_xdomain", 1.25, P + "eq. 7 (L_do = L_do^a + L_do^m)"),
         ("tau", 0.1, P + "sec. 4.1"),
@@ -47,12 +57,92 @@ METHOD = Method(
         ("lr_decay", 0.1, P + "sec. 4.1"),
         ("sync_windows", False, P + "sec. 3.2, Table 5 (RGB and flow windows sampled independently)"),
         (None, "last 9 evaluations averaged", P + "sec. 4.1 ('following [36]')"),
-    ),
-    differences=(
+    )
+    differences = (
         "Frozen features: the contrastive losses act on the trainable embedding's output (the paper's F is I3D's, "
         "trained end to end).",
         "Unstated in the paper and chosen here: per-anchor InfoNCE reductions of eqs. 2 and 5, L2-normalised "
         "features, the bank storing F (projected through h when L_mo reads it, without gradient), zero-initialised "
         "banks whose unwritten slots are ignored, a 16 + 16 batch.",
-    ),
-)
+    )
+
+    @dataclass
+    class Settings(MethodSettings):
+        w_xmodal: float = 0.0        # lambda of L_mo^s + L_mo^t (eq. 7)
+        w_xdomain: float = 0.0       # lambda of L_do (eq. 7)
+        tau: float = positive(0.1)   # the temperature of eqs. 1 and 4
+        bank_momentum: float = probability(0.5)  # delta of eq. 8
+        xmodal_bank: bool = True     # memory-bank negatives in the cross-modal loss (sec. 3.4)
+        pl_threshold: float = probability(0.8)  # T: a target clip anchors L_do when its pseudo-label's score exceeds it
+
+    def build(self, inputs):
+        if self.acts("xmodal"):
+            self.proj = parts.ProjectionHead(self.video_dim, 128)
+
+    def forward(self, x, ctx):
+        out = super().forward(x, ctx)
+        if hasattr(self, "proj"):
+            out["proj"] = {s: self.proj(out["video"][s]) for s in self.streams}
+            if self.cfg.xmodal_bank and ctx.state:
+                with torch.no_grad():
+                    out["proj_bank"] = {n: self.proj(b) for n, b in ctx.state.items() if not n.endswith("_labels")}
+        return out
+
+    @term("w_xmodal", stage1=True)
+    def xmodal(self, out, ctx):
+        """Eq. 7's ``L_mo^s + L_mo^t``: per domain, InfoNCE between the streams' projections of the same clips (both
+        directions averaged), negatives the other clips of the batch and, with ``xmodal_bank``, the domain's
+        memory-bank entries of the other modality (projected by h; the batch's own slots and unwritten slots left
+        out)."""
+        cfg, z = self.cfg, out["proj"]
+        names = list(z)
+        pairs = [(a, c) for i, a in enumerate(names) for c in names[i + 1:]]
+        total = 0.0
+        for dom, rows, idx in (("s", slice(0, ctx.b_s), ctx.idx_s), ("t", slice(ctx.b_s, None), ctx.idx_t)):
+            mask = None
+            if cfg.xmodal_bank:
+                written = ctx.state[f"bank_{dom}_labels"] >= 0
+                mask = written.index_fill(0, idx.to(torch.int64), False)
+            per_pair = []
+            for a, c in pairs:
+                neg_a = out["proj_bank"][f"bank_{dom}_{a}"] if cfg.xmodal_bank else None
+                neg_c = out["proj_bank"][f"bank_{dom}_{c}"] if cfg.xmodal_bank else None
+                per_pair.append(losses.cross_modal_contrastive(z[a][rows], z[c][rows], cfg.tau, negatives_a=neg_a,
+                                                               negatives_b=neg_c, neg_mask=mask))
+            total = total + sum(per_pair) / len(per_pair)
+        return total
+
+    @term("w_xdomain")
+    def xdomain(self, out, ctx):
+        """Eqs. 4-6: sum over streams of L_do, target clips with a confident pseudo-label (softmax of the averaged
+        logits above ``pl_threshold``) anchored against the source memory bank."""
+        conf, pseudo = F.softmax(out["verb"][ctx.b_s:].detach(), dim=-1).max(dim=-1)
+        confident = conf > self.cfg.pl_threshold
+        return sum(losses.cross_domain_contrastive(v[ctx.b_s:], pseudo, confident, ctx.state[f"bank_s_{s}"],
+                                                   ctx.state["bank_s_labels"], self.cfg.tau)
+                   for s, v in out["video"].items())
+
+    def initial_state(self, n_source, n_target, device):
+        """One memory bank per domain and stream, zero, with labels -1 (not written yet)."""
+        if not (self.acts("xmodal") or self.acts("xdomain")):
+            return {}
+        width, state = self.video_dim, {}
+        for s in self.streams:
+            state[f"bank_s_{s}"] = torch.zeros(n_source, width, device=device)
+            state[f"bank_t_{s}"] = torch.zeros(n_target, width, device=device)
+        state["bank_s_labels"] = torch.full((n_source,), -1, dtype=torch.long, device=device)
+        state["bank_t_labels"] = torch.full((n_target,), -1, dtype=torch.long, device=device)
+        return state
+
+    def writes(self, out, ctx):
+        """Eq. 8: each clip's bank row becomes ``normalise(delta M + (1 - delta) F)``, written after the step."""
+        if not ctx.state:
+            return {}
+        b, m = ctx.b_s, self.cfg.bank_momentum
+        writes = {}
+        for s, v in out["video"].items():
+            writes[f"bank_s_{s}"] = (ctx.idx_s, losses.memory_bank_rows(ctx.state[f"bank_s_{s}"], ctx.idx_s, v[:b], m))
+            writes[f"bank_t_{s}"] = (ctx.idx_t, losses.memory_bank_rows(ctx.state[f"bank_t_{s}"], ctx.idx_t, v[b:], m))
+        writes["bank_s_labels"] = (ctx.idx_s, ctx.y_s)
+        writes["bank_t_labels"] = (ctx.idx_t, torch.zeros_like(ctx.idx_t))  # 0 = written (labels unknown)
+        return writes

@@ -9,21 +9,23 @@ its numbers are "TA3N + M3EM" (Tables 1-2): here the module feeds TA3N's model a
 flow and one on audio.
 """
 
-from adapt.methods.base import Method, facts
-from adapt.methods.ta3n import built_on_ta3n
+from adapt.method import facts
+from adapt.methods.ta3n import TA3N, built_on_ta3n
 
 R = "M3EM report "
 TBN = {"when": {"backbone": "tbn"}}
 I3D = {"when": {"backbone": "i3d"}}
 
-METHOD = Method(
-    name="m3em",
-    title="M3EM, Yang et al., EPIC-100 UDA 2021 report",
-    citation="L. Yang et al. Multi-Modal Mutual Enhancement for Video Domain Adaptation. EPIC-KITCHENS-100 UDA "
-             "challenge technical report, 2021.",
-    composition="SMR + CMC; RGB+flow classified together, audio late-fused at 0.5; I3D: one discriminator "
-                "(lambda_d 3); TBN: TA3N + the module",
-    facts=facts(
+
+class M3EM(TA3N):
+    name = "m3em"
+    title = "M3EM, Yang et al., EPIC-100 UDA 2021 report"
+    citation = ("L. Yang et al. Multi-Modal Mutual Enhancement for Video Domain Adaptation. EPIC-KITCHENS-100 UDA "
+                "challenge technical report, 2021.")
+    composition = ("SMR + CMC; RGB+flow classified together, audio late-fused at 0.5; I3D: one discriminator "
+                   "(lambda_d 3); TBN: TA3N + the module")
+    base_facts = ()  # TA3N's base only on TBN, through built_on_ta3n below
+    facts = facts(
         ("spatial", True, R + "sec. 2 (7x7 maps)"),
         ("mc", True, R + "sec. 2.1, eqs. 1-4 (SMR)"),
         ("sc", True, R + "sec. 2.2, eq. 5 (CMC)"),
@@ -40,13 +42,12 @@ METHOD = Method(
         ("lr", 1e-4, "CIA supplementary sec. 1", I3D),
         *built_on_ta3n(TBN),
         ("fusion", "rgb+flow,audio", R + "sec. 2.3", TBN),
-    ),
-    differences=(
+    )
+    differences = (
         "Where M3EM sits in TA3N and how lambda_d maps onto TA3N's three domain losses is not stated: here the "
         "module refines the per-segment features before TA3N's shared FC, TA3N's losses keep their weights "
         "(lambda_d = 1 for TBN) and the RGB + flow and audio streams each get TA3N's model.",
         "Frozen features: SMR and CMC act on stored 7x7 maps; the public EPIC-100 features are pooled, so these "
         "runs need TBN maps extracted with `adapt extract --backbone tbn`.",
         "The I3D optimiser and schedule are not in the report: Adam 1e-4 (CIA's I3D setting) on the dataset's steps.",
-    ),
-)
+    )

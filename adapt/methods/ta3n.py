@@ -17,55 +17,32 @@ epochs 10 and 20 of 30, the gradient's global norm clipped at 20; 128 source cli
 (128 x 26115 / 16115); the last epoch's model is the one tested (script_test_ta3n.sh:147).
 """
 
-from adapt.methods.base import Method, facts
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from adapt import losses, parts
+from adapt.datasets import EPIC100_BASE
+from adapt.method import facts, term
+from adapt.methods.dann import DANN
 
 TA = "EPIC-KITCHENS-100_UDA_TA3N "
 
-# The EPIC-100 base (adapt.config.DATASETS["epic100"]): the TA3N code, which its source-only script shares
-EPIC100_BASE = facts(
-    ("epochs", 30, TA + "script_test_ta3n.sh:124"),
-    ("stage1_steps", 0, TA + "main.py:203-212 (one stage)"),
-    ("batch_source", 128, TA + "script_test_ta3n.sh:79"),
-    ("batch_target", None, TA + "script_test_ta3n.sh:80 (bS_2 = bS x num_target / num_source = 207)"),
-    ("eval_every", 126, TA + "main.py:226 (every epoch: 126 steps on EPIC-100)"),
-    ("last_evals", 1, TA + "script_test_ta3n.sh:147 (checkpoint.pth.tar: the last epoch)"),
-    ("optimizer", "sgd", TA + "main.py:97"),
-    ("lr", 3e-3, TA + "script_test_ta3n.sh:84"),
-    ("lr_epochs", [10, 20], TA + "script_test_ta3n.sh:122-123; main.py:208-212 (at the start of the epoch)"),
-    ("lr_decay", 0.1, TA + "script_test_ta3n.sh:120 (--lr_decay 10: divided by 10)"),
-    ("momentum", 0.9, TA + "opts.py:87"),
-    ("nesterov", True, TA + "main.py:97 (hard-coded)"),
-    ("weight_decay", 1e-4, TA + "opts.py:89"),
-    ("clip_grad_norm", 20.0, TA + "script_test_ta3n.sh:125; main.py:661-664"),
-    ("init", "ta3n", TA + "models.py:132-147 (normal 0.001, bias 0; TRN and relation discriminators: default)"),
-    ("units", "fixed", TA + "dataset.py:147-160; main.py:167,177 (test_mode=True: segments 2, 7, 12, 17, 22)"),
-    ("fusion", "concat", TA + "models.py:124-127 (ALL: 3072-d input)"),
-    ("embed_dim", 512, TA + "script_test_ta3n.sh:15 (fc_dim 512); models.py:133, 145"),
-    ("dropout", 0.5, TA + "script_test_ta3n.sh (--dropout_i 0.5); models.py:595-596"),
-    ("dropout_video", 0.5, TA + "script_test_ta3n.sh (--dropout_v 0.5); models.py:702-703"),
-    ("video_disc_after_dropout", True, TA + "models.py:720 (the video discriminator takes the dropped-out feature)"),
-    ("temporal", "trn", TA + "script_test_ta3n.sh:13 (trn-m)"),
-    ("trn_relations", 3, "cmhungsteve/TA3N TRNmodule.py:32, 71 (subsample_num 3, fixed indices)"),
-    ("trn_dim", 256, TA + "models.py:236-237 (num_bottleneck 256)"),
-    ("disc_hidden", None, TA + "models.py:165-178, 280-298, 303-311 (512-512-2, 256-256-2, 256-256-2)"),
-    ("grl_gamma", 1.0, TA + "main.py:355-361 (2 / (1 + exp(-1.0 p)) - 1)"),
-    ("grl_restart", False, TA + "main.py:332-333 (p over all 30 epochs)"),
-    ("grl_p0", 1 / 30, TA + "main.py:203, 332-333 (epochs count from 1: p starts at 1/30)"),
-    ("w_cls", 1.0, TA + "main.py:506 (the 0.5 of 0.5 (CE_verb + CE_noun) is the cls term's mean over tasks)"),
-    ("w_cls_stage1", None, TA + "one stage"),
-    ("standardise", False, TA + "dataset.py:49-56, 173-207 (features as stored)"),
-    (None, "126 steps an epoch: zip(source, target) loaders", TA + "main.py:329"),
-)
 
-METHOD = Method(
-    name="ta3n",
-    title="TA3N, Chen et al., ICCV 2019 (the EPIC-100 UDA baseline's code)",
-    citation="M.-H. Chen et al. Temporal Attentive Alignment for Large-Scale Video Domain Adaptation. ICCV 2019.",
-    composition="RGB+flow+audio concatenated, shared FC 3072->512, TRN (<=3 relations per scale, summed), "
-                "relation/video/frame discriminators (GRL 0.75/0.75/0.5, loss weight 1), domain attention, "
-                "attentive entropy 0.003",
-    base=EPIC100_BASE,
-    facts=facts(
+class TA3N(DANN):
+    """DANN at three levels (frame, relation, video) with domain attention and the attentive entropy."""
+
+    name = "ta3n"
+    title = "TA3N, Chen et al., ICCV 2019 (the EPIC-100 UDA baseline's code)"
+    citation = "M.-H. Chen et al. Temporal Attentive Alignment for Large-Scale Video Domain Adaptation. ICCV 2019."
+    composition = ("RGB+flow+audio concatenated, shared FC 3072->512, TRN (<=3 relations per scale, summed), "
+                   "relation/video/frame discriminators (GRL 0.75/0.75/0.5, loss weight 1), domain attention, "
+                   "attentive entropy 0.003")
+    base_facts = EPIC100_BASE
+    facts = facts(
         ("w_relation_adv", 1.0, TA + "main.py:591, 594 (loss_adversarial summed over levels)"),
         ("w_video_adv", 1.0, TA + "main.py:591, 594"),
         ("w_frame_adv", 1.0, TA + "main.py:591, 594"),
@@ -76,15 +53,75 @@ METHOD = Method(
         ("w_attn_entropy", 0.003, TA + "script_test_ta3n.sh:73 (gamma); main.py:625-639"),
         (None, "AE uses the video-level domain logits", TA + "main.py:631-634 (pred_domain_all[1])"),
         (None, "domain CE: mean over all rows, S then T", TA + "main.py:577-589"),
-    ),
-    differences=(
+    )
+    differences = (
         "The code pads the last, short source batch of an epoch (115 of 128) and drops a 127th target batch; here "
         "every step has full batches drawn epoch by epoch without replacement.",
         "Model selection: the code tests the last epoch's model; the reported figure here is the last evaluation.",
-    ),
-)
+    )
+
+    @dataclass
+    class Settings(DANN.Settings):
+        w_frame_adv: float = 0.0     # lambda of the frame-level discriminators (one per stream, every frame)
+        beta_frame: float = 1.0
+        w_relation_adv: float = 0.0  # lambda of the relation-level discriminators (one per TRN scale)
+        beta_relation: float = 1.0
+        domain_attention: bool = False  # relation features weighted by 2 - H(d) (models.py:373-379, 401-410)
+        w_attn_entropy: float = 0.0  # gamma of the attentive entropy (eq. 7; loss.py:15-25)
+
+    reversals = {**DANN.reversals, "frame": "beta_frame", "relation": "beta_relation"}
+
+    def build(self, inputs):
+        super().build(inputs)
+        cfg, S = self.cfg, self.streams
+        if self.acts("attn_entropy") and not hasattr(self, "disc_video"):  # the attentive entropy reads its output
+            self.disc_video = parts.DomainDiscriminator(self.video_dim * len(S), cfg.disc_hidden)
+        if self.acts("frame_adv"):
+            self.disc_frame = nn.ModuleDict({s: parts.DomainDiscriminator(self.frame_dim, cfg.disc_hidden)
+                                             for s in S})
+        if self.use_trn and (self.acts("relation_adv") or cfg.domain_attention):
+            self.disc_relation = nn.ModuleDict({s: nn.ModuleList(
+                [parts.DomainDiscriminator(cfg.trn_dim, cfg.disc_hidden) for _ in range(self.units - 1)]) for s in S})
+            for d in self.disc_relation.modules():
+                d.default_init = True  # TA3N initialises them with PyTorch's defaults (models.py:280-300)
+
+    def relations(self, rel, stream, ctx, out):
+        """Each scale's relation feature through its discriminator; with domain attention, weighted by
+        ``(1 - H(d)) + 1`` (models.py:401-410; the weights are not detached)."""
+        if not hasattr(self, "disc_relation"):
+            return rel
+        d = torch.stack([disc(rel[:, j], ctx.grl["relation"]) for j, disc in enumerate(self.disc_relation[stream])],
+                        dim=1)
+        out.setdefault("disc_relation", {})[stream] = d  # (B, scales, 2)
+        return parts.DomainAttention()(rel, d) if self.cfg.domain_attention else rel
+
+    def forward(self, x, ctx):
+        out = super().forward(x, ctx)
+        if hasattr(self, "disc_frame"):
+            out["disc_frame"] = {s: self.disc_frame[s](out["frame"][s], ctx.grl["frame"]) for s in self.streams}
+        return out
+
+    @term("w_frame_adv")
+    def frame_adv(self, out, ctx):
+        """sum over streams of the frame discriminators' cross-entropy over every frame (main.py:577-589)."""
+        return sum(losses.domain_ce(d, ctx.b_s) for d in out["disc_frame"].values())
+
+    @term("w_relation_adv")
+    def relation_adv(self, out, ctx):
+        """sum over streams of the relation discriminators' cross-entropy over every scale (0 without TRN)."""
+        if "disc_relation" not in out:
+            return out["verb"].new_zeros(())
+        return sum(losses.domain_ce(d, ctx.b_s) for d in out["disc_relation"].values())
+
+    @term("w_attn_entropy")
+    def attn_entropy(self, out, ctx):
+        """loss.py:15-25: mean over tasks of mean (1 + H(d_video)) H(y), over source and target clips."""
+        ae = [parts.attentive_entropy(out["verb"], out["disc_video"])]
+        if out["noun"] is not None:
+            ae.append(parts.attentive_entropy(out["noun"], out["disc_video"]))
+        return sum(ae) / len(ae)
 
 
 def built_on_ta3n(when: dict) -> tuple:
     """TA3N's base and losses as fact rows restricted to ``when`` (M3EM's and CIA's "TA3N + the module" on TBN)."""
-    return tuple((f.setting, f.value, f.source, when) for f in (*EPIC100_BASE, *METHOD.facts) if f.setting)
+    return tuple((f.setting, f.value, f.source, when) for f in (*EPIC100_BASE, *TA3N.facts) if f.setting)

@@ -1,0 +1,360 @@
+"""What a method is: the contract between a method file and the one training loop.
+
+A method is a subclass of :class:`Method` in one file (``adapt/methods/<name>.py``, or a file of your own given to
+``adapt train --method path/to/my_method.py``).  It holds, beside its paper and its facts:
+
+* ``Settings``: a dataclass of its own settings (loss weights, reversal scales, temperatures, ...) with their
+  defaults; it extends its parent's ``Settings``.  ``adapt train --settings`` shows them apart from the run's
+  settings (:class:`adapt.config.RunSettings`), and ``--set``, sweep specs and grids name them like any other.
+* ``facts``: the preset, as a table of facts (setting, value, the reference file:line or equation), applied over the
+  dataset's base (``adapt/datasets.py``); ``differences``: where a frozen-feature run differs, and why.
+* ``build(inputs)``: the heads it adds, from the shared parts (:mod:`adapt.parts`); ``forward(x, ctx)``: the video
+  model's outputs (:class:`adapt.model.VideoModel`) plus what its heads compute.  The base class *is* the video
+  model with no head: source-only.
+* its loss terms: methods decorated with :func:`term`, each a function of the outputs and the step's
+  :class:`Context`, with the setting that weighs it and the stages it acts in.  The loss of a step is
+  ``sum_t w_t(stage) L_t`` in the order the terms are declared (a parent's first).
+* optionally: ``reversals`` (the gradient-reversal levels it uses and the settings that scale them), the state it
+  keeps (``initial_state`` and ``writes``: memory banks), its own update (``phases``: MCD's three steps;
+  ``parameter_groups``), a hook before each step (``before_step``: SHOT's pseudo-labels), its data needs
+  (``uses_target_labels``, ``per_domain_statistics``, ``arrange``: MM-SADA's correspondence pairs, ``check``),
+  and ``source_stage`` (stage 1 trains on the source alone, is saved once and reused by every target run).
+
+The trainer (:mod:`adapt.train`) knows no method by name: it builds K models of the class, stacks them, and runs
+each step as ``forward -> terms -> weighted sum -> backward -> update -> writes``.  Everything here must stay
+functional under ``torch.func.vmap`` (no ``.item()``, no data-dependent shapes; random numbers from ``ctx.key``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+import torch
+
+from adapt import losses
+from adapt.model import Inputs, VideoModel, initialise
+from featstore.errors import UserError
+
+FORMS = ("code", "paper")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# facts
+
+
+@dataclass(frozen=True)
+class Fact:
+    """A setting of a preset with its value and the reference it comes from (a released code's file:line, or a
+    paper's equation, section or table); ``setting`` None records what the reference does that needs no setting."""
+
+    setting: Optional[str]
+    value: Any
+    source: str
+    when: dict = field(default_factory=dict)  # {"dataset": "epic100"} / {"backbone": "tbn"}: where it applies
+    form: str = "code"               # "code", or "paper" where the paper and its released code differ
+
+    def applies(self, dataset: str, backbone: str, form: str) -> bool:
+        if self.setting is None or (self.form != "code" and self.form != form):
+            return False
+        return all({"dataset": dataset, "backbone": backbone}[k] in (v if isinstance(v, tuple) else (v,))
+                   for k, v in self.when.items())
+
+
+def facts(*rows, **common) -> tuple:
+    """``facts(("w_adv", 1.0, "model.py:642"), ..., when={...})``: Fact rows with shared keyword fields."""
+    out = []
+    for r in rows:
+        if isinstance(r, Fact):
+            out.append(r)
+        else:
+            setting, value, source, *rest = r
+            kw = dict(common)
+            if rest:
+                kw.update(rest[0])
+            out.append(Fact(setting, value, source, **kw))
+    return tuple(out)
+
+
+def preset(rows: tuple, dataset: str, backbone: str, form: str = "code") -> dict:
+    """The settings of the facts that apply: the code's form, then (``form="paper"``) the paper's over it."""
+    out: dict = {}
+    for f in rows:
+        if f.form == "code" and f.applies(dataset, backbone, form):
+            out[f.setting] = f.value
+    if form != "code":
+        for f in rows:
+            if f.form == form and f.applies(dataset, backbone, form):
+                out[f.setting] = f.value
+    return out
+
+
+def facts_table(rows: tuple) -> str:
+    rows_md = ["| setting | value | where | source |", "|---|---|---|---|"]
+    for f in rows:
+        where = ", ".join(f"{k} {'/'.join(v) if isinstance(v, tuple) else v}" for k, v in f.when.items())
+        if f.form != "code":
+            where = (where + ", " if where else "") + f"form={f.form}"
+        rows_md.append(f"| {f.setting or '-'} | {f.value} | {where or 'always'} | {f.source} |")
+    return "\n".join(rows_md)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loss terms
+
+
+@dataclass(frozen=True)
+class Term:
+    """A loss term: its name, the setting that weighs it, and its stage-1 weight: ``None`` (it acts from stage 2,
+    MM-SADA's alignment stage, on), ``True`` (from the start, with its weight) or a setting's name (its stage-1
+    weight; a value of None there means the stage-2 weight)."""
+
+    name: str
+    weight: str
+    stage1: Any = None
+
+    def weight_in(self, cfg, stage: int) -> float:
+        w = getattr(cfg, self.weight)
+        if stage == 2:
+            return w
+        if self.stage1 is None:
+            return 0.0
+        if self.stage1 is True:
+            return w
+        w1 = getattr(cfg, self.stage1)
+        return w if w1 is None else w1
+
+
+def term(weight: str, stage1: Any = None):
+    """Declare a method's function ``(self, out, ctx) -> scalar`` as a loss term weighed by setting ``weight``
+    (see :class:`Term` for ``stage1``).  A subclass that overrides the function keeps the declaration."""
+    def mark(fn):
+        fn.__term__ = Term(fn.__name__, weight, stage1)
+        return fn
+    return mark
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what one run sees at a step
+
+
+class Context:
+    """One run's view of a step (a slice of the stacked inputs under vmap): the dropout ``key``, the gradient
+    reversal coefficients ``grl[level]``, the number of source rows ``b_s`` (the batch is ``b_s`` source clips,
+    then target clips), the method's ``state`` (memory banks), and the batch's labels and clip indices:
+    ``y_s``, ``n_s`` (source verb / noun classes; ``n_s`` None without nouns), ``y_t``, ``n_t`` (target classes,
+    only for methods with ``uses_target_labels``), ``idx_s``, ``idx_t`` (rows of the stores)."""
+
+    __slots__ = ("key", "grl", "b_s", "state", "y_s", "n_s", "y_t", "n_t", "idx_s", "idx_t", "stage")
+
+    def __init__(self, key, grl: dict, b_s: int = 0, state: dict | None = None, batch: dict | None = None,
+                 stage: int = 2):
+        batch = batch or {}
+        self.key, self.grl, self.b_s, self.state, self.stage = key, grl, b_s, state or {}, stage
+        for k in ("y_s", "n_s", "y_t", "n_t", "idx_s", "idx_t"):
+            setattr(self, k, batch.get(k))
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One pass of an update: ``loss(terms, weights)`` is minimised, then the optimisers of ``groups`` (names of
+    :meth:`Method.parameter_groups`; None: all) step.  A step is one phase unless a method says otherwise."""
+
+    name: str
+    groups: Optional[tuple] = None
+    loss: Any = None                 # None: the weighted sum of the terms
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the method
+
+
+@dataclass
+class MethodSettings:
+    """The settings every method has: the weight of the classification loss on the labelled source clips."""
+
+    w_cls: float = 0.2                         # lambda_y (MM-SADA code stage 2: 0.2)
+    w_cls_stage1: Optional[float] = 1.0        # in stage 1 (MM-SADA code: 1.0); none = w_cls
+
+
+class Method(VideoModel):
+    """No adaptation: the video model trained with the classification loss (source-only).  Subclass it for a method
+    (see the module docstring); everything below is what a subclass may override."""
+
+    name: ClassVar[str] = ""
+    title: ClassVar[str] = ""
+    citation: ClassVar[str] = ""
+    composition: ClassVar[str] = ""
+    Settings: ClassVar[type] = MethodSettings
+    facts: ClassVar[tuple] = ()
+    differences: ClassVar[tuple] = ()
+    base_facts: ClassVar[tuple] = ()           # facts listed with the method's own (a dataset base it builds on)
+    reversals: ClassVar[dict] = {}             # gradient-reversal level -> the setting that scales it
+    uses_target_labels: ClassVar[bool] = False  # the target store's labels are loaded and given as y_t, n_t
+    per_domain_statistics: ClassVar[bool] = False  # inputs standardised with each domain's own statistics (AdaBN)
+    source_stage: ClassVar[bool] = False       # stage 1 sees only source clips; saved once, reused by target runs
+
+    def __init__(self, cfg, inputs: Inputs):
+        super().__init__(cfg, inputs)
+        self.build(inputs)
+        clash = [t.name for t in self.terms() if t.name in self._modules]
+        if clash:
+            raise TypeError(f"{type(self).__name__}: a head and a loss term are both named {clash[0]!r}")
+        initialise(self, cfg.init)
+
+    def build(self, inputs: Inputs) -> None:
+        """Add the method's heads (modules) to the model; called after the video model is built."""
+
+    # ---- terms --------------------------------------------------------------------------------------------
+
+    @classmethod
+    def terms(cls) -> list[Term]:
+        """The loss terms, a parent's before its subclass's, each at the place it was first declared."""
+        found: dict = {}
+        for klass in reversed(cls.__mro__):
+            for name, value in vars(klass).items():
+                t = getattr(value, "__term__", None)
+                if t is not None:
+                    found[name] = t
+        return list(found.values())
+
+    def acts(self, name: str) -> bool:
+        """Whether term ``name`` has a non-zero weight in either stage (a head only it uses is built only then)."""
+        t = next(t for t in self.terms() if t.name == name)
+        return bool(t.weight_in(self.cfg, 1) or t.weight_in(self.cfg, 2))
+
+    @term("w_cls", stage1="w_cls_stage1")
+    def cls(self, out: dict, ctx: Context) -> torch.Tensor:
+        """Mean over tasks (verb, and noun with noun heads) of the fused source logits' cross-entropy (MM-SADA
+        eq. 1; TA3N main.py:506: 0.5 (CE_verb + CE_noun))."""
+        return losses.tasks_ce(out["verb"], out["noun"], slice(0, ctx.b_s), ctx.y_s, ctx.n_s)
+
+    # ---- the update ---------------------------------------------------------------------------------------
+
+    def phases(self, stage: int) -> list[Phase]:
+        """The passes of one step in ``stage``: one, minimising the weighted sum of the terms."""
+        return [Phase("all")]
+
+    def parameter_groups(self) -> dict:
+        """{group: parameter names}: one optimiser each (a phase steps some of them)."""
+        return {"all": [n for n, _ in self.named_parameters()]}
+
+    def initial_state(self, n_source: int, n_target: int, device) -> dict:
+        """The state one run keeps across steps (memory banks): tensors, written only through :meth:`writes`."""
+        return {}
+
+    def writes(self, out: dict, ctx: Context) -> dict:
+        """``{state name: (indices (B,), rows (B, ...))}``: the rows of the state this step updates, computed from
+        the state as it was; the trainer writes them in place after the step's passes."""
+        return {}
+
+    def before_step(self, trainer, step: int) -> None:
+        """Called before each step with the trainer (its ``state``, ``evaluate``, ``pair``, ``schedule``)."""
+
+    # ---- data ---------------------------------------------------------------------------------------------
+
+    def arrange(self, sel: dict, batch: int) -> dict:
+        """A domain's drawn clips and units per modality ``{m: (clips (B,), units (B, T))}`` (numpy), as the
+        method wants them paired (MM-SADA: half take the next clip's flow)."""
+        return sel
+
+    @classmethod
+    def check(cls, cfg, batches: dict, streams: list) -> None:
+        """Refuse, with one line, settings the method cannot train with (``batches``: stage -> (B_s, B_t))."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# finding a method: a built-in name, a file, or package.module:NAME
+
+
+def is_method_class(obj) -> bool:
+    return isinstance(obj, type) and issubclass(obj, Method)
+
+
+def load(ref) -> type:
+    """The Method class of ``ref``: a class, a built-in name (``dann``), a file (``path/my_method.py``, optionally
+    ``:ClassName``) or a module (``package.module:ClassName``, or the module's one Method subclass)."""
+    from adapt.methods import REGISTRY
+    if is_method_class(ref):
+        return ref
+    text = str(ref)
+    if text in REGISTRY:
+        return REGISTRY[text]
+    path, _, attr = text.partition(":")
+    if path.endswith(".py") or Path(path).is_file():
+        module = _module_from_file(Path(path), text)
+    elif attr or "." in path:
+        try:
+            module = importlib.import_module(path)
+        except ImportError as e:
+            raise UserError(f"--method {text}: cannot import {path} ({e})") from None
+    else:
+        raise UserError(f"unknown method {text!r}: one of {', '.join(REGISTRY)}, a file path/to/method.py or "
+                        f"package.module:ClassName")
+    cls = _pick(module, attr, text)
+    if not cls.name:
+        cls.name = Path(path).stem if path.endswith(".py") else cls.__name__.lower()
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise UserError(f"--method {text}: its name {cls.name!r} is a built-in method's; give the class another "
+                        f"name (name = \"my_{cls.name}\")")
+    cls.reference = text
+    return cls
+
+
+def _module_from_file(path: Path, text: str):
+    if not path.is_file():
+        raise UserError(f"--method {text}: no such file {path}")
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+    name = f"adapt_user_method_{path.stem}_{digest}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - a user's file: say where it failed, in one line
+        del sys.modules[name]
+        raise UserError(f"--method {text}: {path} does not load: {type(e).__name__}: {e}") from None
+    return module
+
+
+def _pick(module, attr: str, text: str) -> type:
+    if attr:
+        cls = getattr(module, attr, None)
+        if not is_method_class(cls):
+            raise UserError(f"--method {text}: {attr} is not a subclass of adapt.method.Method")
+        return cls
+    own = [v for v in vars(module).values() if is_method_class(v) and v.__module__ == module.__name__]
+    if len(own) != 1:
+        names = ", ".join(c.__name__ for c in own) or "none"
+        raise UserError(f"--method {text}: expected one subclass of adapt.method.Method in the file (found "
+                        f"{names}); name it as {text.split(':')[0]}:ClassName")
+    return own[0]
+
+
+def reference_of(cls: type) -> str:
+    """What ``--method`` names the class by: a built-in's name, or the file / module it was loaded from."""
+    return getattr(cls, "reference", cls.name)
+
+
+def own_settings(cls: type) -> list[tuple[str, str]]:
+    """(setting, owner) of the method's settings: the class in its lineage that declares each one."""
+    out = []
+    for f in dataclasses.fields(cls.Settings):
+        owner = next((k for k in reversed(cls.Settings.__mro__) if f.name in vars(k).get("__annotations__", {})),
+                     cls.Settings)
+        out.append((f.name, _owner_name(owner)))
+    return out
+
+
+def _owner_name(settings_cls: type) -> str:
+    if settings_cls is MethodSettings:
+        return "every method"
+    return getattr(settings_cls, "OWNER", settings_cls.__qualname__.split(".")[0].lower())
