@@ -29,12 +29,14 @@ def _method_names() -> list[str]:
 def register(command, console):
     @command("methods")
     def methods_cmd(
-        name: Optional[str] = typer.Argument(None, help="A method: print its facts (setting, value, reference)."),
+        name: Optional[str] = typer.Argument(None, help="A method (a built-in name or path/to/method.py): its paper, "
+                                                        "facts, settings and loss terms."),
         markdown: bool = typer.Option(False, "--markdown", help="Print the README's method table."),
     ):
-        """The methods: their papers and presets; with a name, every fact of its preset and where it comes from."""
+        """The methods: their papers and presets; with a name, its facts (with their references), its own settings,
+        its loss terms and where a frozen-feature run differs."""
+        from adapt.method import describe, load
         from adapt.methods import REGISTRY, markdown_table
-        from featstore.errors import UserError
         if name is None:
             if markdown:
                 print(markdown_table())
@@ -44,17 +46,13 @@ def register(command, console):
                 table.add_row(m.name, m.title, m.composition)
             console.print(table)
             return
-        if name not in REGISTRY:
-            raise UserError(f"unknown method {name!r}: one of {', '.join(REGISTRY)}")
-        m = REGISTRY[name]
-        print(f"# {m.title}\n\n{m.citation}\n\n{m.table()}")
-        for d in m.differences:
-            print(f"\n- {d}")
+        print(describe(load(name)))
 
     @command("train")
     def train_cmd(
-        method: str = typer.Option("source_only", help="Method preset (`adapt methods` lists them): "
-                                                       + ", ".join(_method_names()) + "."),
+        method: str = typer.Option("source_only", help="Method (`adapt methods` lists them): "
+                                                       + ", ".join(_method_names()) + "; or a method of your own: "
+                                                       "path/to/my_method.py or package.module:ClassName."),
         backbone: Optional[str] = typer.Option(None, help="Backbone of the feature stores: i3d or tbn (default: "
                                                           "the source store's, else i3d)."),
         source: str = typer.Option(..., help="Labelled source: a domain (D1), split (D1_train) or store path."),
@@ -87,8 +85,8 @@ def register(command, console):
                      modalities=[m for m in (modalities or "").split(",") if m] or None)
         cfg = C.resolve(method, dataset, C.parse_sets(set_), source=source, target=target, **given)
         if settings:
-            for k, v in cfg.to_dict().items():
-                console.print(f"{k} = {v!r}")
+            print(C.settings_text(cfg))
+            print(C.schedule_text(cfg))
             return
         final = train([cfg], console, progress=not quiet, overwrite=overwrite)[0]
         table = Table(title=f"{method}: {source} -> {target} (seed {seed})")

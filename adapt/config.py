@@ -326,9 +326,45 @@ def resolve(method, dataset: str, overrides: dict | None = None, **given):
     return cfg
 
 
+def from_saved(saved: dict):
+    """A run's configuration from its config.json (settings this version no longer has are left out)."""
+    from adapt.method import load
+    cls = config_class(load(saved.get("method", "source_only")))
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in saved.items() if k in names})
+
+
 def settings_text(cfg) -> str:
     """Every setting with its resolved value, by owner (``adapt train --settings``)."""
     by_owner: dict = {}
     for f in fields(cfg):
         by_owner.setdefault(cfg.owner(f.name), []).append(f"  {f.name} = {getattr(cfg, f.name)!r}")
     return "\n".join(f"[{owner}]\n" + "\n".join(lines) for owner, lines in by_owner.items())
+
+
+def schedule_text(cfg) -> str:
+    """The schedule that will run, derived from the stores' sizes (steps, epoch length, batches, learning-rate
+    milestones, the evaluations reported), or why it cannot be derived yet."""
+    from adapt.schedule import Schedule
+    from featstore.paths import resolve_store, store_attrs
+    try:
+        sizes = []
+        for name in (cfg.source, cfg.target):
+            path, _ = resolve_store(name, "train", cfg.backbone, cfg.features_root)
+            attrs = store_attrs(path)
+            if not attrs:
+                return f"[schedule]\n  (derived from the stores' sizes; {path} is not a store yet)"
+            sizes.append(int(attrs.get("num_done") or attrs.get("num_clips") or 0))
+    except UserError as e:
+        return f"[schedule]\n  (derived from the stores' sizes: {e})"
+    n_s = sizes[0] - int(round(cfg.source_holdout * sizes[0]))
+    s = Schedule.of(cfg, max(1, n_s), max(1, sizes[1]))
+    epochs = f" = {cfg.epochs} epochs x {s.epoch_steps}" if cfg.epochs else f" (an epoch is {s.epoch_steps} steps)"
+    return "\n".join([
+        f"[schedule, from the stores' sizes: {n_s} source and {sizes[1]} target clips]",
+        f"  steps = {s.steps}{epochs}",
+        f"  stage 1 = steps 0..{s.stage1_steps - 1}" if s.stage1_steps else "  one stage",
+        f"  batch = {s.batch_source} source + {s.batch_target} target clips a step",
+        f"  lr = {cfg.lr}" + (f", x {cfg.lr_decay} after steps {s.lr_milestones}" if s.lr_milestones else "")
+        + (f", {cfg.lr_stage2} from stage 2" if cfg.lr_stage2 is not None and s.stage1_steps else ""),
+        f"  reported = the mean of the evaluations at steps {s.final_steps}"])

@@ -339,22 +339,46 @@ def _pick(module, attr: str, text: str) -> type:
     return own[0]
 
 
+def describe(cls: type) -> str:
+    """``adapt methods NAME``: the paper, the lineage, the facts, the method's own settings, its terms."""
+    lineage = " <- ".join(k.name or k.__name__ for k in cls.__mro__ if is_method_class(k) and k is not Method)
+    lines = [f"# {cls.title or cls.name}", ""]
+    if cls.citation:
+        lines += [cls.citation, ""]
+    lines += [f"method {cls.name} ({reference_of(cls)}): {lineage or cls.name} <- the video model (source-only)", ""]
+    rows = (*cls.base_facts, *cls.facts)
+    if rows:
+        lines += ["## Preset (facts over the dataset's base)", "", facts_table(rows), ""]
+    defaults = cls.Settings()
+    lines += ["## Settings of the method (owner: the method of its lineage that declares it)", "",
+              "| setting | default | owner |", "|---|---|---|"]
+    lines += [f"| {n} | {getattr(defaults, n)!r} | {owner} |" for n, owner in own_settings(cls)]
+    lines += ["", "## Loss terms: L = sum_t w_t(stage) L_t", "", "| term | weight | stage 1 |", "|---|---|---|"]
+    for t in cls.terms():
+        first = {None: "no (from stage 2)", True: "yes, the same weight"}.get(t.stage1, f"weight {t.stage1}")
+        lines.append(f"| {t.name} | {t.weight} | {first} |")
+    if cls.reversals:
+        lines += ["", "Gradient reversal levels: " + ", ".join(f"{k} (scaled by {v})" for k, v in cls.reversals.items())]
+    if cls.differences:
+        lines += ["", "## Where a frozen-feature run differs", ""] + [f"- {d}" for d in cls.differences]
+    return "\n".join(lines)
+
+
 def reference_of(cls: type) -> str:
     """What ``--method`` names the class by: a built-in's name, or the file / module it was loaded from."""
     return getattr(cls, "reference", cls.name)
 
 
 def own_settings(cls: type) -> list[tuple[str, str]]:
-    """(setting, owner) of the method's settings: the class in its lineage that declares each one."""
-    out = []
-    for f in dataclasses.fields(cls.Settings):
-        owner = next((k for k in reversed(cls.Settings.__mro__) if f.name in vars(k).get("__annotations__", {})),
-                     cls.Settings)
-        out.append((f.name, _owner_name(owner)))
-    return out
-
-
-def _owner_name(settings_cls: type) -> str:
-    if settings_cls is MethodSettings:
-        return "every method"
-    return getattr(settings_cls, "OWNER", settings_cls.__qualname__.split(".")[0].lower())
+    """(setting, owner) of the method's settings: the method of its lineage whose ``Settings`` declares each one
+    ("every method" for the classification weights of :class:`MethodSettings`)."""
+    owners = {}
+    for klass in reversed(cls.__mro__):
+        settings = vars(klass).get("Settings")
+        if settings is None:
+            continue
+        for k in reversed(settings.__mro__):
+            for name in vars(k).get("__annotations__", {}):
+                if name not in owners:
+                    owners[name] = "every method" if k is MethodSettings else (klass.name or klass.__name__)
+    return [(f.name, owners.get(f.name, cls.name)) for f in dataclasses.fields(cls.Settings)]

@@ -5,7 +5,7 @@
   black as the reference (MM-SADA Fig. 5).  Read from each run's ``metrics.jsonl``.
 * :func:`plot_tsne` - t-SNE of source and target features per modality, before and after adaptation (MM-SADA
   Fig. 7).  Before: the stores' features pooled over space and windows.  After: the trained run's video-level
-  features ``v[m]`` (the embedding and temporal aggregation of :class:`adapt.model.AdaptModel` with the run's
+  features ``v[m]`` (the embedding and temporal aggregation of :class:`adapt.model.VideoModel` with the run's
   ``heads.pt``, evaluation mode, averaged over the evaluation views as the trainer's evaluation does).
   At most ``max_points`` clips per domain, drawn with a fixed seed.
 """
@@ -159,20 +159,18 @@ def plot_selection(rows: list[dict], names: list[str], path: str | Path):
 
 def load_run(run_dir: str | Path, device: str = "cpu"):
     """(cfg, DomainPair, model, params) of a trained run: its config.json, stores and heads.pt."""
-    import dataclasses
-
     import torch
 
-    from adapt.config import TrainConfig
+    from adapt.config import from_saved
     from adapt.data import DomainPair
-    from adapt.model import AdaptModel
+    from adapt.method import load
+    from adapt.model import Inputs
     run_dir = Path(run_dir)
     for f in ("config.json", "heads.pt"):
         if not (run_dir / f).is_file():
             raise UserError(f"{run_dir}: no {f} (not a trained run folder)")
     saved = json.loads((run_dir / "config.json").read_text())
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in saved.items() if k in names})
+    cfg = from_saved(saved)
     stores = saved.get("stores", {})
     for role in ("source", "target", "eval"):  # the resolved store paths, when they are still there
         if stores.get(role) and Path(stores[role]).exists():
@@ -180,8 +178,8 @@ def load_run(run_dir: str | Path, device: str = "cpu"):
     cfg.device = device
     pair = DomainPair(cfg, torch.device(device))
     torch.manual_seed(cfg.seed)
-    model = AdaptModel(cfg, pair.modalities, pair.feature_shapes, pair.verb_classes, pair.noun_classes,
-                       pair.heads_units)
+    model = load(cfg.method)(cfg, Inputs(tuple(pair.modalities), pair.feature_shapes, pair.verb_classes,
+                                         pair.noun_classes, pair.heads_units))
     params = torch.load(run_dir / "heads.pt", map_location=device)
     own = dict(model.named_parameters())
     missing, extra = set(own) - set(params), set(params) - set(own)
@@ -216,14 +214,16 @@ def adapted_features(cfg, pair, model, params, dom, idx: np.ndarray, batch: int 
     from torch.func import functional_call
 
     from adapt.data import Gatherer, averaged_over_views, standardisation
+    from adapt.method import Context
     # the inputs as the run saw them: AdaBN with each domain's own statistics, otherwise the source store's
-    stats = standardisation(dom) if cfg.adabn else standardisation(pair.source) if cfg.standardise else None
+    per_domain = type(model).per_domain_statistics
+    stats = standardisation(dom) if per_domain else standardisation(pair.source) if cfg.standardise else None
     gatherer = Gatherer(next(iter(dom.feats.values())).device)
     key = torch.tensor(cfg.seed, dtype=torch.int64)
 
     def forward(rows, units):
         x = {m: v[0] for m, v in gatherer([(dom, (rows[None], units[None]), stats)], list(dom.feats)).items()}
-        out = functional_call(model, params, (x, key, 0.0))
+        out = functional_call(model, params, (x, Context(key, {lv: torch.zeros(()) for lv in model.reversals})))
         return {m: v.float() for m, v in out["video"].items()}
 
     with torch.no_grad():

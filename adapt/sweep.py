@@ -3,7 +3,7 @@
 A sweep is one TOML or YAML file (``adapt sweep SPEC``)::
 
     name = "demo"                                  # optional, shown in the table title
-    methods = ["source_only", "dann", "cia"]       # presets of adapt.config.METHODS
+    methods = ["source_only", "dann", "cia"]       # built-in methods, or files / modules of your own
     pairs = [["K1", "K2"], ["K2", "K1"]]           # [source, target] or [source, target, eval]; domains, splits
                                                    # or store paths; or tables {source=, target=, eval=}
     seeds = [0, 1]
@@ -12,18 +12,23 @@ A sweep is one TOML or YAML file (``adapt sweep SPEC``)::
     out = "runs/sweep_demo"
     dataset = "demo"                               # optional: whose schedule to start from (default: the source's)
     set = {steps = 200, stage1_steps = 60}         # base settings of every run (override the method presets)
-    grid = {w_adv = [0, 1], sc = [true, false]}    # every combination of these settings
+    grid = {w_video_adv = [0, 1], sc = [true, false]}  # every combination of these settings
 
     [per_method.cia]                               # per-method overrides
     set = {sc_dim = 64}                            # a key set here leaves the global grid for this method
     grid = {w_frame_adv = [0.25, 0.5]}             # merged into the global grid for this method
 
+A key of the top-level ``set`` or ``grid`` applies to the methods that have that setting, and must belong to one of
+them at least (``w_video_adv`` above varies DANN and CIA, not source-only); a method is a built-in name or a method
+of your own (``"path/to/my_method.py"``, ``"package.module:ClassName"``), and ``per_method`` takes either its
+reference or its name.
+
 Each run's configuration is ``adapt.config.resolve(method, dataset, overrides)`` with overrides = ``set``, then the
 method's ``set``, then its grid point.  The grid point is the run's ``tag`` (``"w_adv=0,sc=false"``; only the grid
 keys with more than one value appear), so its folder ``out/<method>_<S>-<T>_s<seed>_<tag>`` is its own.
 
-Runs are grouped by stores and architecture (``TrainConfig.architecture_key`` plus which loss weights are non-zero:
-a zero weight removes a head and skips a loss term, so it changes the stacked model) and each group is trained in
+Runs are grouped by stores and architecture (``architecture_key`` of :mod:`adapt.config`, which includes which loss
+terms act: a zero weight removes a head and skips a loss term, so it changes the stacked model) and each group is trained in
 stacks of at most ``--max-stack`` runs with one :func:`adapt.train.train` call.  A run whose ``final.json`` exists
 (and whose ``config.json`` matches the sweep's settings) is skipped, so an interrupted sweep resumes where it
 stopped.  With ``WORLD_SIZE > 1`` (``torchrun --nproc_per_node N --no-python adapt sweep SPEC``) rank ``r``
@@ -44,7 +49,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adapt.config import typed_value
 from adapt.results import pair_label, read_final
 from featstore.errors import UserError
 from featstore.store import is_store
@@ -148,7 +152,7 @@ def _pairs(spec: dict, where: str) -> list[tuple[str, str, str]]:
 def expand(spec: dict, where: str = "spec", out: str | None = None, extra_set: dict | None = None) -> list[Run]:
     """The runs of a spec in order pair, method, grid point, seed (see the module docstring for the format)."""
     from adapt import config as C
-    from adapt.methods import REGISTRY
+    from adapt.method import load
     from featstore.paths import resolve_store
 
     unknown = set(spec) - SPEC_KEYS
@@ -162,14 +166,16 @@ def expand(spec: dict, where: str = "spec", out: str | None = None, extra_set: d
         methods = list(methods)
     if isinstance(methods, str):
         methods = [methods]
-    if not methods or not isinstance(methods, list):
+    if not methods or not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
         raise UserError(f"{where}: methods must list method presets, e.g. methods = [\"source_only\", \"cia\"]")
-    for m in list(methods) + list(per_method):
-        if m not in REGISTRY:
-            raise UserError(f"{where}: unknown method {m!r}: one of {', '.join(REGISTRY)}")
+    classes = {m: load(m) for m in methods}
+    by_name = {c.name: m for m, c in classes.items()}
     for m, v in per_method.items():
+        if m not in classes and m not in by_name:
+            raise UserError(f"{where}: per_method.{m}: not one of the sweep's methods ({', '.join(methods)})")
         if not isinstance(v, dict) or set(v) - METHOD_KEYS:
             raise UserError(f"{where}: per_method.{m} may hold only set and grid tables")
+    per_method = {(m if m in classes else by_name[m]): v for m, v in per_method.items()}
     seeds = spec.get("seeds", [0])
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = [seeds]
@@ -185,27 +191,39 @@ def expand(spec: dict, where: str = "spec", out: str | None = None, extra_set: d
     if "modalities" in spec:
         mods = spec["modalities"]
         given["modalities"] = [m for m in (mods.split(",") if isinstance(mods, str) else mods) if m]
-    base = {k: typed_value(k, v, f"{where}: set") for k, v in _table(spec, "set", where).items()}
-    base.update({k: typed_value(k, v, "--set") for k, v in (extra_set or {}).items()})
+    configs = {m: C.config_class(c) for m, c in classes.items()}
+    base = dict(_table(spec, "set", where))
+    cli_set = dict(extra_set or {})
     grid = _grid(_table(spec, "grid", where), f"{where}: grid")
+    for table, label in ((base, f"{where}: set"), (cli_set, "--set"), (grid, f"{where}: grid")):
+        for k in table:  # a key of the whole sweep must belong to one of its methods at least
+            if not any(k in _names(cfg_cls) for cfg_cls in configs.values()):
+                raise UserError(f"{label}: {k!r} is not a setting of any of the sweep's methods ({', '.join(methods)};"
+                                f" `adapt train --method M --settings` lists them)")
     runs = []
     for source, target, ev in _pairs(spec, where):
         dataset = spec.get("dataset") or resolve_store(source, "train", backbone, root)[1]
         for method in methods:
+            cfg_cls, names = configs[method], _names(configs[method])
             mspec = per_method.get(method, {})
-            mset = {k: typed_value(k, v, f"{where}: per_method.{method}.set")
+            owned = lambda table, label: {k: C.typed_value(cfg_cls, k, v, label)  # noqa: E731
+                                          for k, v in table.items() if k in names}
+            mset = {k: C.typed_value(cfg_cls, k, v, f"{where}: per_method.{method}.set")
                     for k, v in _table(mspec, "set", where).items()}
-            mgrid = {k: v for k, v in grid.items() if k not in mset}
-            mgrid.update(_grid(_table(mspec, "grid", where), f"{where}: per_method.{method}.grid"))
+            mgrid = {k: [C.typed_value(cfg_cls, k, v, f"{where}: grid") for v in vals]
+                     for k, vals in grid.items() if k in names and k not in mset}
+            mgrid.update({k: [C.typed_value(cfg_cls, k, v, f"{where}: per_method.{method}.grid") for v in vals]
+                          for k, vals in _grid(_table(mspec, "grid", where), f"{where}: per_method.{method}.grid")
+                          .items()})
             keys = list(mgrid)
             varying = [k for k in keys if len(mgrid[k]) > 1]
             for point in itertools.product(*(mgrid[k] for k in keys)):
                 point = dict(zip(keys, point))
                 tag = ",".join(f"{k}={_fmt(point[k])}" for k in varying)
-                overrides = {**base, **mset, **point}
+                overrides = {**owned(base, f"{where}: set"), **owned(cli_set, "--set"), **mset, **point}
                 for seed in seeds:
-                    cfg = C.resolve(method, dataset, overrides, source=source, target=target, eval=ev or None,
-                                    seed=seed, tag=tag, **given)
+                    cfg = C.resolve(classes[method], dataset, overrides, source=source, target=target,
+                                    eval=ev or None, seed=seed, tag=tag, **given)
                     runs.append(Run(cfg, {k: point[k] for k in varying}, pair_label(source, target)))
     names = {}
     for r in runs:
@@ -216,29 +234,30 @@ def expand(spec: dict, where: str = "spec", out: str | None = None, extra_set: d
     return runs
 
 
+def _names(cfg_cls) -> set:
+    import dataclasses
+    return {f.name for f in dataclasses.fields(cfg_cls)}
+
+
 def _grid(table: dict, where: str) -> dict:
     out = {}
     for k, values in table.items():
         if not isinstance(values, list) or not values:
             raise UserError(f"{where}: {k} must be a non-empty list of values, e.g. {k} = [0, 1]")
-        out[k] = [typed_value(k, v, where) for v in values]
+        out[k] = list(values)
     return out
-
-
-def _nonzero_weights(cfg) -> tuple:
-    return tuple(bool(getattr(cfg, w)) for w in cfg.WEIGHTS)
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
     """Runs that can share one stacked training, in order of first appearance.
 
-    Key: stores (source, target, eval), ``architecture_key()`` and which loss weights are non-zero (a zero weight
-    drops a head from the model and a term from the objective, and the stacked model follows its first run).
+    Key: stores (source, target, eval) and ``architecture_key()`` (which includes which loss terms act: a zero
+    weight drops a head from the model and a term from the objective, and the stacked model follows its first run).
     """
     groups: dict[tuple, Group] = {}
     for r in runs:
         c = r.cfg
-        key = (c.source, c.target, c.eval, c.architecture_key(), _nonzero_weights(c))
+        key = (c.source, c.target, c.eval, c.architecture_key())
         groups.setdefault(key, Group(key)).runs.append(r)
     return list(groups.values())
 
@@ -263,9 +282,11 @@ def is_complete(run: Run) -> tuple[bool, str]:
     done = read_final(final)
     if done is None:
         return False, "final.json cut or unreadable"
-    for k in ("method", "seed", "tag"):  # final.json's own record of the run (with config.json's below)
-        if k in done and done[k] != getattr(run.cfg, k):
-            return False, f"final.json says {k}={done[k]!r}, the sweep {getattr(run.cfg, k)!r}"
+    from adapt.method import load
+    own = {"method": load(run.cfg.method).name, "seed": run.cfg.seed, "tag": run.cfg.tag}
+    for k, v in own.items():  # final.json's own record of the run (with config.json's below)
+        if k in done and done[k] != v:
+            return False, f"final.json says {k}={done[k]!r}, the sweep {v!r}"
     cfg_path = run.dir / "config.json"
     if not cfg_path.is_file():
         return True, ""
@@ -331,6 +352,7 @@ def run_sweep(spec: dict | str | Path, console=None, max_stack: int = MAX_STACK,
 
     from adapt import train as T
     from adapt.data import DomainPair
+    from adapt.method import load as load_method
     from featstore.devices import resolve_device
 
     if not isinstance(spec, dict):
@@ -389,7 +411,7 @@ def run_sweep(spec: dict | str | Path, console=None, max_stack: int = MAX_STACK,
         # same stores and data settings next to each other, so a loaded DomainPair serves several groups
         def data_key(cfg):
             return (cfg.source, cfg.target, cfg.eval, cfg.backbone, cfg.features_root, tuple(cfg.modalities),
-                    cfg.spatial, cfg.w_target_cls > 0, cfg.device)
+                    cfg.spatial, load_method(cfg.method).uses_target_labels, cfg.device)
         order = sorted(todo_groups, key=lambda t: (str(data_key(t[1].runs[0].cfg)), t[0]))
         trained, failed = [], []
         cached_key, cached_pair = None, None

@@ -410,7 +410,7 @@ class Training:
         chosen = [r for r in h if r["step"] in final_steps]
         mean = lambda key: float(np.mean([r[key] for r in chosen]))  # noqa: E731
         final = {
-            "method": c.method, "source": c.source, "target": c.target, "eval": c.eval or c.target,
+            "method": self.method.name, "source": c.source, "target": c.target, "eval": c.eval or c.target,
             "seed": c.seed, "tag": c.tag, "backbone": c.backbone, "modalities": self.mods, "streams": self.streams,
             "target_top1": mean("target_top1"), "target_top1_per_eval": top1,
             "eval_steps": [r["step"] for r in h], "final_steps": sched.final_steps,

@@ -250,7 +250,7 @@ def test_update_memory_bank_under_vmap():
 def test_trainer_writes_bank_rows_in_place_per_run():
     # the trainer's path: rows computed under vmap, written into the stacked banks in place after the step; the
     # result equals the out-of-place update of each run's bank, and no bank is copied
-    from adapt.objectives import apply_writes
+    from adapt.step import apply_writes
     torch.manual_seed(0)
     banks = _norm(torch.randn(3, 6, 4))
     labels = torch.full((3, 6), -1)

@@ -163,9 +163,12 @@ def test_cli_report_and_tsne_on_a_trained_run(tmp_path):
     # heads.pt loaded into a fresh model reproduces the run's last evaluation
     import torch
     from torch.func import functional_call
+
+    from adapt.method import Context
+    ctx = Context(torch.tensor(0), {level: torch.tensor(0.0) for level in model.reversals})
     with torch.no_grad():
         scores = sum(functional_call(model, params, ({m: f[:, view].float() for m, f in pair.eval.feats.items()},
-                                                     torch.tensor(0), 0.0))["verb"].softmax(-1)
+                                                     ctx))["verb"].softmax(-1)
                      for view in pair.eval_views())
     top1 = 100.0 * float((scores.argmax(-1) == pair.eval.verb).float().mean())
     assert top1 == pytest.approx(json.loads((run / "final.json").read_text())["final_top1"])

@@ -112,7 +112,7 @@ def test_load_spec_by_extension(tmp_path):
 
 @pytest.mark.parametrize("text, match", [
     ('methods = ["nope"]\npairs = [["D1", "D2"]]', "unknown method"),
-    ('methods = ["dann"]\npairs = [["D1", "D2"]]\nset = {nonsense = 1}', "unknown setting 'nonsense'"),
+    ('methods = ["dann"]\npairs = [["D1", "D2"]]\nset = {nonsense = 1}', "'nonsense' is not a setting of any of the sweep's methods"),
     ('methods = ["dann"]\npairs = [["D1", "D2"]]\ngrid = {w_adv = 1}', "non-empty list"),
     ('methods = ["dann"]\npairs = [["D1"]]', "expected \\[source, target\\]"),
     ('methods = ["dann"]\npairs = [["D1", "D2"]]\nseeds = [0, 0]', "distinct integers"),
@@ -303,9 +303,9 @@ def test_bench_batched_smoke():
 def test_a_cut_final_json_is_not_complete(tmp_path):
     import types
 
-    from adapt.config import TrainConfig
+    from adapt.config import resolve
     (tmp_path / "final.json").write_text('{"target_top1": 5')
-    run = types.SimpleNamespace(dir=tmp_path, cfg=TrainConfig())
+    run = types.SimpleNamespace(dir=tmp_path, cfg=resolve("source_only", "mmsada"))
     assert S.is_complete(run) == (False, "final.json cut or unreadable")
 
 

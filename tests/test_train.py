@@ -231,7 +231,7 @@ def test_cli_train_and_errors(i3d_root, tmp_path):
     saved = json.loads((tmp_path / "cia_S_train-T_train_s0" / "config.json").read_text())
     assert saved["sc"] is False and saved["mc"] is True and saved["w_frame_adv"] == 0.5
     result = runner.invoke(app, args[:-2] + ["--set", "nonsense=1"])
-    assert result.exit_code == 2 and "unknown setting" in result.output
+    assert result.exit_code == 2 and "'nonsense' is not a setting of method cia" in result.output
     result = runner.invoke(app, ["train", "--method", "nope", "--source", "D1", "--target", "D2"])
     assert result.exit_code == 2 and "unknown method" in result.output
     result = runner.invoke(app, ["train", "--source", str(tmp_path / "missing.zarr"), "--target", "D2"])
@@ -255,14 +255,15 @@ def test_stacked_linear_weights_take_their_gradients_contiguous_without_a_copy(i
     from torch.func import functional_call, stack_module_state, vmap
 
     from adapt.data import DomainPair
-    from adapt.model import AdaptModel
-    from adapt.objectives import compute_terms, initial_state
-    from adapt.step import active_terms, gradient_layout
+    from adapt.method import Context, load
+    from adapt.model import Inputs
+    from adapt.step import gradient_layout
 
     cfg = cfg_for(i3d_root, method, tmp_path)
     pair = DomainPair(cfg, torch.device("cpu"))
-    models = [AdaptModel(cfg, pair.modalities, pair.feature_shapes, pair.verb_classes, 0, pair.heads_units)
-              for _ in range(2)]
+    M = load(method)
+    inputs = Inputs(tuple(pair.modalities), pair.feature_shapes, pair.verb_classes, 0, pair.heads_units)
+    models = [M(cfg, inputs) for _ in range(2)]
     stacked, buffers = stack_module_state(models)
     leaves, params = gradient_layout({k: v.detach() for k, v in stacked.items()}, models[0], 2)
     for v in leaves.values():
@@ -279,12 +280,13 @@ def test_stacked_linear_weights_take_their_gradients_contiguous_without_a_copy(i
     x = {m: torch.randn(2, 2 * B, pair.heads_units, *pair.feature_shapes[m]) for m in pair.modalities}
     y = torch.randint(0, pair.verb_classes, (2, B))
     idx = torch.arange(B).expand(2, B)
-    state = initial_state(cfg, models[0].streams, pair.source.n, pair.target.n, cfg.embed_dim, torch.device("cpu"))
+    state = models[0].initial_state(pair.source.n, pair.target.n, torch.device("cpu"))
 
     def one(p, b, x, y, idx, key):
-        out = functional_call(template, (p, b), (x, key, torch.full((5,), 0.5), B))
-        terms, _ = compute_terms(out, cfg, B, {"y_s": y, "idx_s": idx, "idx_t": idx}, state, active_terms(cfg))
-        return sum(terms.values())
+        grl = {level: torch.tensor(0.5) for level in M.reversals}
+        ctx = Context(key, grl, B, state, {"y_s": y, "idx_s": idx, "idx_t": idx})
+        out = functional_call(template, (p, b), (x, ctx))
+        return sum(getattr(template, t)(out, ctx) for t in cfg.active_terms(2))
 
     vmap(one, in_dims=(0, 0, 0, 0, 0, 0), randomness="error")(params(), buffers, x, y, idx, torch.tensor([3, 4])) \
         .sum().backward()
