@@ -87,6 +87,7 @@ class RunSettings:
     steps: int = positive(9000)
     epochs: typing.Optional[int] = positive(None)  # when set: steps = epochs x steps per epoch (TA3N)
     stage1_steps: int = non_negative(3000)  # stage 2 (the alignment terms) starts here; 0 = one stage
+    stage1_epochs: typing.Optional[int] = non_negative(None)  # with epochs: stage 1 in epochs (SHOT on EPIC-100)
     batch_source: int = positive(64)
     batch_target: typing.Optional[int] = non_negative(64)  # none: batch_source x n_target / n_source (TA3N's bS_2)
     eval_every: int = positive(100)
@@ -105,6 +106,8 @@ class RunSettings:
     lr_steps: list = listed()        # steps after which lr is multiplied by lr_decay
     lr_epochs: list = listed()       # the same in epochs (TA3N: at the start of epochs 10 and 20)
     lr_decay: float = non_negative(0.1)
+    lr_anneal: float = non_negative(0.0)  # lr x (1 + a p)^-power, p the stage's progress (DANN, SHOT: 10); 0 = off
+    lr_anneal_power: float = non_negative(0.75)
     momentum: float = non_negative(0.9)
     nesterov: bool = False
     weight_decay: float = non_negative(1e-7)
@@ -283,6 +286,8 @@ def check(cfg) -> None:
                         "store, not both")
     if cfg.lr_epochs and not cfg.epochs:
         raise UserError("lr_epochs needs epochs (or give lr_steps in steps)")
+    if cfg.stage1_epochs is not None and not (cfg.epochs and cfg.stage1_epochs < cfg.epochs):
+        raise UserError(f"stage1_epochs={cfg.stage1_epochs}: needs epochs, and fewer of them (epochs={cfg.epochs})")
     later = [t for t in cfg.method_class.terms() if t.weight_in(cfg, 2) and not t.weight_in(cfg, 1)]
     if not cfg.epochs and cfg.stage1_steps >= cfg.steps and later:
         raise UserError(f"stage1_steps={cfg.stage1_steps} leaves no stage 2 in {cfg.steps} steps: the method's "

@@ -455,6 +455,8 @@ class Gatherer:
             for i, ((dom, _, stats), (idx, units)) in enumerate(zip(parts, sels)):
                 f = dom.feats[m]
                 B = idx.shape[1]
+                if B == 0:  # a domain the step does not draw from (SHOT's stages)
+                    continue
                 part = x[:, at:at + B]
                 if dom.streamed:
                     host = (reads or {}).get((i, m))
@@ -493,14 +495,14 @@ class Prefetcher:
     drawn by ``produce`` alone and in order, so a streamed run draws exactly what an in-memory run draws.  An
     exception in the thread is raised by the ``get`` of its step."""
 
-    def __init__(self, produce, steps: int, depth: int = PREFETCH):
+    def __init__(self, produce, steps: int, depth: int = PREFETCH, start: int = 0):
         import queue
         import threading
         self.queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
 
         def work():
-            for step in range(steps):
+            for step in range(start, steps):
                 if self.stop.is_set():
                     return
                 try:

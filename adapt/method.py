@@ -199,6 +199,7 @@ class Method(VideoModel):
     uses_target_labels: ClassVar[bool] = False  # the target store's labels are loaded and given as y_t, n_t
     per_domain_statistics: ClassVar[bool] = False  # inputs standardised with each domain's own statistics (AdaBN)
     source_stage: ClassVar[bool] = False       # stage 1 sees only source clips; saved once, reused by target runs
+    target_stage_settings: ClassVar[tuple] = ()  # settings that act in stage 2 only (besides its terms' weights)
 
     def __init__(self, cfg, inputs: Inputs):
         super().__init__(cfg, inputs)
@@ -258,6 +259,11 @@ class Method(VideoModel):
         """Called before each step with the trainer (its ``state``, ``evaluate``, ``pair``, ``schedule``)."""
 
     # ---- data ---------------------------------------------------------------------------------------------
+
+    @classmethod
+    def batches(cls, stage: int, source: int, target: int) -> tuple[int, int]:
+        """(source clips, target clips) a step of ``stage`` draws, from the run's batch settings: both."""
+        return source, target
 
     def arrange(self, sel: dict, batch: int) -> dict:
         """A domain's drawn clips and units per modality ``{m: (clips (B,), units (B, T))}`` (numpy), as the

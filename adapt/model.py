@@ -76,12 +76,13 @@ def stream_groups(fusion: str, modalities: list[str]) -> list[tuple]:
 
 
 class Heads(nn.Module):
-    """A stream's classifier(s): verb only, or verb + noun for EPIC-100."""
+    """A stream's classifier(s): verb only, or verb + noun for EPIC-100 (``layer``: ``nn.Linear`` or another
+    layer of the same signature, SHOT's weight-normalised one)."""
 
-    def __init__(self, dim: int, verbs: int, nouns: int):
+    def __init__(self, dim: int, verbs: int, nouns: int, layer=nn.Linear):
         super().__init__()
-        self.verb = nn.Linear(dim, verbs)
-        self.noun = nn.Linear(dim, nouns) if nouns else None
+        self.verb = layer(dim, verbs)
+        self.noun = layer(dim, nouns) if nouns else None
 
     def forward(self, v):
         return self.verb(v), (self.noun(v) if self.noun is not None else None)
@@ -90,6 +91,8 @@ class Heads(nn.Module):
 class VideoModel(nn.Module):
     """The shared streams (see the module docstring), built from the run's settings ``cfg`` and the stores'
     :class:`Inputs`."""
+
+    classifier_layer = nn.Linear     # the classifiers' layer (SHOT: parts.WeightNormLinear)
 
     def __init__(self, cfg, inputs: Inputs):
         super().__init__()
@@ -125,7 +128,8 @@ class VideoModel(nn.Module):
                                       for s in S})
         self.frame_dim = D
         self.video_dim = cfg.trn_dim if self.use_trn else D
-        self.classifier = nn.ModuleDict({s: Heads(self.video_dim, inputs.verbs, inputs.nouns) for s in S})
+        self.classifier = nn.ModuleDict({s: Heads(self.video_dim, inputs.verbs, inputs.nouns, self.classifier_layer)
+                                         for s in S})
         self.fusion_weights = {s: (cfg.audio_weight if g == ("audio",) else 1.0) for s, g in zip(S, self.groups)}
 
     # ---- the two steps a method may change ---------------------------------------------------------------

@@ -40,7 +40,8 @@ __all__ = [
     "Embedding",
     "DomainDiscriminator",
     "CorrespondenceHead",
-    "correspondence_negatives",
+    "AdversarialNetwork",
+    "WeightNormLinear",
     "init_normal",
     "ProjectionHead",
     "GatingUnit",
@@ -134,6 +135,27 @@ class Embedding(nn.Module):
         return y
 
 
+class WeightNormLinear(nn.Module):
+    """A linear layer with weight normalisation (Salimans and Kingma 2016), SHOT's classifier (tim-learn/SHOT
+    object/network.py:95-97, ``weightNorm(nn.Linear)``): ``W = g v / ||v||`` row by row, so a class's direction
+    and its scale are separate parameters.  Initialised as ``nn.Linear`` is, with ``g = ||v||`` (what
+    ``weight_norm`` does; SHOT's Xavier call is overwritten by it).
+
+    Shapes: x (..., in_features) -> (..., out_features)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        lin = nn.Linear(in_features, out_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.v = nn.Parameter(lin.weight.detach().clone())
+        self.g = nn.Parameter(lin.weight.detach().norm(dim=1))
+        self.bias = nn.Parameter(lin.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.g[:, None] * self.v / self.v.norm(dim=1, keepdim=True)
+        return F.linear(x, w, self.bias)
+
+
 def init_normal(layer: nn.Linear, std: float, truncated: bool = False) -> None:
     """Weights from N(0, std) (truncated at two standard deviations, TensorFlow's ``truncated_normal``, when
     ``truncated``), bias zero: TA3N's ``normal_(w, 0, 0.001)`` (models.py:132-147) and MM-SADA's
@@ -173,10 +195,29 @@ class DomainDiscriminator(nn.Module):
         return self.fc2(F.relu(self.fc1(x)))
 
 
-def correspondence_negatives(batch: int) -> int:
-    """How many of a domain's ``batch`` clips are correspondence negatives: the first ``batch // 2`` (MM-SADA
-    batch_generator.py:110-119: half of each domain's clips, their flow taken from the next clip of that half)."""
-    return batch // 2
+class AdversarialNetwork(nn.Module):
+    """CDAN's domain discriminator (``AdversarialNetwork``, thuml/CDAN pytorch/network.py:365-402): GRL ->
+    FC(in-hidden) -> ReLU -> dropout 0.5 -> FC(hidden-hidden) -> ReLU -> dropout 0.5 -> FC(hidden-1), one logit
+    (the sigmoid is in the loss), Xavier-normal weights and zero biases (network.py:21-23).
+
+    Dropout is :func:`adapt.rng.dropout` with ``key`` and two salts from ``salt`` (training mode only).
+
+    Shapes: x (..., in_dim), coeff () -> logits (...,).
+    """
+
+    def __init__(self, in_dim: int, hidden: int = 1024, dropout: float = 0.5):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(in_dim, hidden), nn.Linear(hidden, hidden), nn.Linear(hidden, 1)
+        self.p = float(dropout)
+        for fc in (self.fc1, self.fc2, self.fc3):
+            nn.init.xavier_normal_(fc.weight)
+            nn.init.zeros_(fc.bias)
+
+    def forward(self, x: torch.Tensor, coeff: Union[float, torch.Tensor] = 1.0, key=None, salt: int = 0):
+        x = grad_reverse(x, coeff)
+        x = rng.dropout(F.relu(self.fc1(x)), self.p, key, self.training, salt)
+        x = rng.dropout(F.relu(self.fc2(x)), self.p, key, self.training, salt + 1)
+        return self.fc3(x).squeeze(-1)
 
 
 class CorrespondenceHead(nn.Module):

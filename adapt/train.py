@@ -40,6 +40,12 @@ from featstore.devices import resolve_device
 from featstore.errors import UserError
 from featstore.paths import resolve_store
 
+# settings a source stage does not depend on: the target's and the evaluation's
+SOURCE_STAGE_IGNORES = {"target", "eval", "challenge", "out", "tag", "memory_budget", "device", "validators",
+                        "validator_clips", "source_val", "eval_every", "eval_batch", "last_evals", "last_eval_every",
+                        "batch_target", "steps", "epochs"}
+
+
 class TrainingError(UserError):
     """A run that cannot go on (a non-finite loss); exit code 1."""
 
@@ -82,12 +88,19 @@ def _train(cfgs, console, progress, pair, timings, device, folders) -> list:
     t = Training(cfgs, pair or DomainPair(cfgs[0], device), device, console)
     dirs = [f.work for f in folders]  # written there, renamed into place when complete
     t.write_configs(dirs)
+    for k, rows in enumerate(getattr(t, "restored_history", [])):  # a restored source stage's evaluations
+        t.history[k] = list(rows)
+        for row in rows:
+            _append(dirs[k] / "metrics.jsonl", json.dumps(row))
     bar = _progress(console, progress)
-    task = bar.add_task(f"{t.cfg.method} {t.cfg.source}->{t.cfg.target} x{t.K}", total=t.sched.steps) if bar \
-        else None
+    task = bar.add_task(f"{t.method.name} {t.cfg.source}->{t.cfg.target} x{t.K}", total=t.sched.steps,
+                        completed=t.start) if bar else None
     evals, clock = set(t.sched.eval_steps), _Clock(timings, device)
     try:
-        for step in range(t.sched.steps):
+        for step in range(t.start, t.sched.steps):
+            if step == t.sched.stage1_steps and t.method.source_stage:
+                t.save_source_stage()
+            t.template.before_step(t, step)  # the method's own hook (SHOT's pseudo-labels)
             clock.start()
             inputs = t.batch(step)
             clock.lap("data")
@@ -118,15 +131,16 @@ class Training:
             console.print(pair.memory_line, highlight=False)
         self.mods, self.nouns = pair.modalities, pair.noun_classes
         self._validation_split()
-        self.sched = Schedule.of(cfg, len(self.train_rows), pair.target.n)
-        self.K, self.Bs, self.Bt = len(cfgs), self.sched.batch_source, self.sched.batch_target
+        self.method = M.load(cfg.method)
+        self.sched = Schedule.of(cfg, len(self.train_rows), pair.target.n, self.method)
+        self.K = len(cfgs)
         # input standardisation: per-channel statistics of the source store for every domain, or, for AdaBN, of
         # each domain's own store (the target's at evaluation)
-        self.method = M.load(cfg.method)
         self.norm_s = standardisation(pair.source) if (cfg.standardise or self.method.per_domain_statistics) else None
         self.norm_t = standardisation(pair.target) if self.method.per_domain_statistics else self.norm_s
         self._models()
-        self.method.check(cfg, {1: (self.Bs, self.Bt), 2: (self.Bs, self.Bt)}, self.streams)
+        self.method.check(cfg, self.sched.batches, self.streams)
+        self.start = self.restore_source_stage()
         self._data()
         self.history = [[] for _ in cfgs]
         self.term_names = [t.name for t in self.method.terms()]
@@ -175,7 +189,7 @@ class Training:
         """One run's pass: forward, terms, the phase's loss (vmapped over the K runs; :func:`adapt.step.single`
         for K = 1) -> (loss, every term's value, the state's writes)."""
         if (phase, stage) not in self._step_fns:
-            Bs, model, names = self.Bs, self.template, self.term_names
+            Bs, model, names = self.sched.batches[stage][0], self.template, self.term_names
             now = self.cfg.active_terms(stage)
             loss = phase.loss or S.weighted_sum
 
@@ -190,6 +204,57 @@ class Training:
             self._step_fns[phase, stage] = S.single(one_run) if self.K == 1 else vmap(
                 one_run, in_dims=(0, 0, 0, None), randomness="error")
         return self._step_fns[phase, stage]
+
+    # ---- a source stage saved once and reused (Method.source_stage) -------------------------------------------
+
+    def _source_stage_files(self) -> list[Path]:
+        """Per run, where its source stage is kept: ``<out>/source_models/<method>_<source>_s<seed>_<key>.pt``,
+        the key a digest of everything stage 1 depends on (the source store, the settings but the target's and
+        stage 2's, the method's code)."""
+        import hashlib
+        import inspect
+        cfg, sched, src = self.cfg, self.sched, self.pair.source
+        from featstore.paths import store_attrs
+        attrs = {k: v for k, v in store_attrs(src.path).items() if k in ("manifest_sha256", "checkpoints", "num_done")}
+        later = {t.weight for t in self.method.terms() if t.stage1 is None} | set(self.method.target_stage_settings)
+        code = "".join(inspect.getsource(k) for k in self.method.__mro__ if M.is_method_class(k))
+        files = []
+        for c in self.cfgs:
+            settings = {k: v for k, v in c.to_dict().items() if k not in SOURCE_STAGE_IGNORES and k not in later}
+            key = json.dumps({"settings": settings, "source": str(Path(src.path).resolve()), "clips": src.n,
+                              "attrs": attrs, "stage1_steps": sched.stage1_steps, "batches": sched.batches[1],
+                              "code": hashlib.sha256(code.encode()).hexdigest()}, sort_keys=True, default=str)
+            digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+            files.append(Path(c.out) / "source_models" / f"{self.method.name}_{Path(str(c.source)).stem}_s{c.seed}_"
+                                                         f"{digest}.pt")
+        return files
+
+    def restore_source_stage(self) -> int:
+        """The first step to train: stage 2's when every run's source stage is saved (it is loaded), else 0."""
+        if not (self.method.source_stage and self.sched.stage1_steps):
+            return 0
+        files = self._source_stage_files()
+        if not all(f.is_file() for f in files):
+            return 0
+        self.restored_history = []
+        with torch.no_grad():
+            params = self.params()
+            for k, f in enumerate(files):
+                saved = torch.load(f, map_location=self.device, weights_only=True)
+                for name, value in saved["params"].items():
+                    params[name][k].copy_(value)
+                self.restored_history.append(saved["history"])
+        return self.sched.stage1_steps
+
+    def save_source_stage(self) -> None:
+        """Each run's parameters at the end of its source stage, for the next target run to start from."""
+        if self.start:
+            return
+        for k, f in enumerate(self._source_stage_files()):
+            buf = io.BytesIO()
+            torch.save({"params": self._heads(k), "history": self.history[k]}, buf)  # its evaluations too
+            f.parent.mkdir(parents=True, exist_ok=True)
+            _write(f, buf.getvalue())
 
     # ---- data ------------------------------------------------------------------------------------------------
 
@@ -224,18 +289,27 @@ class Training:
 
     def _data(self):
         pair = self.pair
-        self.rngs = [np.random.default_rng([c.seed, 7]) for c in self.cfgs]
-        rows = None if len(self.train_rows) == pair.source.n else self.train_rows
-        self.samplers = [(EpochSampler(pair.source.n, r, rows), EpochSampler(pair.target.n, r)) for r in self.rngs]
+        self._samplers()
         self.gatherer = Gatherer(self.device)
         self.pin = self.device.type == "cuda"
         self.streamed = [i for i, dom in enumerate((pair.source, pair.target)) if dom.streamed]
-        self.prefetch = Prefetcher(self._draw, self.sched.steps) if self.streamed else None
+        self.prefetch = Prefetcher(self._draw, self.sched.steps, start=self.start) if self.streamed else None
+
+    def _samplers(self, *stream):
+        """Per run, the generator of its clip and unit draws (numpy, seeded by the run's seed) and its epoch
+        samplers of the source and the target."""
+        pair = self.pair
+        self.rngs = [np.random.default_rng([c.seed, 7, *stream]) for c in self.cfgs]
+        rows = None if len(self.train_rows) == pair.source.n else self.train_rows
+        self.samplers = [(EpochSampler(pair.source.n, r, rows), EpochSampler(pair.target.n, r)) for r in self.rngs]
 
     def _draw(self, step):
         """The step's clips and units (numpy, drawn in step order) and the streamed domains' features read."""
         pair, mods = self.pair, self.mods
-        per_run = [draw_batch(pair, self.cfg, r, smp, (self.Bs, self.Bt), self.template.arrange)
+        if step == self.sched.stage1_steps and self.method.source_stage:
+            self._samplers(2)  # the target stage draws the same whether its source stage was trained or restored
+        sizes = self.sched.batches[self.sched.stage(step)]
+        per_run = [draw_batch(pair, self.cfg, r, smp, sizes, self.template.arrange)
                    for r, smp in zip(self.rngs, self.samplers)]
         sel = [{m: (np.stack([run[d][m][0] for run in per_run]), np.stack([run[d][m][1] for run in per_run]))
                 for m in mods} for d in (0, 1)]
@@ -353,7 +427,8 @@ class Training:
                 row.update(metrics.epic100(sc["verb"][k], sc["noun"][k], ev.verb, ev.noun))
             if checks is not None:
                 row["validators"] = checks[k]
-                self._keep_best(k, step, checks[k], dirs[k])
+                if not (self.method.source_stage and step <= self.sched.stage1_steps):  # a source model is no choice
+                    self._keep_best(k, step, checks[k], dirs[k])
             self.history[k].append(row)
             _append(dirs[k] / "metrics.jsonl", json.dumps(row))
 
@@ -479,8 +554,11 @@ def _scores(out: dict) -> dict:
 
 
 def _scores_and_features(out: dict) -> dict:
-    """The validators' inputs: the fused prediction's softmax and the video-level features of every stream."""
-    return {"verb": out["verb"].softmax(-1), "feat": torch.cat([v for v in out["video"].values()], dim=-1)}
+    """The validators' inputs: the fused predictions' softmax and the video-level features of every stream."""
+    s = {"verb": out["verb"].softmax(-1), "feat": torch.cat([v for v in out["video"].values()], dim=-1)}
+    if out["noun"] is not None:
+        s["noun"] = out["noun"].softmax(-1)
+    return s
 
 
 def _write(path: Path, data: str | bytes) -> None:

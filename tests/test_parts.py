@@ -219,7 +219,8 @@ def test_domain_discriminator_shape_and_reversed_gradient():
 
 def test_correspondence_head_and_negatives():
     # MM-SADA batch_generator.py:110-119: half of a domain's clips are negatives
-    assert [parts.correspondence_negatives(b) for b in (4, 5, 64)] == [2, 2, 32]
+    from adapt.methods.mmsada import negatives
+    assert [negatives(b) for b in (4, 5, 64)] == [2, 2, 32]
     rgb, flow = torch.randn(6, 3), torch.randn(6, 2)
     head = parts.CorrespondenceHead(in_dim=5, hidden=100)
     logits = head(rgb, flow)

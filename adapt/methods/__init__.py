@@ -3,6 +3,7 @@ contract).  ``REGISTRY`` maps the ``--method`` names to their classes, in the or
 method of your own is given by its file or module instead (``--method path/to/my_method.py``)."""
 
 from adapt.methods.adabn import AdaBN
+from adapt.methods.cdan import CDAN, CDANE
 from adapt.methods.cia import CIA
 from adapt.methods.contrastive import Contrastive
 from adapt.methods.dann import DANN
@@ -11,12 +12,13 @@ from adapt.methods.mcd import MCD
 from adapt.methods.mmd import MMD
 from adapt.methods.mmsada import MMSADA
 from adapt.methods.pseudo_label import PseudoLabel
+from adapt.methods.shot import SHOT
 from adapt.methods.source_only import SourceOnly
 from adapt.methods.ta3n import TA3N
 from adapt.methods.target_only import TargetOnly
 
 REGISTRY: dict = {m.name: m for m in (
-    SourceOnly, TargetOnly, AdaBN, MMD, MCD, DANN, PseudoLabel, MMSADA, Contrastive, TA3N, M3EM, CIA)}
+    SourceOnly, TargetOnly, AdaBN, MMD, MCD, DANN, CDAN, CDANE, PseudoLabel, SHOT, MMSADA, Contrastive, TA3N, M3EM, CIA)}
 
 __all__ = ["REGISTRY", "markdown_table"]
 
