@@ -101,6 +101,9 @@ def register(command, console):
         for k in ("verb_top1", "noun_top1", "action_top1", "verb_top5", "noun_top5", "action_top5"):
             if k in final:
                 table.add_row(k, f"{final[k]:.2f}")
+        if final.get("collapse"):
+            c = final["collapse"]
+            table.add_row("collapsed to one class", f"class {c['class']} from step {c['steps'][0]}")
         table.add_row("seconds", f"{final['train_seconds']:.1f}")
         console.print(table)
         console.print(f"results in {Path(out)}")

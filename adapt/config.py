@@ -322,11 +322,16 @@ def resolve(method, dataset: str, overrides: dict | None = None, **given):
         datasets.shorten(cfg, datasets.DEMO_STEPS)
         for k, v in datasets.DEMO.items():
             setattr(cfg, k, v)
-    for k, v in given.items():
-        if v is not None:
+    sets = {k: typed_value(cls, k, v) for k, v in (overrides or {}).items()}
+    explicit = {**{k: v for k, v in given.items() if v is not None}, **sets}
+    if explicit.get("steps") is not None:  # the preset's schedule in that many steps (datasets.rescale)
+        if explicit.get("epochs") is not None:
+            raise UserError(f"steps={explicit['steps']} and epochs={explicit['epochs']} both given: a schedule "
+                            f"counts steps or epochs, give one")
+        datasets.rescale(cfg, explicit["steps"])
+    for k, v in explicit.items():
+        if k != "steps":
             setattr(cfg, k, v)
-    for k, v in (overrides or {}).items():
-        setattr(cfg, k, typed_value(cls, k, v))
     check(cfg)
     return cfg
 

@@ -110,6 +110,27 @@ def base(dataset: str) -> dict:
     return {f.setting: f.value for f in EPIC100_BASE if f.setting} if dataset == "epic100" else {}
 
 
+def rescale(cfg, steps: int) -> None:
+    """An explicit ``--steps`` (or ``steps`` in ``--set`` or a sweep spec): the preset's schedule run in ``steps``
+    steps, every part of it keeping its fraction of the run: stage 1, the learning-rate milestones, the evaluation
+    spacing (an epoch preset's epochs become these fractions: TA3N's decays at epochs 10 and 20 of 30 fall at 9/30
+    and 19/30 of the steps, an evaluation every 1/30)."""
+    if cfg.epochs:
+        epochs = cfg.epochs
+        cfg.lr_steps = sorted({*cfg.lr_steps, *(round((e - 1) / epochs * steps) for e in cfg.lr_epochs)})
+        if cfg.stage1_epochs is not None:
+            cfg.stage1_steps = round(cfg.stage1_epochs / epochs * steps)
+        cfg.eval_every = cfg.last_eval_every = max(1, round(steps / epochs))
+        cfg.epochs, cfg.stage1_epochs, cfg.lr_epochs, cfg.steps = None, None, [], steps
+        return
+    scale = steps / cfg.steps
+    cfg.steps = steps
+    cfg.stage1_steps = round(cfg.stage1_steps * scale)
+    cfg.lr_steps = [round(s * scale) for s in cfg.lr_steps]
+    cfg.eval_every = max(1, round(cfg.eval_every * scale))
+    cfg.last_eval_every = max(1, round(cfg.last_eval_every * scale))
+
+
 def shorten(cfg, steps: int) -> None:
     """Scale a schedule to ``steps`` steps: stage split, learning-rate steps and the last-evaluations spacing
     keep their fractions of the run; evaluation every ``steps / 15``."""

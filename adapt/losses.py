@@ -181,7 +181,9 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, tau: float = 0.1, negatives
 
     Shapes: query (N, d), key (N, d) (row i is the positive of query i); negatives (M, d) shared
     or (N, M, d) per query; neg_mask (N, M) or (M,) bool (True = use).  Returns a scalar
-    (``reduction='mean'``) or (N,) (``'none'``).
+    (``reduction='mean'``) or (N,) (``'none'``).  ``reduction='sum_in_log'`` is Kim et al.'s eq. 2 as written,
+    the sums over anchors inside the log: ``-log( sum_i exp(pos_i) / sum_i (exp(pos_i) + sum_{n in N_i}
+    exp(q_i.n/tau)) )``, one ratio for the batch.
     """
     if normalize:
         query = F.normalize(query, dim=-1)
@@ -203,6 +205,8 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, tau: float = 0.1, negatives
             neg = torch.where(neg_mask.expand_as(neg), neg, torch.full_like(neg, float("-inf")))
         cols.append(neg)
     logits = torch.cat(cols, dim=1)
+    if reduction == "sum_in_log":
+        return torch.logsumexp(logits.reshape(-1), dim=0) - torch.logsumexp(pos, dim=0)
     loss = torch.logsumexp(logits, dim=1) - pos
     if reduction == "none":
         return loss
@@ -211,7 +215,8 @@ def info_nce(query: torch.Tensor, key: torch.Tensor, tau: float = 0.1, negatives
 
 def cross_modal_contrastive(z_a: torch.Tensor, z_b: torch.Tensor, tau: float = 0.1,
                             negatives_a: Optional[torch.Tensor] = None, negatives_b: Optional[torch.Tensor] = None,
-                            neg_mask: Optional[torch.Tensor] = None, normalize: bool = True) -> torch.Tensor:
+                            neg_mask: Optional[torch.Tensor] = None, normalize: bool = True,
+                            reduction: str = "mean", directions: str = "mean") -> torch.Tensor:
     """Cross-modal contrastive loss of Kim et al. (ICCV 2021, eqs. 1-3), one domain at a time.
 
     Reading of eq. 2: each clip's feature in modality k is an anchor; its positive is the other
@@ -230,14 +235,14 @@ def cross_modal_contrastive(z_a: torch.Tensor, z_b: torch.Tensor, tau: float = 0
 
     Shapes: z_a, z_b (N, d) -> scalar.
     """
-    l_ab = info_nce(z_a, z_b, tau, negatives=negatives_b, neg_mask=neg_mask, normalize=normalize)
-    l_ba = info_nce(z_b, z_a, tau, negatives=negatives_a, neg_mask=neg_mask, normalize=normalize)
-    return 0.5 * (l_ab + l_ba)
+    l_ab = info_nce(z_a, z_b, tau, negatives=negatives_b, neg_mask=neg_mask, normalize=normalize, reduction=reduction)
+    l_ba = info_nce(z_b, z_a, tau, negatives=negatives_a, neg_mask=neg_mask, normalize=normalize, reduction=reduction)
+    return l_ab + l_ba if directions == "sum" else 0.5 * (l_ab + l_ba)
 
 
 def cross_domain_contrastive(anchors: torch.Tensor, anchor_labels: torch.Tensor, use: torch.Tensor,
                              keys: torch.Tensor, key_labels: torch.Tensor, tau: float = 0.1,
-                             normalize: bool = True) -> torch.Tensor:
+                             normalize: bool = True, reduction: str = "mean") -> torch.Tensor:
     """Cross-domain contrastive loss of Kim et al. (ICCV 2021, eqs. 4-6), one modality.
 
     Anchors are the target clips whose pseudo-label is confident (``use``: softmax of the two streams' averaged
@@ -248,8 +253,12 @@ def cross_domain_contrastive(anchors: torch.Tensor, anchor_labels: torch.Tensor,
 
         ``l_i = -log( sum_{j in P_i} phi_ij / sum_{j valid} phi_ij )``,
 
-    the per-anchor reading of eq. 5's ratio; the loss is the mean over confident anchors with at least one
-    positive (0 when there is none).
+    the per-anchor reading of eq. 5's ratio; the loss is ``sum_i l_i / A`` over the confident anchors with at least
+    one positive, A being every anchor of the batch (confident or not), so its strength grows with the share of
+    confident pseudo-labels: a few early confident clips, often of one class, do not get the weight of a full
+    batch (which drags every target clip to that class: the collapse ``tests/test_methods.py`` reproduces).  ``reduction='sum_in_log'`` is eq. 5 as written, the sums over the anchors
+    inside the log: ``-log( sum_i sum_{j in P_i} phi_ij / sum_i sum_{j valid} phi_ij )`` over those anchors, where an
+    anchor whose positives are far (a wrong pseudo-label) adds little to the numerator and so pulls little.
 
     Shapes: anchors (A, d), anchor_labels (A,) int, use (A,) bool, keys (M, d), key_labels (M,) int -> scalar.
     """
@@ -264,9 +273,15 @@ def cross_domain_contrastive(anchors: torch.Tensor, anchor_labels: torch.Tensor,
     pos_safe = torch.where(has_pos[:, None], pos, torch.ones_like(pos))
     valid_safe = torch.where(has_pos[:, None], valid, torch.ones_like(valid))
     neg_inf = torch.full_like(sim, float("-inf"))
+    if reduction == "sum_in_log":
+        rows = (use & has_pos)[:, None]
+        both = torch.logsumexp(torch.where(rows & valid_safe, sim, neg_inf).reshape(-1), dim=0)
+        positive = torch.logsumexp(torch.where(rows & pos_safe, sim, neg_inf).reshape(-1), dim=0)
+        any_row = rows.any()
+        return torch.where(any_row, both - torch.where(any_row, positive, both), torch.zeros_like(both))
     per_anchor = (torch.logsumexp(torch.where(valid_safe, sim, neg_inf), dim=1)
                   - torch.logsumexp(torch.where(pos_safe, sim, neg_inf), dim=1))
-    return _masked_mean(per_anchor, use & has_pos)
+    return (per_anchor * (use & has_pos).to(per_anchor.dtype)).sum() / max(1, per_anchor.shape[0])
 
 
 def memory_bank_rows(bank: torch.Tensor, idx: torch.Tensor, feats: torch.Tensor, momentum: float = 0.5,

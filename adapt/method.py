@@ -288,10 +288,15 @@ def load(ref) -> type:
     ``:ClassName``) or a module (``package.module:ClassName``, or the module's one Method subclass)."""
     from adapt.methods import REGISTRY
     if is_method_class(ref):
+        if ref.name not in REGISTRY or REGISTRY[ref.name] is not ref:  # a class given directly: named by its module
+            ref.reference = getattr(ref, "reference", None) or f"{ref.__module__}:{ref.__qualname__}"
+            _LOADED[ref.reference] = ref
         return ref
     text = str(ref)
     if text in REGISTRY:
         return REGISTRY[text]
+    if text in _LOADED:
+        return _LOADED[text]
     path, _, attr = text.partition(":")
     if path.endswith(".py") or Path(path).is_file():
         module = _module_from_file(Path(path), text)
@@ -310,7 +315,11 @@ def load(ref) -> type:
         raise UserError(f"--method {text}: its name {cls.name!r} is a built-in method's; give the class another "
                         f"name (name = \"my_{cls.name}\")")
     cls.reference = text
+    _LOADED[text] = cls
     return cls
+
+
+_LOADED: dict = {}  # reference -> class, for the methods of files and classes this process has loaded
 
 
 def _module_from_file(path: Path, text: str):

@@ -26,6 +26,21 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
     return 100.0 * float(topk_correct(scores, labels, k).float().mean())
 
 
+COLLAPSE_SHARE = 0.9   # an evaluation has collapsed when this share of its clips gets one class ...
+COLLAPSE_EVALS = 3     # ... that is at most half of the true labels; a run is told after this many in a row
+
+
+def collapsed(scores: torch.Tensor, labels: torch.Tensor) -> dict | None:
+    """{"class", "share"} when at least :data:`COLLAPSE_SHARE` of the clips are predicted as one class that is at
+    most half of the true labels (a method that lost every class but one), else None."""
+    pred = scores.argmax(-1)
+    counts = torch.bincount(pred, minlength=scores.shape[-1])
+    c = int(counts.argmax())
+    share = float(counts[c]) / max(1, len(pred))
+    truth = float((labels == c).float().mean()) if len(labels) else 0.0
+    return {"class": c, "share": round(share, 4)} if share >= COLLAPSE_SHARE and truth <= 0.5 else None
+
+
 def per_class_recall(scores: torch.Tensor, labels: torch.Tensor, classes: int) -> list:
     """Recall (%) of each class; None for classes absent from the labels."""
     pred = scores.argmax(dim=-1)

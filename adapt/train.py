@@ -123,7 +123,7 @@ class Training:
     :meth:`step`, :meth:`evaluate`, :meth:`record`, :meth:`finish`)."""
 
     def __init__(self, cfgs: list, pair: DomainPair, device: torch.device, console=None):
-        self.cfgs, self.cfg, self.pair, self.device = cfgs, cfgs[0], pair, device
+        self.cfgs, self.cfg, self.pair, self.device, self.console = cfgs, cfgs[0], pair, device, console
         self.names = [run_name(c) for c in cfgs]
         self.started = time.time()
         cfg = self.cfg
@@ -147,6 +147,7 @@ class Training:
         self.first_bad = torch.full((self.K, len(self.term_names)), -1, dtype=torch.int64, device=device)
         self.last_scores = None
         self.best: dict = {}  # run -> validator -> (step, value) of its best checkpoint so far
+        self.collapse: dict = {}  # run -> the evaluations at which its predictions had collapsed to one class
         self._challenge = None  # (split, scores) of the challenge's test split, once evaluated
 
     # ---- models: one per run, stacked ----------------------------------------------------------------------
@@ -429,8 +430,28 @@ class Training:
                 row["validators"] = checks[k]
                 if not (self.method.source_stage and step <= self.sched.stage1_steps):  # a source model is no choice
                     self._keep_best(k, step, checks[k], dirs[k])
+            one_class = metrics.collapsed(sc["verb"][k], ev.verb)
+            if one_class:
+                row["collapsed"] = one_class
             self.history[k].append(row)
             _append(dirs[k] / "metrics.jsonl", json.dumps(row))
+            self._warn_collapse(k)
+
+    def _warn_collapse(self, k: int) -> None:
+        """Say once, in one line, when run k's predictions have collapsed to one class for several evaluations in a
+        row (kept for final.json as ``collapse``)."""
+        rows = self.history[k]
+        last = rows[-metrics.COLLAPSE_EVALS:]
+        if k in self.collapse or len(last) < metrics.COLLAPSE_EVALS or not all("collapsed" in r for r in last):
+            return
+        if all("collapsed" in r for r in rows) and rows[-1]["step"] < self.sched.steps:
+            return  # a fresh model that has not yet learned more than one class; told at the end if it never does
+        c, share = last[-1]["collapsed"]["class"], last[-1]["collapsed"]["share"]
+        self.collapse[k] = {"class": c, "share": share, "steps": [r["step"] for r in last]}
+        if self.console is not None:
+            self.console.print(f"[yellow]warning:[/yellow] run {self.names[k]}: its predictions have collapsed to one "
+                               f"class (class {c}, {100 * share:.0f}% of the evaluation clips) at steps "
+                               f"{', '.join(str(r['step']) for r in last)}", highlight=False, soft_wrap=True)
 
     def _keep_best(self, k: int, step: int, checks: dict, d: Path) -> None:
         """The heads of the checkpoint each validator prefers so far (``best/<validator>.pt``, with its step), so
@@ -499,6 +520,7 @@ class Training:
         if self.nouns:
             for key in ("verb_top1", "noun_top1", "action_top1", "verb_top5", "noun_top5", "action_top5"):
                 final[key] = mean(key)
+        final["collapse"] = self.collapse.get(k)
         if h and "validators" in h[0]:
             final["validators_per_eval"] = {name: [r["validators"].get(name) for r in h]
                                             for name in h[0]["validators"]}

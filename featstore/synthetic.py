@@ -17,11 +17,16 @@ from featstore.schema import StoreAttrs
 from featstore.store import FeatureStore
 
 
-def make_store(path: Path, n: int, classes: int, units: int, shape: dict, shift: float, seed: int,
+def make_store(path: Path, n: int, classes: int, units: int, shape: dict, shift, seed: int,
                backbone: str = "i3d", nouns: int = 0, labelled: bool = True, failed: int = 0,
-               version: int = 2, chunk_clips: int | None = 64, noise: float = 1.5, by_chunk: bool = False) -> Path:
+               version: int = 2, chunk_clips: int | None = 64, noise: float = 1.5, by_chunk: bool = False,
+               domain: int | None = None, signal: dict | None = None) -> Path:
     """A complete store of ``n`` clips with ``units`` windows of ``shape[m]`` per modality; the first ``failed``
-    clips are recorded as failed instead.  Returns ``path``."""
+    clips are recorded as failed instead.  Returns ``path``.
+
+    ``shift``: the scale of the domain's style vector (a number, or one per modality: a kitchen's style in RGB,
+    little in flow); ``domain`` seeds that vector (default ``seed``: stores of one domain pass the same value);
+    ``signal``: per modality, the scale of the class prototypes (default 1)."""
     rng = np.random.default_rng(seed)
     proto_rng = np.random.default_rng(1234)  # class prototypes shared by every domain
     y = np.arange(n) % classes
@@ -37,7 +42,10 @@ def make_store(path: Path, n: int, classes: int, units: int, shape: dict, shift:
     for j, (m, s) in enumerate(shape.items()):
         protos = proto_rng.standard_normal((classes, *s)).astype(np.float32)
         nprotos = proto_rng.standard_normal((max(nouns, 1), *s)).astype(np.float32) * 0.5
-        dom = np.random.default_rng(seed * 31 + j).standard_normal(s).astype(np.float32) * shift
+        scale = shift[m] if isinstance(shift, dict) else shift
+        dom = np.random.default_rng((seed if domain is None else domain) * 31 + j).standard_normal(s) \
+            .astype(np.float32) * scale
+        protos = protos * (signal or {}).get(m, 1.0)
         means[m] = lambda rows, p=protos, q=nprotos, d=dom: p[y[rows]][:, None] + q[np.maximum(noun[rows], 0)][
             :, None] + d
 

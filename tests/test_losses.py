@@ -163,11 +163,12 @@ def _cross_domain_loop(fs, ys, ft, pt, ct, bank=None, blab=None, thr=0.8, tau=0.
         den = sum(math.exp(float(a @ c) / tau) for c, lc in cands)
         if num > 0:
             terms.append(-math.log(num / den))
-    return sum(terms) / len(terms) if terms else 0.0
+    return sum(terms) / len(ft)  # every anchor of the batch counts; unconfident ones add 0
 
 
 def test_cross_domain_contrastive_matches_loop():
-    """Kim et al. eq. 5: confident target anchors against the source bank's entries (empty slots ignored)."""
+    """Kim et al. eq. 5: confident target anchors against the source bank's entries (empty slots ignored), per
+    anchor, averaged over the batch's anchors; and as written, the sums over anchors inside the log."""
     torch.manual_seed(2)
     d = 4
     ft = torch.randn(5, d, dtype=torch.float64)
@@ -181,6 +182,16 @@ def test_cross_domain_contrastive_matches_loop():
     assert got.item() == pytest.approx(expect, rel=1e-9)
     got2 = losses.cross_domain_contrastive(ft, pt, ct > 0.8, bank, blab, tau=0.2)
     assert got2.item() == pytest.approx(_cross_domain_loop(bank[keep], blab[keep], ft, pt, ct, tau=0.2), rel=1e-9)
+    # eq. 5 as written: -log( sum_i sum_{P_i} phi / sum_i sum_valid phi ) over the confident anchors with a positive
+    f, b = _norm(ft), _norm(bank[keep])
+    num = den = 0.0
+    for a, la, c in zip(f, pt, ct):
+        pos = [math.exp(float(a @ k) / 0.1) for k, lk in zip(b, blab[keep]) if lk == la]
+        if c > 0.8 and pos:
+            num += sum(pos)
+            den += sum(math.exp(float(a @ k) / 0.1) for k in b)
+    got3 = losses.cross_domain_contrastive(ft, pt, ct > 0.8, bank, blab, tau=0.1, reduction="sum_in_log")
+    assert got3.item() == pytest.approx(-math.log(num / den), rel=1e-9)
 
 
 def test_cross_domain_contrastive_no_confident_anchor_is_zero_without_nan():
