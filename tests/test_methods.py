@@ -131,8 +131,8 @@ def test_settings_that_cannot_train_are_refused_in_one_line():
                              ("mmsada", {"embed_dim": "0"}, "embed_dim=0"), ("mmsada", {"w_adv": "-1"}, "w_adv=-1"),
                              ("mmsada", {"eval_every": "0"}, "eval_every=0"), ("mmsada", {"form": "nope"},
                                                                               "form='nope'"),
-                             ("mmsada", {"steps": "100"}, "leaves no stage 2"),
-                             ("contrastive", {"tau": "0"}, "tau=0"), ("mcd", {"mcd_form": "x"}, "mcd_form='x'"),
+                             ("mmsada", {"steps": "100", "stage1_steps": "100"}, "leaves no stage 2"),
+                             ("contrastive", {"tau": "0"}, "tau=0.0"), ("mcd", {"mcd_form": "x"}, "mcd_form='x'"),
                              ("shot", {"stage1_epochs": "3"}, "stage1_epochs=3")]:
         with pytest.raises(C.UserError, match=re.escape(msg)):
             C.resolve(method, "mmsada", bad)

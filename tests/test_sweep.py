@@ -315,8 +315,8 @@ def test_report_select_on_a_sweep_with_held_out_source_clips(root, tmp_path):
     b = Path(root) / "i3d"
     spec = {"methods": ["dann"], "pairs": [[str(b / "S_train.zarr"), str(b / "T_train.zarr"),
                                             str(b / "T_test.zarr")]], "seeds": [0, 1], "out": str(tmp_path / "a"),
-            "set": {"steps": 12, "stage1_steps": 4, "eval_every": 4, "batch_source": 8, "batch_target": 8,
-                    "source_holdout": 0.25}, "grid": {"w_adv": [0.5, 1.0]}}
+            "set": {"steps": 12, "stage1_steps": 4, "eval_every": 4, "last_eval_every": 4, "batch_source": 8,
+                    "batch_target": 8, "source_holdout": 0.25}, "grid": {"w_adv": [0.5, 1.0]}}
     S.run_sweep(spec, progress=False)
     final = json.loads(next((tmp_path / "a").glob("dann_*_s0_*/final.json")).read_text())
     assert set(final["validators_per_eval"]) == {"source_val", "entropy", "im", "snd", "dev"}
