@@ -70,20 +70,26 @@ def register(command, console):
         modalities: Optional[str] = typer.Option(None, help="Comma-separated subset, e.g. rgb,flow."),
         challenge: Optional[str] = typer.Option(None, help="EPIC-100: store to predict for the challenge test.json."),
         set_: List[str] = typer.Option([], "--set", help="Change any setting: --set w_adv=0 --set sc=false."),
-        settings: bool = typer.Option(False, "--settings", help="Print every setting with its resolved value."),
+        dataset: Optional[str] = typer.Option(None, "--dataset", help="Whose base to start from: epic100 (the TA3N "
+                                                                       "baseline's code) or mmsada (MM-SADA's code; "
+                                                                       "default: the source store's dataset)."),
+        settings: bool = typer.Option(False, "--settings", help="Print every setting with its resolved value, by "
+                                                                "owner, and the schedule that will run."),
         quiet: bool = typer.Option(False, help="No progress bar."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a complete run in the same folder."),
     ):
         """Train adaptation heads on cached features and report target accuracy as the papers do."""
         from adapt import config as C
-        from featstore.paths import resolve_store
         from adapt.train import train
+        from featstore.paths import locate
         backbone = backbone or _store_backbone(source) or "i3d"
-        _, dataset = resolve_store(source, "train", backbone, features_root)
+        _, found, why = locate(source, "train", backbone, features_root)
+        base, why = (dataset, "--dataset") if dataset else (found, f"the source: {why}")
         given = dict(backbone=backbone, seed=seed, steps=steps, features_root=features_root, out=out, device=device,
                      eval=eval, challenge=challenge, memory_budget=memory_budget,
                      modalities=[m for m in (modalities or "").split(",") if m] or None)
-        cfg = C.resolve(method, dataset, C.parse_sets(set_), source=source, target=target, **given)
+        cfg = C.resolve(method, base, C.parse_sets(set_), source=source, target=target, **given)
+        console.print(f"dataset base: {C.base_name(base)} ({why})", highlight=False, soft_wrap=True)
         if settings:
             print(C.settings_text(cfg))
             print(C.schedule_text(cfg))
@@ -117,10 +123,13 @@ def register(command, console):
         features_name: str = typer.Option("", help="A name for how the features were made; stores to be used "
                                                    "together must carry the same name."),
         overwrite: bool = typer.Option(False, help="Replace an existing store."),
+        dataset: Optional[str] = typer.Option(None, "--dataset", help="The store's dataset, whose base training "
+                                                                       "takes (default: the manifest's; EPIC-100 "
+                                                                       "for the challenge's pickles)."),
     ):
         """Import features you already have (EPIC-100 UDA challenge pickles, HDF5) into a feature store."""
         from adapt.importer import import_features
-        store = import_features(path, manifest, out, backbone, features_name, overwrite)
+        store = import_features(path, manifest, out, backbone, features_name, overwrite, dataset)
         console.print(f"wrote {store.num_clips} clips ({', '.join(store.modalities)}) to {out}")
 
     @command("sweep")

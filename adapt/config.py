@@ -83,6 +83,8 @@ class RunSettings:
     device: str = "auto"
     memory_budget: typing.Optional[str] = None  # "24G": stores that do not fit are streamed; none = what is free
     form: str = one_of("code", "paper")  # where a paper and its released code differ (adapt/methods)
+    dataset: str = ""                # whose base the run starts from (adapt/datasets.py): epic100 | mmsada | demo |
+                                     # custom (= mmsada's); set from --dataset or the source store
     # schedule (MM-SADA code: stage 1 = 3K steps, stage 2 = 6K steps restored from it; batch 64 + 64)
     steps: int = positive(9000)
     epochs: typing.Optional[int] = positive(None)  # when set: steps = epochs x steps per epoch (TA3N)
@@ -305,7 +307,9 @@ def resolve(method, dataset: str, overrides: dict | None = None, **given):
     from adapt.method import FORMS, load, preset, reference_of
     m = load(method)
     cls = config_class(m)
-    cfg = cls(method=reference_of(m))
+    if dataset not in datasets.KNOWN:
+        raise UserError(f"--dataset {dataset}: one of {', '.join(datasets.KNOWN)}")
+    cfg = cls(method=reference_of(m), dataset=dataset)
     backbone = given.get("backbone") or cfg.backbone
     form = (overrides or {}).get("form") or given.get("form") or cfg.form
     if form not in FORMS:
@@ -342,6 +346,13 @@ def from_saved(saved: dict):
     cls = config_class(load(saved.get("method", "source_only")))
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in saved.items() if k in names})
+
+
+def base_name(dataset: str) -> str:
+    """How a dataset's base reads in the run's first line."""
+    return {"epic100": "epic100 (the TA3N baseline's code)", "mmsada": "mmsada (MM-SADA's code)",
+            "demo": "demo (MM-SADA's code, 150 steps)",
+            "custom": "mmsada (MM-SADA's code; --dataset epic100 for TA3N's)"}.get(dataset, dataset)
 
 
 def settings_text(cfg) -> str:

@@ -234,7 +234,7 @@ def memory_needs(cfg, stores: dict, modalities: list[str]) -> tuple[dict, dict]:
     plus the one in use, of the units the heads see (``eval_batch`` clips for the evaluation store)."""
     sizes = {r: memory_bytes(st, modalities, cfg.spatial, cfg.feature_form) for r, st in stores.items()}
     n = {r: _done_clips(st) for r, st in stores.items()}
-    bt = cfg.batch_target or max(1, cfg.batch_source * n["target"] // max(1, n["source"]))
+    bt = cfg.batch_target if cfg.batch_target is not None else max(1, cfg.batch_source * n["target"] // max(1, n["source"]))
     batch = {"source": cfg.batch_source, "target": bt, "eval": cfg.eval_batch}
     batch = {r: min(b, max(1, n[r])) for r, b in batch.items()}
     units = 1 if cfg.backbone == "i3d" else cfg.segments

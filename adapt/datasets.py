@@ -101,6 +101,7 @@ EPIC100_BASE = facts(
 
 
 BASES = {"mmsada": EPIC55_BASE, "epic100": EPIC100_BASE}
+KNOWN = ("mmsada", "epic100", "demo", "custom")  # custom: stores of no registered dataset, EPIC-55's base
 DEMO_STEPS = 150
 DEMO = {"standardise": True}
 

@@ -65,8 +65,11 @@ def read_hdf5(path: Path) -> tuple[dict, list]:
 
 
 def import_features(path: str | Path, manifest: str | Path, out: str | Path, backbone: str = "tbn",
-                    features_name: str = "", overwrite: bool = False) -> FeatureStore:
-    """Write the features of ``path`` (pickle or HDF5) for the clips of ``manifest`` into a new store ``out``."""
+                    features_name: str = "", overwrite: bool = False, dataset: str | None = None) -> FeatureStore:
+    """Write the features of ``path`` (pickle or HDF5) for the clips of ``manifest`` into a new store ``out``.
+
+    The store's dataset (whose base the trainer takes): ``dataset`` when given, else the manifest's when it is a
+    registered split (or one of its original files), else EPIC-100's for the challenge's pickles, else none."""
     path, out = Path(path), Path(out)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
@@ -104,6 +107,8 @@ def import_features(path: str | Path, manifest: str | Path, out: str | Path, bac
         backbone=backbone, checkpoints={m: None for m in feats},
         sampling={"backbone": backbone, "segments": int(next(iter(segs))), "imported": True},
         preprocessing={"imported": features_name or "epic100-uda-challenge"}, manifest_name=split.name,
+        dataset=dataset or (split.dataset if split.dataset != "custom" else
+                            "epic100" if path.suffix not in (".h5", ".hdf5") else None),
         manifest_sha256=M.manifest_sha256(rows), verb_classes=verbs, noun_classes=nouns,
         split_kind=M.split_kind_of(split.name), imported_from={"file": str(path), "sha256": file_sha})
     store = FeatureStore.create(out, rows, shapes, attrs, overwrite=overwrite)

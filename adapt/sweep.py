@@ -433,7 +433,7 @@ def run_sweep(spec: dict | str | Path, console=None, max_stack: int = MAX_STACK,
                     tags = sorted({r.cfg.tag for r in stack if r.cfg.tag})
                     shown = f" ({'; '.join(tags)})" if tags else ""
                     console.print(escape(f"{who}[{i + 1}/{len(order)}] {cfg0.method} {todo[0].pair}{shown}: "
-                                         f"{len(stack)} run(s) stacked"))
+                                         f"{len(stack)} run(s) stacked ({cfg0.dataset} base)"))
                 try:
                     T.train([r.cfg for r in stack], console, progress, pair=cached_pair, overwrite=True)
                     trained.extend(r.name for r in stack)

@@ -329,10 +329,11 @@ class Split:
         return read_manifest(self.path, self.verb_classes, nouns)
 
     def class_counts(self, df: pd.DataFrame) -> tuple[int, int]:
-        """(verb classes, noun classes) of this split's class space."""
-        verbs = self.verb_classes or (int(df["verb_class"].max()) + 1 if (df["verb_class"] >= 0).any() else 0)
-        nouns = self.noun_classes or 0
-        return verbs, nouns
+        """(verb classes, noun classes) of this split's class space: a registered split's, else counted from the
+        file (the largest id + 1; 0 for a column with no label)."""
+        def counted(col):
+            return int(df[col].max()) + 1 if len(df) and (df[col] >= 0).any() else 0
+        return self.verb_classes or counted("verb_class"), self.noun_classes or counted("noun_class")
 
 
 def split_kind_of(name: str) -> str:
@@ -366,6 +367,11 @@ def resolve_split(name_or_path: str | Path) -> Split:
         for name, e in registry["splits"].items():  # a registered split's file given by its path
             if (MANIFEST_DIR / e["file"]).resolve() == path.resolve():
                 return resolve_split(name)
+        for name, e in registry["splits"].items():  # an original annotation file (the challenge's pickles, ...)
+            if e.get("original") and e["original"] == path.name and e["dataset"] != "demo":
+                known = resolve_split(name)  # its split's class space, dataset, domain and kind; this file's rows
+                return Split(name, path, known.dataset, known.domain, known.labelled, known.verb_classes,
+                             known.noun_classes, known.info)
         meta = path.parent / "classes.json"  # a manifest of the demo layout (classes.json beside it)
         verbs = json.loads(meta.read_text()).get("verb_classes") if meta.is_file() else None
         return Split(path.stem, path, verb_classes=verbs)

@@ -36,21 +36,35 @@ def resolve_store(name: str, role: str, backbone: str, features_root: str | Path
     """A domain (``D1``), split (``D1_train``) or store path (``x.zarr``) -> (store path, dataset name).
 
     ``role`` is 'train' or 'test' and picks the split of a domain."""
+    path, dataset, _ = locate(name, role, backbone, features_root)
+    return path, dataset
+
+
+def locate(name: str, role: str, backbone: str, features_root: str | Path) -> tuple[Path, str, str]:
+    """(store path, dataset, why that dataset) of a domain, split or store path."""
     text = str(name)
     registry = M.load_registry()
     if text.endswith(".zarr") or Path(text).is_dir():
-        return Path(text), _dataset_of_store(Path(text), registry)
+        dataset, why = _dataset_of_store(Path(text), registry)
+        return Path(text), dataset, why
     if text in registry["domains"]:
         dom = registry["domains"][text]
-        return split_store(features_root, backbone, dom[role]), dom["dataset"]
+        return split_store(features_root, backbone, dom[role]), dom["dataset"], f"{text} is a {dom['dataset']} domain"
     if text in registry["splits"]:
-        return split_store(features_root, backbone, text), registry["splits"][text]["dataset"]
+        ds = registry["splits"][text]["dataset"]
+        return split_store(features_root, backbone, text), ds, f"{text} is a {ds} split"
     raise UserError(f"unknown domain, split or store {text!r}: one of {', '.join(registry['domains'])}, "
                     f"a split name, or a path to a .zarr store")
 
 
-def _dataset_of_store(path: Path, registry: dict) -> str:
-    """The dataset of a store's manifest (its ``manifest_name`` attribute, a registered split), else "custom"."""
-    name = store_attrs(path).get("manifest_name")
+def _dataset_of_store(path: Path, registry: dict) -> tuple[str, str]:
+    """The dataset of a store: its manifest's (a registered split), else the one its producer recorded (an
+    import of EPIC-100 challenge features), else "custom"; and why."""
+    attrs = store_attrs(path)
+    name = attrs.get("manifest_name")
     entry = registry["splits"].get(str(name)) if name else None
-    return entry["dataset"] if entry else "custom"
+    if entry:
+        return entry["dataset"], f"its clips are the {entry['dataset']} split {name}"
+    if attrs.get("dataset"):
+        return attrs["dataset"], f"recorded by its producer ({attrs['dataset']})"
+    return "custom", "its manifest is no registered split"

@@ -2,8 +2,10 @@
 
 import json
 import pickle
+from pathlib import Path
 
 import h5py
+import torch
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -90,3 +92,77 @@ def test_train_on_imported_epic100_features(tmp_path):
     assert {"verb_top1", "noun_top1", "action_top1"} <= set(final)
     saved = json.loads((tmp_path / "runs" / "ta3n_s-t_s0" / "config.json").read_text())
     assert saved["verb_classes"] == 97 and saved["noun_classes"] == 300 and saved["temporal"] == "trn"
+
+
+ANNOTATIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "manifests" / "epic100" / "UDA_annotations"
+
+
+def test_the_real_epic100_annotation_files_by_path_import_as_epic100(tmp_path):
+    """The challenge's own annotation files given by path: EPIC-100's class space (97 verbs, 300 nouns), the split's
+    kind and the EPIC-100 base; then TA3N with verb and noun heads and the challenge's test.json, from the command
+    line, whose first line says which base it took and why."""
+    from pathlib import Path as P
+    files = {"source_train": "EPIC_100_uda_source_train.pkl", "target_train": "EPIC_100_uda_target_train_timestamps.pkl",
+             "target_val": "EPIC_100_uda_target_val.pkl", "target_test": "EPIC_100_uda_target_test_timestamps.pkl"}
+    runner = CliRunner()
+    for i, (split, original) in enumerate(files.items()):
+        challenge_pickle(tmp_path / f"{split}.pkl", split, 40 if split != "target_test" else 16, i,
+                         shift=0.3 * (split != "source_train"))
+        res = runner.invoke(app, ["import-features", str(tmp_path / f"{split}.pkl"), "--manifest",
+                                  str(ANNOTATIONS / original), "--out", str(tmp_path / f"{split}.zarr")])
+        assert res.exit_code == 0, res.output
+        st = FeatureStore.open(tmp_path / f"{split}.zarr")
+        assert (st.attrs["verb_classes"], st.attrs["noun_classes"]) == (97, 300), split
+        assert st.attrs["split_kind"] == ("train" if split.endswith("_train") else "test")
+        assert st.attrs["manifest_name"] == split and P(st.attrs.get("dataset", "")).name == "epic100"
+    args = ["train", "--method", "ta3n", "--source", str(tmp_path / "source_train.zarr"), "--target",
+            str(tmp_path / "target_train.zarr"), "--eval", str(tmp_path / "target_val.zarr"), "--challenge",
+            str(tmp_path / "target_test.zarr"), "--out", str(tmp_path / "runs"), "--quiet", "--steps", "6",
+            "--set", "batch_source=8", "--set", "embed_dim=32", "--set", "validators=false"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[0].startswith("dataset base: epic100 (the TA3N baseline's code) (the source: its "
+                                                 "clips are the epic100 split source_train)")
+    run = tmp_path / "runs" / "ta3n_source_train-target_train_s0"
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["verb_classes"], saved["noun_classes"], saved["dataset"]) == (97, 300, "epic100")
+    heads = torch.load(run / "heads.pt")
+    assert heads["classifier.rgb+flow+audio.noun.weight"].shape[0] == 300
+    doc = json.loads((run / "test.json").read_text())
+    assert len(doc["results"]) == 16 and len(next(iter(doc["results"].values()))["noun"]) == 300
+
+
+def test_noun_classes_of_a_users_manifest_are_kept_and_the_base_can_be_chosen(tmp_path):
+    """A manifest of the user's own (not a registered split) with a noun column: the store counts its nouns as it
+    counts its verbs and the model gets noun heads; an import of challenge pickles takes EPIC-100's base unless told
+    otherwise, and `--dataset` chooses."""
+    table = M.resolve_split("source_train").read().head(40).copy()
+    table.to_csv(tmp_path / "mine.csv", index=False)
+    challenge_pickle(tmp_path / "s.pkl", "source_train", 40, 0)
+    st = import_features(tmp_path / "s.pkl", tmp_path / "mine.csv", tmp_path / "s.zarr")
+    assert st.attrs["verb_classes"] == int(table["verb_class"].max()) + 1
+    assert st.attrs["noun_classes"] == int(table["noun_class"].max()) + 1 > 0
+    assert st.attrs["dataset"] == "epic100"
+    from featstore.paths import locate
+    assert locate(str(tmp_path / "s.zarr"), "train", "tbn", "features")[1:] == ("epic100", "recorded by its "
+                                                                                "producer (epic100)")
+    st = import_features(tmp_path / "s.pkl", tmp_path / "mine.csv", tmp_path / "m.zarr", dataset="mmsada")
+    assert locate(str(tmp_path / "m.zarr"), "train", "tbn", "features")[1] == "mmsada"
+    res = CliRunner().invoke(app, ["train", "--method", "source_only", "--source", str(tmp_path / "m.zarr"),
+                                   "--target", str(tmp_path / "s.zarr"), "--eval", str(tmp_path / "s.zarr"),
+                                   "--dataset", "epic100", "--settings"])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[0] == "dataset base: epic100 (the TA3N baseline's code) (--dataset)"
+    assert "epochs = 30" in res.output and "[schedule, from the stores' sizes: 40 source and 40 target clips]" in \
+        res.output and "steps = 30 = 30 epochs x 1" in res.output
+
+
+def test_an_explicit_steps_is_the_presets_schedule_in_that_many_steps(tmp_path):
+    cfg = C.resolve("ta3n", "epic100", None, steps=600)                  # 30 epochs -> 600 steps
+    assert (cfg.steps, cfg.epochs, cfg.lr_epochs, cfg.lr_steps, cfg.eval_every) == (600, None, [], [180, 380], 20)
+    cfg = C.resolve("mmsada", "mmsada", {"steps": "900"})                # 3K + 6K -> 300 + 600, the last 9 at 5 apart
+    assert (cfg.steps, cfg.stage1_steps, cfg.last_eval_every) == (900, 300, 5)
+    cfg = C.resolve("mmsada", "mmsada", {"steps": "900", "stage1_steps": "100"})  # what is given is taken as given
+    assert cfg.stage1_steps == 100
+    with pytest.raises(UserError, match="steps=600 and epochs=3 both given"):
+        C.resolve("ta3n", "epic100", {"epochs": "3"}, steps=600)

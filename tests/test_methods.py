@@ -194,7 +194,7 @@ def test_shot_schedule_two_stages_of_their_own_batches_annealed_in_each():
     ("target_only", "mmsada", {"target_cls": 1.0}, {"target_cls": 0.2}),
     ("mmd", "mmsada", {"cls": 1.0}, {"cls": 0.2, "mmd": 0.2}),
     ("mcd", "mmsada", {"cls": 1.0}, {"cls": 0.2, "mcd": 0.2}),
-    ("dann", "mmsada", {"cls": 1.0}, {"cls": 0.2, "video_adv": 1.0}),
+    ("dann", "mmsada", {"cls": 1.0}, {"cls": 0.2, "adv": 1.0}),           # submit_adversarial.sh
     ("cdan", "mmsada", {"cls": 1.0}, {"cls": 0.2, "cdan": 1.0}),
     ("mmsada", "mmsada", {"cls": 1.0, "corr": 5.0}, {"cls": 0.2, "adv": 1.0, "corr": 1.0}),
     ("shot", "mmsada", {"cls": 1.0}, {"im": 1.0, "pseudo": 0.3}),

@@ -27,17 +27,36 @@ from adapt import losses, parts
 from adapt.config import positive
 from adapt.method import Method, MethodSettings, facts, term
 
+MM, TA = "MM-SADA-code ", "EPIC-KITCHENS-100_UDA_TA3N "
+EPIC55 = {"when": {"dataset": ("mmsada", "custom", "demo")}}
+E100 = {"when": {"dataset": "epic100"}}
+
 
 class DANN(Method):
     name = "dann"
     title = "DANN, Ganin et al. 2016"
     citation = "Y. Ganin et al. Domain-Adversarial Training of Neural Networks. JMLR 2016."
-    composition = "GRL + one discriminator on the concatenated video features"
+    composition = ("MM-SADA's adversarial-only run: a discriminator per modality, GRL 0.2 (EPIC-55); TA3N's video "
+                   "level (EPIC-100); Ganin et al.'s one discriminator, CE 1, annealed lr as form=paper")
     facts = facts(
-        ("w_video_adv", 1.0, "DANN eq. 9 (lambda weighs the reversed gradient; the loss enters with 1)"),
-        ("beta_video", 1.0, "DANN sec. 5.2.2 (lambda from 0 to 1)"),
-        ("grl_gamma", 10.0, "DANN sec. 5.2.2 (gamma = 10)"),
+        ("w_adv", 1.0, MM + "scripts/submit_adversarial.sh:24 (domain_mode DANN); model.py:422-441, 641-643 (one "
+                            "discriminator per modality, their CEs summed, weight 1)", EPIC55),
+        ("beta_adv", 0.2, MM + "scripts/submit_adversarial.sh:24 (--lambda_in=0.2); train.py:116-117", EPIC55),
+        ("w_video_adv", 1.0, TA + "models.py:720; main.py:591 (the video-level discriminator of its code)", E100),
+        ("beta_video", 0.75, TA + "script_test_ta3n.sh:64 (beta for the video level)", E100),
+        # Ganin et al.'s own: one discriminator, CE weight 1, from the first step, the learning rate annealed
+        ("w_adv", 0.0, "DANN paper: one discriminator", {"form": "paper"}),
+        ("w_video_adv", 1.0, "DANN eq. 9 (the domain loss enters with weight 1)", {"form": "paper"}),
+        ("beta_video", 1.0, "DANN sec. 5.2.2 (lambda from 0 to 1)", {"form": "paper"}),
+        ("grl_gamma", 10.0, "DANN sec. 5.2.2 (gamma = 10)", {"form": "paper"}),
+        ("w_cls", 1.0, "DANN eq. 9 (the label loss with weight 1)", {"form": "paper"}),
+        ("w_cls_stage1", None, "DANN: one stage", {"form": "paper"}),
+        ("stage1_steps", 0, "DANN: one stage", {"form": "paper"}),
+        ("lr_anneal", 10.0, "DANN sec. 5.2.2 (mu_p = mu_0 / (1 + 10 p)^0.75)", {"form": "paper"}),
+        ("lr_anneal_power", 0.75, "DANN sec. 5.2.2", {"form": "paper"}),
     )
+    differences = ("MM-SADA's adversarial-only run starts stage 2 from its stage-1 model ('PretrainM', source CE with "
+                   "target clips in the batch), as every EPIC-55 method here does.",)
 
     @dataclass
     class Settings(MethodSettings):

@@ -8,13 +8,20 @@ the base class itself (:class:`adapt.method.Method`): the video model and the cl
 
 from adapt.method import Method, facts
 
+EPIC55 = {"when": {"dataset": ("mmsada", "custom", "demo")}}  # MM-SADA's code (D1/D2/D3 and the demo kitchens)
+
 
 class SourceOnly(Method):
     name = "source_only"
     title = "no adaptation (MM-SADA Table 1; the EPIC-100 baseline's source-only script)"
     composition = "the dataset's base model, classification loss only"
     facts = facts(
-        (None, "no target clips in the batch", "MM-SADA-code src/train/train.py:35-40 (domain_mode Pretrain/None)"),
-        (None, "TA3N model, use_target none", "EPIC-KITCHENS-100_UDA_TA3N script_test_sourceonly.sh:17, 87-103"),
+        ("batch_source", 128, "MM-SADA-code src/train/train.py:35-40; training_loops.py:260-262 (domain_mode "
+                              "Pretrain / None: every tower takes source clips, 128 a step)", EPIC55),
+        ("batch_target", 0, "MM-SADA-code src/train/training_loops.py:260-262 (no target clip)", EPIC55),
+        (None, "TA3N model, use_target none; target clips forwarded, unused", "EPIC-KITCHENS-100_UDA_TA3N "
+                                                                            "script_test_sourceonly.sh:17, 87-103; "
+                                                                            "main.py:329, 446"),
     )
-    differences = ("Target clips are still drawn each step (they change nothing: no head uses them).",)
+    differences = ("On EPIC-100 the target clips are drawn and forwarded as TA3N's code does (its epoch is the "
+                   "shorter loader's), and change nothing.",)
