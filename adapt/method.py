@@ -309,8 +309,8 @@ def load(ref) -> type:
         raise UserError(f"unknown method {text!r}: one of {', '.join(REGISTRY)}, a file path/to/method.py or "
                         f"package.module:ClassName")
     cls = _pick(module, attr, text)
-    if not cls.name:
-        cls.name = Path(path).stem if path.endswith(".py") else cls.__name__.lower()
+    if not vars(cls).get("name"):  # its own name, else the class's (file:Class, module:Class) or the file's
+        cls.name = cls.__name__.lower() if attr or not path.endswith(".py") else Path(path).stem
     if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
         raise UserError(f"--method {text}: its name {cls.name!r} is a built-in method's; give the class another "
                         f"name (name = \"my_{cls.name}\")")
