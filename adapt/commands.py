@@ -80,14 +80,19 @@ def register(command, console):
     ):
         """Train adaptation heads on cached features and report target accuracy as the papers do."""
         from adapt import config as C
+        from adapt.data import parse_bytes
         from adapt.train import train
         from featstore.paths import locate
+        if memory_budget is not None:
+            parse_bytes(memory_budget)
         backbone = backbone or _store_backbone(source) or "i3d"
         _, found, why = locate(source, "train", backbone, features_root)
         base, why = (dataset, "--dataset") if dataset else (found, f"the source: {why}")
+        mods = [m.strip() for m in (modalities or "").split(",") if m.strip()]
+        if modalities is not None and not mods:
+            raise UserError(f"--modalities {modalities!r}: names no modality (e.g. rgb,flow)")
         given = dict(backbone=backbone, seed=seed, steps=steps, features_root=features_root, out=out, device=device,
-                     eval=eval, challenge=challenge, memory_budget=memory_budget,
-                     modalities=[m for m in (modalities or "").split(",") if m] or None)
+                     eval=eval, challenge=challenge, memory_budget=memory_budget, modalities=mods or None)
         cfg = C.resolve(method, base, C.parse_sets(set_), source=source, target=target, **given)
         console.print(f"dataset base: {C.base_name(base)} ({why})", highlight=False, soft_wrap=True)
         if settings:

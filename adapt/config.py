@@ -77,8 +77,8 @@ class RunSettings:
     features_root: str = "features"
     out: str = "runs"
     modalities: list = listed()      # empty: every modality the stores share
-    seed: int = 0
-    tag: str = ""                    # distinguishes runs of one method and pair (set by sweeps)
+    seed: int = non_negative(0)
+    tag: str = ""                    # distinguishes runs of one method and pair (set by sweeps); names a folder
     challenge: str = ""              # EPIC-100: a store to predict for the challenge's test.json
     device: str = "auto"
     memory_budget: typing.Optional[str] = None  # "24G": stores that do not fit are streamed; none = what is free
@@ -281,8 +281,19 @@ def check(cfg) -> None:
         if rule == "probability" and not (number and 0 <= v < 1):
             raise UserError(f"{f.name}={v!r}: must be in [0, 1)")
     for k in ("lr_steps", "lr_epochs"):
-        if any(not isinstance(s, (int, float)) or s < 0 for s in getattr(cfg, k)):
-            raise UserError(f"{k}={getattr(cfg, k)!r}: expected a list of non-negative numbers, e.g. 3000,6000")
+        v = getattr(cfg, k)
+        if any(not isinstance(s, (int, float)) or isinstance(s, bool) or s < 0 for s in v):
+            raise UserError(f"{k}={v!r}: expected a list of non-negative numbers, e.g. 3000,6000")
+        if list(v) != sorted(v):
+            raise UserError(f"{k}={v!r}: the learning-rate milestones must be in ascending order")
+    if cfg.lr_steps and not cfg.epochs and max(cfg.lr_steps) >= cfg.steps:
+        raise UserError(f"lr_steps={cfg.lr_steps!r}: a milestone at or past the last step ({cfg.steps}) never acts")
+    if cfg.lr_epochs and cfg.epochs and (min(cfg.lr_epochs) < 1 or max(cfg.lr_epochs) > cfg.epochs):
+        raise UserError(f"lr_epochs={cfg.lr_epochs!r}: epochs count from 1 to epochs={cfg.epochs} (the decay acts "
+                        f"at the start of each)")
+    if "/" in cfg.tag or "\\" in cfg.tag or cfg.tag in (".", ".."):
+        raise UserError(f"tag={cfg.tag!r}: a tag names the run's folder inside --out; no / or \\ (use letters, "
+                        f"digits, = , . _ -)")
     if cfg.source_holdout and cfg.source_val:
         raise UserError("source_holdout and source_val both set: hold out source clips or give a source validation "
                         "store, not both")
@@ -295,6 +306,9 @@ def check(cfg) -> None:
         raise UserError(f"stage1_steps={cfg.stage1_steps} leaves no stage 2 in {cfg.steps} steps: the method's "
                         f"terms {', '.join(t.name for t in later)} would never act (lower stage1_steps or raise "
                         f"steps)")
+    if cfg.memory_budget is not None:
+        from adapt.data import parse_bytes
+        parse_bytes(cfg.memory_budget)
     if (cfg.mc or cfg.sc) and not cfg.spatial:
         cfg.spatial = True
 

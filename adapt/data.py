@@ -13,6 +13,7 @@ groups, evaluation takes the centre of each group: 2, 7, 12, 17, 22, as TA3N).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,12 +180,14 @@ def parse_bytes(text: str) -> int:
     """'24G', '512M', '1.5GB', '2e9' -> bytes (powers of 1024 for K/M/G/T)."""
     t = str(text).strip().upper().removesuffix("B").removesuffix("I")
     scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    bad = UserError(f"--memory-budget {text!r}: expected a positive size such as 24G, 512M or a number of bytes")
     try:
-        if t and t[-1] in scale:
-            return int(float(t[:-1]) * scale[t[-1]])
-        return int(float(t))
+        value = float(t[:-1]) * scale[t[-1]] if t and t[-1] in scale else float(t)
     except ValueError:
-        raise UserError(f"--memory-budget {text!r}: expected a size such as 24G, 512M or a number of bytes") from None
+        raise bad from None
+    if not math.isfinite(value) or value <= 0:
+        raise bad
+    return int(value)
 
 
 def default_budget(device: torch.device) -> tuple[int, str]:
@@ -251,6 +254,24 @@ def memory_needs(cfg, stores: dict, modalities: list[str]) -> tuple[dict, dict]:
     return sizes, need
 
 
+def evaluation_store(cfg) -> Path:
+    """The evaluation store: ``eval``, else the target domain's test split (a domain name by the registry; a store
+    path by its manifest: the domain's test split beside it, when that store is there), else the target itself."""
+    from featstore import manifests as M
+    from featstore.paths import store_attrs
+    ev, _ = resolve_store(cfg.eval or cfg.target, "test", cfg.backbone, cfg.features_root)
+    if cfg.eval or not (str(cfg.target).endswith(".zarr") or Path(str(cfg.target)).is_dir()):
+        return ev
+    name = store_attrs(ev).get("manifest_name")
+    registry = M.load_registry()
+    for dom in registry["domains"].values():
+        if dom["train"] == name and dom.get("test"):
+            beside = Path(str(cfg.target)).parent / f"{dom['test']}.zarr"
+            if beside.exists():
+                return beside
+    return ev
+
+
 class DomainPair:
     """Source (labelled), target (unlabelled) and evaluation stores, checked to fit together; each read into
     memory, or streamed when the stores do not fit the memory budget (``memory_budget``, :func:`plan_memory`)."""
@@ -258,8 +279,13 @@ class DomainPair:
     def __init__(self, cfg, device: torch.device):
         src, ds = resolve_store(cfg.source, "train", cfg.backbone, cfg.features_root)
         tgt, dt = resolve_store(cfg.target, "train", cfg.backbone, cfg.features_root)
-        ev, _ = resolve_store(cfg.eval or cfg.target, "test", cfg.backbone, cfg.features_root)
+        ev = evaluation_store(cfg)
         self.dataset = ds if ds == dt else "custom"
+        same = lambda a, b: Path(a).resolve() == Path(b).resolve()  # noqa: E731
+        if same(src, tgt):
+            raise UserError(f"{src}: the source and the target are the same store; adaptation needs two domains")
+        if same(src, ev):
+            raise UserError(f"{ev}: the evaluation store is the source's own; give the target's test split (--eval)")
         for p in (src, tgt, ev):
             demo = Path(cfg.features_root) / "demo" / Path(p).relative_to(cfg.features_root) \
                 if Path(p).is_relative_to(cfg.features_root) else None
@@ -286,6 +312,9 @@ class DomainPair:
                                   streamed="target" in streamed, form=form)
         self.eval = load_domain(ev, cfg.eval or cfg.target, modalities, device, cfg.spatial, labels=True,
                                 streamed="eval" in streamed, form=form)
+        if (self.eval.verb < 0).all():
+            raise UserError(f"{ev}: the evaluation store has no labels (an unlabelled split, such as a target's train "
+                            f"split): give --eval a labelled split of the target (its test or val split)")
         if (self.source.verb < 0).any():
             raise UserError(f"{src}: the source store has unlabelled clips; the source must be labelled")
         if method.uses_target_labels and (self.target.verb < 0).any():

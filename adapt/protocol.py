@@ -33,6 +33,9 @@ def run_protocol(spec: dict | str | Path, out: str | Path | None = None, select:
     from adapt.metrics import write_atomic
     from adapt.sweep import load_spec, run_sweep
 
+    if select == "all":
+        raise UserError("--select all: the protocol chooses by one rule (oracle or a validator)")
+    S.check_name(select)  # before the tuning, not after it
     if not isinstance(spec, dict):
         where = where or str(spec)
         spec = load_spec(spec)

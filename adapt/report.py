@@ -171,6 +171,9 @@ def write_report(paths: list, out: str | Path | None = None, metric: str = "targ
                  console=None, plots: bool = True, select: str | None = None) -> dict:
     """Collect the runs, print the tables, write report.md, report.csv (report_epic100.csv for the EPIC-100
     table) and accuracy.png into ``out`` (default: the first folder of ``paths``); returns the written paths."""
+    if select is not None:
+        from adapt.selection import check_name
+        check_name(select)
     skipped: list = []
     rows = collect(paths, skipped)
     if skipped and console is not None:

@@ -49,6 +49,22 @@ class RunFolder:
 
     def claim(self) -> "RunFolder":
         """Lock the run, refuse a complete run unless overwriting, and start a fresh working folder."""
+        try:
+            self._claim()
+        except OSError as e:
+            self.release()
+            raise UserError(f"{self.path.parent}: cannot write runs there ({e.strerror or e}); give another --out") \
+                from None
+        return self
+
+    def abandon(self) -> None:
+        """Remove the working folder of a run that stopped before its first evaluation (nothing in it to keep)."""
+        if self.work.is_dir() and not (self.work / "metrics.jsonl").exists():
+            shutil.rmtree(self.work, ignore_errors=True)
+
+    def _claim(self) -> None:
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise NotADirectoryError(20, "it is a file, not a folder")
         self._lock = hold_lock(self.path.parent / f".{self.path.name}.lock",
                                f"{self.path}: another process is training this run now (its lock is held); wait "
                                f"for it, or give this run another --out or --set tag=...")
@@ -64,7 +80,6 @@ class RunFolder:
         if self.work.exists():
             shutil.rmtree(self.work)  # left by a run that stopped before it finished
         self.work.mkdir(parents=True)
-        return self
 
     def commit(self) -> None:
         """Put the finished run in place (the working folder holds its final.json)."""

@@ -23,6 +23,7 @@ import numpy as np
 
 from adapt.results import pair_of
 from adapt.validators import NAMES
+from featstore.errors import UserError
 
 ORACLE = "oracle"
 
@@ -78,6 +79,12 @@ class Selection:
     @property
     def gap(self) -> float:
         return self.oracle - self.selected
+
+
+def check_name(name: str, where: str = "--select") -> None:
+    """Refuse, before any work, a name that is neither a validator nor the oracle (nor ``all`` where allowed)."""
+    if name not in (ORACLE, "all", *NAMES):
+        raise UserError(f"{where} {name}: not a validator; one of {', '.join(NAMES)}, {ORACLE} or all")
 
 
 def choose(runs: list, name: str) -> tuple[str, list, float] | None:

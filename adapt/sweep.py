@@ -179,9 +179,10 @@ def expand(spec: dict, where: str = "spec", out: str | None = None, extra_set: d
     seeds = spec.get("seeds", [0])
     if isinstance(seeds, int) and not isinstance(seeds, bool):
         seeds = [seeds]
-    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) \
-            or len(set(seeds)) != len(seeds):
-        raise UserError(f"{where}: seeds must be a list of distinct integers, e.g. seeds = [0, 1, 2]")
+    if not isinstance(seeds, list) or not seeds or len(set(map(str, seeds))) != len(seeds) \
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+        raise UserError(f"{where}: seeds must be a non-empty list of distinct integers from 0, e.g. seeds = [0, 1, 2] "
+                        f"(got {seeds!r})")
     backbone = str(spec.get("backbone", "i3d"))
     root = str(spec.get("features_root", "features"))
     out = str(out or spec.get("out", "runs/sweep"))

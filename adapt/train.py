@@ -39,6 +39,7 @@ from featstore.allocator import retain_freed_memory
 from featstore.devices import resolve_device
 from featstore.errors import UserError
 from featstore.paths import resolve_store
+from featstore.store import FeatureStore
 
 # settings a source stage does not depend on: the target's and the evaluation's
 SOURCE_STAGE_IGNORES = {"target", "eval", "challenge", "out", "tag", "memory_budget", "device", "validators",
@@ -78,6 +79,10 @@ def train(cfgs: list, console=None, progress: bool = True, pair: DomainPair | No
         for c, n in zip(cfgs, names):
             folders.append(RunFolder(Path(c.out) / n, overwrite).claim())
         return _train(cfgs, console, progress, pair, timings, device, folders)
+    except BaseException:
+        for f in folders:
+            f.abandon()  # a run that stopped before its first evaluation leaves nothing behind
+        raise
     finally:
         for f in folders:
             f.release()
@@ -140,6 +145,13 @@ class Training:
         self.norm_t = standardisation(pair.target) if self.method.per_domain_statistics else self.norm_s
         self._models()
         self.method.check(cfg, self.sched.batches, self.streams)
+        for stage, sizes in self.sched.batches.items():  # a batch far beyond the store is a mistake, not a choice
+            for role, b, dom in (("batch_source", sizes[0], pair.source), ("batch_target", sizes[1], pair.target)):
+                if b > 10 * dom.n:
+                    raise UserError(f"{role}={b}: more than ten times the {dom.n} clips of {dom.path} (each clip "
+                                    f"drawn {b // dom.n} times a step); lower it")
+        if cfg.challenge:  # before the training, not after it
+            self._challenge_store()
         self.start = self.restore_source_stage()
         self._data()
         self.history = [[] for _ in cfgs]
@@ -484,6 +496,21 @@ class Training:
                         "verb_classes": pair.verb_classes, "noun_classes": self.nouns,
                         "trainable_parameters": self.n_params}
             _write(d / "config.json", json.dumps(resolved, indent=1))
+
+    def _challenge_store(self):
+        """The challenge's test store: checked before training (it exists, holds the run's modalities and
+        features of the same shapes), loaded at the end."""
+        cfg = self.cfg
+        path, _ = resolve_store(cfg.challenge, "challenge", cfg.backbone, cfg.features_root)
+        from featstore.store import is_store
+        if not is_store(path):
+            raise UserError(f"--challenge {cfg.challenge}: {path} is not a feature store")
+        store = FeatureStore.open(path)
+        missing = [m for m in self.mods if m not in store.modalities]
+        if missing:
+            raise UserError(f"--challenge {path}: has no {', '.join(missing)} features (the run uses "
+                            f"{', '.join(self.mods)})")
+        return path
 
     def _challenge_scores(self):
         """The challenge split and every run's scores on it, evaluated once for the K runs (at the end)."""

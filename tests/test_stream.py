@@ -57,7 +57,7 @@ def heads(out, method, name="S_train-T_train"):
 @pytest.mark.parametrize("method, backbone, kw", [
     ("mmsada", "i3d", {}),                               # pooled on read from 3x3 maps, correspondence negatives
     ("cia", "i3d", {}),                                  # the maps themselves
-    ("ta3n", "tbn", {"epochs": 2, "steps": None, "dataset": "epic100"}),  # fixed segments, three modalities
+    ("ta3n", "tbn", {"epochs": 2, "lr_epochs": [2], "steps": None, "dataset": "epic100"}),  # three modalities
     ("source_only", "tbn", {"standardise": True}),       # statistics computed from the streamed store
 ])
 def test_streamed_run_equals_the_in_memory_run(i3d_root, tbn_root, tmp_path, method, backbone, kw):
@@ -103,7 +103,7 @@ def test_memory_plan_and_one_line_refusal_before_reading(i3d_root, tmp_path, mon
         D.DomainPair(cfg, torch.device("cpu"))
     assert "\n" not in str(e.value) and not called
     assert D.parse_bytes("24G") == 24 << 30 and D.parse_bytes("1.5GB") == int(1.5 * (1 << 30))
-    with pytest.raises(UserError, match="expected a size"):
+    with pytest.raises(UserError, match="expected a positive size"):
         D.parse_bytes("lots")
 
 

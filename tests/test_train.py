@@ -317,7 +317,8 @@ def test_run_folders_are_written_whole_and_never_replaced_unasked(i3d_root, tmp_
     with pytest.raises(RuntimeError, match="boom"):
         train([cfg_for(i3d_root, "source_only", tmp_path, seed=0)], progress=False, overwrite=True)
     monkeypatch.undo()
-    assert (run / "final.json").read_text() == saved and (tmp_path / (run.name + ".partial")).is_dir()
+    assert (run / "final.json").read_text() == saved  # and, stopped before its first evaluation, left nothing
+    assert not (tmp_path / (run.name + ".partial")).exists()
     # a second writer: the lock is held (as by another process's training)
     fd = os.open(tmp_path / f".{run.name}.lock", os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)
