@@ -141,7 +141,9 @@ def register(command, console):
     def sweep_cmd(
         spec: Path = typer.Argument(..., help="Sweep spec (TOML or YAML): methods, pairs, seeds, set, grid, "
                                               "per_method, backbone, features_root, out."),
-        max_stack: int = typer.Option(MAX_STACK, "--max-stack", help="Most runs trained stacked in one call."),
+        max_stack: Optional[int] = typer.Option(None, "--max-stack", help="Runs trained stacked in one call (default: "
+                                                                          "a short probe of each group decides, up "
+                                                                          f"to {MAX_STACK})."),
         out: Optional[str] = typer.Option(None, help="Folder of the run folders and results (default: the spec's)."),
         set_: List[str] = typer.Option([], "--set", help="Change a base setting of every run: --set steps=100."),
         redo: bool = typer.Option(False, help="Retrain complete runs too."),

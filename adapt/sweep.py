@@ -341,7 +341,7 @@ def _dist():
     return rank, world
 
 
-def run_sweep(spec: dict | str | Path, console=None, max_stack: int = MAX_STACK, progress: bool = True,
+def run_sweep(spec: dict | str | Path, console=None, max_stack: int | None = None, progress: bool = True,
               out: str | None = None, extra_set: dict | None = None, redo: bool = False, dry_run: bool = False,
               rank: int | None = None, world: int | None = None, where: str | None = None) -> SweepResult:
     """Expand, skip the complete runs, train the rest group by group (stacked), write the results files.
@@ -360,6 +360,8 @@ def run_sweep(spec: dict | str | Path, console=None, max_stack: int = MAX_STACK,
         where = where or str(spec)
         spec = load_spec(spec)
     where = where or "spec"
+    asked = max_stack is not None  # the user's stack size; otherwise a short probe chooses (stack_size)
+    max_stack = MAX_STACK if max_stack is None else max_stack
     if max_stack < 1:
         raise UserError(f"--max-stack {max_stack}: expected 1 or more")
     runs = expand(spec, where, out=out, extra_set=extra_set)
@@ -429,12 +431,14 @@ def run_sweep(spec: dict | str | Path, console=None, max_stack: int = MAX_STACK,
                 cached_pair = None  # free the previous stores first
                 cached_pair = DomainPair(cfg0, resolve_device(cfg0.device))
                 cached_key = key
-            for stack in chunks(todo, max_stack):
+            k, why = ((max_stack, "as --max-stack asks") if asked else
+                      stack_size(todo, cached_pair, max_stack, resolve_device(cfg0.device)))
+            for stack in chunks(todo, k):
                 if console is not None:
                     tags = sorted({r.cfg.tag for r in stack if r.cfg.tag})
                     shown = f" ({'; '.join(tags)})" if tags else ""
                     console.print(escape(f"{who}[{i + 1}/{len(order)}] {cfg0.method} {todo[0].pair}{shown}: "
-                                         f"{len(stack)} run(s) stacked ({cfg0.dataset} base)"))
+                                         f"{len(stack)} run(s) stacked, {why} ({cfg0.dataset} base)"))
                 try:
                     T.train([r.cfg for r in stack], console, progress, pair=cached_pair, overwrite=True)
                     trained.extend(r.name for r in stack)
@@ -455,6 +459,49 @@ def run_sweep(spec: dict | str | Path, console=None, max_stack: int = MAX_STACK,
             dist.barrier()
             dist.destroy_process_group()
         return SweepResult(runs, groups, trained, skipped, failed, rows, files)
+
+
+PROBE_STEPS, PROBE_MIN_WORK = 4, 400  # steps timed per side (after 2 warm-up steps); runs x steps worth a probe
+
+
+def stack_size(todo: list, pair, max_stack: int, device) -> tuple[int, str]:
+    """How many of a group's runs to train stacked, and why: a short probe times a few steps of one run alone and
+    of the group's first ``max_stack`` runs stacked, and stacks only when a stacked step costs each run less than
+    a step alone (K runs stacked share one step's overhead, but on a CPU their arithmetic is K times a run's: heads
+    of TA3N's size gain little, and under memory or core pressure stacking can cost).  Groups too small to repay the
+    probe (fewer than ``PROBE_MIN_WORK`` run-steps) are stacked unprobed."""
+    from adapt.train import Training
+    k = min(len(todo), max_stack)
+    if k == 1:
+        return 1, "one run"
+    steps = todo[0].cfg.steps
+    if steps * len(todo) < PROBE_MIN_WORK:
+        return k, "a short group (not probed)"
+    per_run = {}
+    for size in (1, k):
+        t = Training([r.cfg for r in todo[:size]], pair, device)
+        try:
+            for s in range(2):
+                t.step(s, t.batch(s))
+            _sync(t.device)
+            start = time.perf_counter()
+            for s in range(2, 2 + PROBE_STEPS):
+                t.step(s, t.batch(s))
+            _sync(t.device)
+            per_run[size] = (time.perf_counter() - start) / PROBE_STEPS / size
+        finally:
+            t.close()
+    alone, stacked = per_run[1], per_run[k]
+    figures = f"a probe step took {1e3 * stacked:.1f} ms a run stacked by {k}, {1e3 * alone:.1f} ms alone"
+    if stacked < 0.9 * alone:
+        return k, f"stacked: {figures}"
+    return 1, f"one by one: {figures}"
+
+
+def _sync(device) -> None:
+    if getattr(device, "type", "cpu") == "cuda":
+        import torch
+        torch.cuda.synchronize()
 
 
 def missing_stores(runs: list[Run]) -> list[str]:

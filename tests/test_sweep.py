@@ -3,6 +3,7 @@ methods x pairs x seeds, resume after an interruption, stacked = separate, the r
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -332,3 +333,31 @@ def test_report_select_on_a_sweep_with_held_out_source_clips(root, tmp_path):
     S.run_sweep(spec_off, progress=False)
     res = CliRunner().invoke(app, ["report", str(tmp_path / "b"), "--select", "im", "--no-plots"])
     assert res.exit_code == 2 and "the runs carry the validators none" in " ".join(res.output.split())
+
+
+@pytest.mark.parametrize("cost, want", [(lambda k: 0.004 * k, 1),        # stacking costs each run as much: alone
+                                        (lambda k: 0.004 + 0.0005 * k, 3)])  # a shared overhead: stacked
+def test_the_sweep_stacks_only_where_a_probe_finds_it_faster(monkeypatch, cost, want):
+    """The stack size comes from a short probe of the group on this machine: K runs stacked against one alone."""
+    import types
+    from adapt import train as T
+
+    class Probe:
+        def __init__(self, cfgs, pair, device):
+            self.k, self.device = len(cfgs), types.SimpleNamespace(type="cpu")
+
+        def batch(self, step):
+            return None
+
+        def step(self, step, inputs):
+            time.sleep(cost(self.k))
+
+        def close(self):
+            pass
+    monkeypatch.setattr(T, "Training", Probe)
+    runs = [types.SimpleNamespace(cfg=types.SimpleNamespace(steps=1000, device="cpu")) for _ in range(3)]
+    k, why = S.stack_size(runs, None, 16, "cpu")
+    assert k == want and ("one by one: a probe step" if want == 1 else "stacked: a probe step") in why
+    assert S.stack_size(runs[:1], None, 16, "cpu") == (1, "one run")
+    short = [types.SimpleNamespace(cfg=types.SimpleNamespace(steps=10, device="cpu")) for _ in range(3)]
+    assert S.stack_size(short, None, 16, "cpu") == (3, "a short group (not probed)")
