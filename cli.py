@@ -35,6 +35,8 @@ _KEPT = {"extract": "the clips already in the store are kept",
          "train": "the runs already complete are kept (a run cut while training starts again from step 0)",
          "convert-store": "the units already converted are kept"}
 _KEPT["sweep"] = _KEPT["train"]
+# commands that are complete or absent: a Ctrl-C leaves nothing behind, so there is nothing to go on with
+_NOTHING = {"import-features": "interrupted; nothing was written (a store already at --out is as it was)"}
 
 
 def command(*args, **kwargs):
@@ -42,6 +44,7 @@ def command(*args, **kwargs):
     into a line saying what was kept and exit code 130."""
     kept = _KEPT.get(args[0] if args else "")
     said = f"; {kept}" if kept else ""
+    stopped = _NOTHING.get(args[0] if args else "", f"interrupted{said}; run the same command again to go on")
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -66,8 +69,7 @@ def command(*args, **kwargs):
                                   highlight=False, soft_wrap=True)
                 raise typer.Exit(2) from None
             except KeyboardInterrupt:
-                err_console.print(f"interrupted{said}; run the same command again to go on",
-                                  highlight=False, soft_wrap=True)
+                err_console.print(stopped, highlight=False, soft_wrap=True)
                 raise typer.Exit(130) from None
         return app.command(*args, **kwargs)(inner)
     return wrap
@@ -136,25 +138,46 @@ def manifests_cmd(
 def inspect_cmd(
     store: Path = typer.Argument(..., help="A feature store (.zarr folder)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Decode every chunk file (finds cut, corrupt "
+                                                                   "and missing chunks); --no-verify only checks "
+                                                                   "that the chunks of done clips exist."),
 ):
-    """Print what a feature store holds: modalities, shapes, clips done / failed, attributes."""
+    """Print what a feature store holds: modalities, shapes, clips done / failed, attributes, and any damaged
+    chunk file (its clips are not really done)."""
+    from featstore.integrity import check_store, damaged_clips
     from featstore.store import FeatureStore
     st = FeatureStore.open(store)
-    info = st.info()
+    problems = check_store(st, decode=verify)
+    broken = damaged_clips(st, problems)
+    done_ok = {"done", "error", "id"}.isdisjoint(name for name, _, _ in problems)  # else counts are unknown
+    info = st.info() if done_ok else None
+    done = info.done if info else None
+    failed = info.failed if info else None
+    really = None if done is None else done - len(broken)
     summary = {
-        "path": str(store), "clips": info.clips, "done": info.done, "failed": info.failed,
-        "pending": info.clips - info.done - info.failed,
+        "path": str(store), "clips": st.num_clips, "done": done, "failed": failed,
+        "pending": None if done is None else st.num_clips - done - failed,
+        "really_done": really,
+        "damaged": [{"array": name, "chunk": c, "file": str(st.chunk_file(name, c).relative_to(st.path)),
+                     "problem": what, "clips": [st.chunk_rows(c).start, st.chunk_rows(c).stop - 1]}
+                    for name, c, what in problems],
+        "verified": verify,
         "arrays": {m: {"shape": list(st.array(m).shape), "dtype": str(st.array(m).dtype),
                        "dims": list(st.array(m).metadata.dimension_names or []),
                        "chunks": list(st.array(m).chunks)} for m in st.modalities},
         "attrs": {k: v for k, v in st.attrs.items() if k != "failed"},
-        "failed_clips": st.failed(),
+        "failed_clips": st.failed() if done_ok else {},
     }
     if as_json:
         print(json.dumps(summary, indent=1))
         return
-    console.print(f"[bold]{store}[/bold]: {info.clips} clips, {info.done} done, {info.failed} failed, "
-                  f"{summary['pending']} pending")
+    if done is None:
+        console.print(f"[bold]{escape(str(store))}[/bold]: {st.num_clips} clips; which are done is unknown (its "
+                      f"done, error or id array is damaged)")
+    else:
+        not_really = f" ({len(broken)} of them in damaged chunks: not really done)" if len(broken) else ""
+        console.print(f"[bold]{escape(str(store))}[/bold]: {st.num_clips} clips, {done} done{not_really}, "
+                      f"{failed} failed, {summary['pending']} pending")
     table = Table("modality", "shape", "dims", "chunks", "dtype")
     for m, a in summary["arrays"].items():
         table.add_row(m, str(tuple(a["shape"])), ",".join(a["dims"]), str(tuple(a["chunks"])), a["dtype"])
@@ -165,12 +188,26 @@ def inspect_cmd(
     console.print(attrs)
     for clip, reason in list(summary["failed_clips"].items())[:20]:
         console.print(f"  failed {clip}: {reason}")
+    if problems:
+        from featstore.store import redo_hint
+        for d in summary["damaged"][:20]:
+            console.print(f"[red]damaged:[/red] {escape(str(store))}/{d['file']} ({d['array']} chunk {d['chunk']}, "
+                          f"clips {d['clips'][0]}..{d['clips'][1]}): {d['problem']}", highlight=False,
+                          soft_wrap=True)
+        more = f" and {len(problems) - 20} more" if len(problems) > 20 else ""
+        which = ("the clips in them are not really done" if done is None else
+                 f"{len(broken)} clips marked done are not really done" if len(broken) else
+                 "no clip's features are affected, a per-clip array is")
+        console.print(f"[red]{len(problems)} damaged chunk file(s){more}[/red]: {which}; "
+                      f"{redo_hint(st.attrs, store)}", highlight=False, soft_wrap=True)
 
 
 @command("convert-store")
 def convert_store_cmd(
     store: Path = typer.Argument(..., help="A feature store (.zarr folder) of an earlier schema version."),
-    out: Optional[Path] = typer.Option(None, help="Write the converted store here (default: convert in place)."),
+    out: Optional[Path] = typer.Option(None, help="Write the converted store here: a new path, or a conversion of "
+                                                  "this store cut short to resume (default: convert in place); "
+                                                  "anything else already there is refused, never deleted."),
 ):
     """Rewrite a store in the current layout (schema version 2: one-unit inner chunks in shards, checksummed);
     resumable: run it again after an interruption."""
@@ -197,10 +234,8 @@ def convert_checkpoint_cmd(
 ):
     """Convert a checkpoint into this project's format (strict: every key mapped, every shape checked); `adapt
     extract --checkpoint` also takes the original directly."""
-    from extract.backbones import build, save_checkpoint
-    model = build(backbone, modality, checkpoint=str(src))
-    info = model.checkpoint_info
-    sha = save_checkpoint(model, dst, source_layout=info.layout, source_sha256=info.sha256 or "")
+    from extract.backbones import convert_checkpoint
+    info, sha = convert_checkpoint(src, dst, backbone, modality)
     console.print(f"{dst}: {backbone}/{modality} from {info.layout} ({src}), sha256 {sha[:12]}...")
 
 

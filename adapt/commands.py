@@ -127,7 +127,9 @@ def register(command, console):
         backbone: str = typer.Option("tbn", help="Backbone the features came from (the trainer checks it)."),
         features_name: str = typer.Option("", help="A name for how the features were made; stores to be used "
                                                    "together must carry the same name."),
-        overwrite: bool = typer.Option(False, help="Replace an existing store."),
+        overwrite: bool = typer.Option(False, help="Replace a store of this tool's at --out (the new one is built "
+                                                   "beside it and swapped in when complete; a folder that is not "
+                                                   "such a store is never replaced)."),
         dataset: Optional[str] = typer.Option(None, "--dataset", help="The store's dataset, whose base training "
                                                                        "takes (default: the manifest's; EPIC-100 "
                                                                        "for the challenge's pickles)."),

@@ -23,7 +23,7 @@ import torch
 from adapt.method import load as load_method
 from featstore.errors import UserError
 from featstore.paths import resolve_store
-from featstore.store import FeatureStore, check_compatible
+from featstore.store import FeatureStore, check_compatible, redo_hint
 
 
 @dataclass
@@ -110,7 +110,7 @@ def load_domain(path: Path, name: str, modalities: list[str], device: torch.devi
     keep_mask = np.zeros(store.num_clips, dtype=bool)
     keep_mask[keep] = True
     scales = None
-    redo = "re-run `adapt extract` with this store as --out to redo it"
+    redo = redo_hint(store.attrs, path, "it")  # an imported store is imported again, an extracted one resumed
     for m in modalities:
         pool = not spatial and len(store.attrs["window_shapes"][m]) == 4
         for chunk in np.unique(keep // store.chunk_clips):

@@ -202,7 +202,8 @@ def import_features(path: str | Path, manifest: str | Path, out: str | Path, bac
         dataset=dataset or (split.dataset if split.dataset != "custom" else
                             "epic100" if not hdf5 else None),
         manifest_sha256=M.manifest_sha256(rows), verb_classes=verbs, noun_classes=nouns,
-        split_kind=M.split_kind_of(split.name), imported_from={"file": str(path), "sha256": file_sha})
+        split_kind=M.split_kind_of(split.name),
+        imported_from={"file": str(path), "sha256": file_sha, "manifest": str(manifest), "dataset": dataset})
     tmp = temporary_beside(out)
     try:
         store = FeatureStore.create(tmp, rows, shapes, attrs)

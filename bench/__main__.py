@@ -46,6 +46,12 @@ def main() -> None:
         for name, c, e in (("small (C=32, embed 128)", 32, 128), ("medium (C=32, embed 512)", 32, 512),
                            ("I3D-size (C=1024, embed 512)", 1024, 512))]
 
+    console.rule("the step against a plain PyTorch loop and its arithmetic bound (one thread)")
+    from bench import bench_plain
+    figures["plain"] = bench_plain.run(steps=10 if args.quick else 30, threads=1, console=console)
+    figures["stacking"] = {name: bench_plain.stacking(name, steps=5 if args.quick else 10, console=console)
+                           for name in ("source_only", "ta3n", "cia")}
+
     console.rule("training beyond memory")
     figures["stream"] = bench_stream.run(quick=args.quick)
 
@@ -98,6 +104,17 @@ def main() -> None:
     table.add_row("store codec (chosen: zstd-3): compression / read MB/s",
                   f"{best['ratio']:.2f} / {best['read_MBps']:.0f}", "")
     console.print(table)
+    plain = Table(title="the step, one thread: against a plain PyTorch loop, its products' bound, K stacked")
+    for col in ("method", "step ms", "plain loop ms", "plain / ours", "GFLOP", "GFLOP/s", "sgemm GFLOP/s",
+                "of the bound", "aten ops", "K = 1 / 2 / 4 / 8 stacked vs one by one (peak RSS MB)"):
+        plain.add_column(col)
+    for r in figures["plain"]:
+        ks = figures["stacking"].get(r["method"], [])
+        plain.add_row(r["method"], f"{1e3 * r['step_s']:.1f}", f"{1e3 * r['plain_step_s']:.1f}",
+                      f"{r['vs_plain']:.2f}", f"{r['gflop']:.2f}", f"{r['gflops']:.1f}", f"{r['sgemm_gflops']:.1f}",
+                      f"{r['of_bound']:.2f}", str(r["ops"]),
+                      " / ".join(f"{k['gain']:.2f}x ({k['peak_rss_mb']:.0f})" for k in ks))
+    console.print(plain)
     steps = Table(title="trainer steps/s (batch 64 + 64)")
     for col in ("method", "features", "steps/s", "data share"):
         steps.add_column(col)

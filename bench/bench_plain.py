@@ -31,9 +31,6 @@ from adapt.data import DomainPair
 from adapt.train import Training
 from featstore.synthetic import make_store
 
-MATMULS = {"mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward", "_convolution"}
-
-
 class Recorder(TorchDispatchMode):
     """Counts the aten operations dispatched, and records the shapes of the matrix products."""
 
@@ -47,6 +44,14 @@ class Recorder(TorchDispatchMode):
         if name in ("mm", "addmm", "bmm", "baddbmm"):
             a, b = (args[1], args[2]) if name in ("addmm", "baddbmm") else (args[0], args[1])
             self.mms.append((name, tuple(a.shape), tuple(b.shape)))
+        elif name == "convolution" or name == "convolution_backward":
+            # the heads' convolutions are SC's 1x1 projections: the product (N.H.W, Cin) @ (Cin, Cout); the backward
+            # is two products of that size
+            x, w = (args[1], args[2]) if name == "convolution_backward" else (args[0], args[1])
+            k = math.prod(w.shape[1:])
+            rows = x.shape[0] * math.prod(x.shape[2:])
+            for _ in range(2 if name == "convolution_backward" else 1):
+                self.mms.append(("mm", (rows, k), (k, w.shape[0])))
         return func(*args, **(kwargs or {}))
 
 
@@ -283,7 +288,51 @@ def run(steps: int = 30, threads: int = 1, console=None) -> list[dict]:
     return rows
 
 
-if __name__ == "__main__":
-    from rich.console import Console
+def stacked_step(name: str, k: int, steps: int, threads: int = 1) -> dict:
+    """Seconds per step of ``k`` runs of case ``name`` stacked (seeds 0..k-1), and this process's peak RSS."""
+    import resource
+    torch.set_num_threads(threads)
+    kind, method, dataset, backbone, sets, _, _ = CASES[name]
+    with tempfile.TemporaryDirectory(prefix="bench_stack_") as tmp:
+        paths = stores(Path(tmp), kind)
+        cfgs = [C.resolve(method, dataset, {"validators": "false", **sets}, backbone=backbone, out="/tmp/unused",
+                          seed=i, **paths) for i in range(k)]
+        t = Training(cfgs, DomainPair(cfgs[0], torch.device("cpu")), torch.device("cpu"))
+        for s in range(2):
+            t.step(s, t.batch(s))
+        start = time.perf_counter()
+        for s in range(2, 2 + steps):
+            t.step(s, t.batch(s))
+        seconds = (time.perf_counter() - start) / steps
+        t.close()
+    return {"k": k, "step_s": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def stacking(name: str, ks=(1, 2, 4, 8), steps: int = 10, threads: int = 1, console=None) -> list[dict]:
+    """K runs stacked against K one by one (K x the one-run step), each K in a fresh process (its peak memory)."""
     import json
-    run(console=Console(width=250))
+    import subprocess
+    import sys
+    rows = []
+    for k in ks:
+        out = subprocess.run([sys.executable, "-m", "bench.bench_plain", "--stack", name, str(k), str(steps),
+                              str(threads)], capture_output=True, text=True, check=True,
+                             cwd=Path(__file__).resolve().parent.parent)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    one = rows[0]["step_s"]
+    for r in rows:
+        r["gain"] = r["k"] * one / r["step_s"]  # one by one / stacked
+        if console is not None:
+            console.print(f"{name}: K = {r['k']} stacked {1e3 * r['step_s']:.1f} ms a step, {r['gain']:.2f}x one by "
+                          f"one, peak RSS {r['peak_rss_mb']:.0f} MB")
+    return rows
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+    if len(sys.argv) > 1 and sys.argv[1] == "--stack":
+        print(json.dumps(stacked_step(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))))
+    else:
+        from rich.console import Console
+        run(console=Console(width=250))

@@ -96,7 +96,7 @@ def finetune(split, cfg: ExtractConfig, out: str | Path, checkpoint: str | Path 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from extract.backbones import build, save_checkpoint
+    from extract.backbones import build, check_destination, save_checkpoint
     from extract.inputs import check_config
     from featstore.manifests import Split, resolve_split
     from extract.pipeline import default_workers, keep_item, memory_format, start_workers
@@ -115,7 +115,7 @@ def finetune(split, cfg: ExtractConfig, out: str | Path, checkpoint: str | Path 
         raise UserError(f"data root {cfg.data_root}: no such folder; pass --data-root")
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise UserError(f"--checkpoint {checkpoint}: no such file")
-    out = Path(out)
+    out = Path(check_destination(out, make_parent=True))  # a folder or an unwritable one: before training
 
     sp = split if isinstance(split, Split) else resolve_split(split)
     df = sp.read()

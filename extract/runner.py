@@ -68,7 +68,8 @@ from extract.pipeline import (ClipDataset, Extractor, build_models, default_batc
 from extract.writer import ChunkWriter, StoreMismatch, prepare_store, run_attrs
 from featstore.devices import resolve_device
 from featstore.errors import UserError
-from featstore.store import FeatureStore
+from featstore.integrity import is_empty_dir, refuse_foreign
+from featstore.store import FeatureStore, is_store
 
 __all__ = ["ExtractionFailed", "StoreMismatch", "run_extraction"]
 
@@ -173,6 +174,7 @@ def run_extraction(split, cfg: ExtractConfig, out: str | Path, checkpoints: dict
     coordinated = env.active and shard_t is None
     lead = env.rank == 0
     try:
+        _check_out(out, overwrite)
         sp, df, models, attrs, precision, random_mods = _prepare_run(split, cfg, checkpoints, dev, precision,
                                                                      console, lead)
         prep = _open_store(out, df, window_shapes(cfg, models), attrs, chunk_clips, overwrite, retry_failed,
@@ -197,6 +199,13 @@ def run_extraction(split, cfg: ExtractConfig, out: str | Path, checkpoints: dict
         if coordinated and env.owns_group:
             destroy_group()  # do not leave the other ranks waiting on a collective of this one
         raise
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Before anything is built or said: an ``out`` that exists and is not a store this tool made (a folder or
+    file of the user's) is refused, with ``--overwrite`` too; nothing is deleted (an empty folder is taken)."""
+    if (out.exists() or out.is_symlink()) and not is_empty_dir(out) and (overwrite or not is_store(out)):
+        refuse_foreign(out)
 
 
 def _checked(cfg: ExtractConfig, checkpoints: dict) -> ExtractConfig:

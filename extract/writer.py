@@ -14,7 +14,7 @@ import numpy as np
 
 from extract.config import ExtractConfig
 from featstore.errors import UserError
-from featstore.integrity import check_and_repair
+from featstore.integrity import check_and_repair, is_own_store, refuse_foreign, remove_stale_temporaries
 from featstore.schema import StoreAttrs
 from featstore.store import FeatureStore, is_store
 
@@ -82,10 +82,16 @@ def _create_store(out: Path, df, shapes: dict, attrs: StoreAttrs, chunk_clips: i
         if isinstance(e, OSError):
             e.filename = out  # not the temporary folder, nor nothing (zarr's store leaves the name out)
         raise
-    if out.exists() and overwrite:
+    if overwrite and is_own_store(out) and not out.is_symlink():  # only a store this tool made is replaced
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        os.rename(tmp, out)
+        try:
+            os.rename(out, old)
+            os.rename(tmp, out)
+        except BaseException:
+            if old.exists() and not out.exists():
+                os.rename(old, out)
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         shutil.rmtree(old, ignore_errors=True)
         return True
     try:
@@ -99,20 +105,8 @@ def _create_store(out: Path, df, shapes: dict, attrs: StoreAttrs, chunk_clips: i
 
 
 def _remove_stale_temporaries(out: Path) -> None:
-    """Remove ``.<name>.creating-<pid>`` / ``.old-<pid>`` folders left by killed processes."""
-    if not out.parent.is_dir():
-        return
-    for p in out.parent.glob(f".{out.name}.*-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # still running
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except PermissionError:
-            continue
+    """Remove ``.<name>.creating-<pid>`` / ``.old-<pid>`` folders left by killed processes (nothing else)."""
+    remove_stale_temporaries(out)
 
 
 def prepare_store(out: Path, df, shapes: dict, attrs: StoreAttrs, chunk_clips: int | None, overwrite: bool,
@@ -124,11 +118,12 @@ def prepare_store(out: Path, df, shapes: dict, attrs: StoreAttrs, chunk_clips: i
     info = {"created": False, "reset_failed": 0, "repaired": []}
     _remove_stale_temporaries(out)
     exists = is_store(out)
-    if out.exists() and not exists and not overwrite:
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        else:
-            raise UserError(f"{out}: exists but is not a feature store; use another --out or --overwrite")
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+        out.rmdir()
+        exists = False
+    elif (out.exists() or out.is_symlink()) and (overwrite or not exists):
+        # only a store this tool made is ever replaced: a folder or file of the user's is refused, --overwrite or not
+        refuse_foreign(out)
     if not exists or overwrite:
         if _create_store(out, df, shapes, attrs, chunk_clips, overwrite, race_ok=shard is not None):
             info["created"] = True

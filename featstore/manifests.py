@@ -32,6 +32,7 @@ Both are CC BY-NC 4.0 (University of Bristol); see ``manifests/LICENSE.md``.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -54,6 +55,9 @@ COLUMNS = [
 REQUIRED = ["id", "video_id", "start_frame", "stop_frame"]
 INT_COLUMNS = ["start_frame", "stop_frame", "verb_class", "noun_class"]
 STR_COLUMNS = ["id", "participant_id", "video_id", "narration", "start_timestamp", "stop_timestamp", "verb", "noun"]
+# The largest magnitude an integer column may hold: frame numbers go through float64 in the window sampler (exact up
+# to 2**53); class ids are stored as int32.
+INT_LIMITS = {"start_frame": 2 ** 53, "stop_frame": 2 ** 53, "verb_class": 2 ** 31 - 1, "noun_class": 2 ** 31 - 1}
 
 # Class-space sizes of the datasets the project knows (class lists in manifests/).
 MMSADA_VERBS = 8
@@ -88,6 +92,41 @@ def _fmt_row(path, line: int, clip_id=None) -> str:
     return where + (f" (id {clip_id})" if clip_id is not None else "")
 
 
+def _as_written(value) -> str:
+    """A cell's value for a message: a number as the file wrote it, anything else quoted."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return repr(value)
+        return value.strip()
+    return str(value.item() if hasattr(value, "item") else value)
+
+
+def _int_column(raw: pd.Series, col: str, source, ids) -> np.ndarray:
+    """``raw`` (text from a CSV, numbers from a pickle) as int64; the first non-integer or out-of-range value raises
+    a :class:`UserError` naming its row and printing the value as written."""
+    values = pd.to_numeric(raw, errors="coerce")
+    bad = np.flatnonzero(values.isna().to_numpy() | (values.to_numpy() % 1 != 0))
+    if len(bad):
+        i = int(bad[0])
+        raise UserError(f"{_fmt_row(source, i + 2, ids[i])}: {col} {_as_written(raw.iloc[i])} is not an integer")
+    limit = INT_LIMITS[col]
+    arr = values.to_numpy()
+    if arr.dtype.kind == "u":
+        over = arr > limit
+    else:
+        over = (arr > limit) | (arr < -limit)
+    bad = np.flatnonzero(over)
+    if len(bad):
+        i = int(bad[0])
+        what = ("a frame number is 1 .. 2**53 = 9007199254740992" if col.endswith("_frame")
+                else f"a class id is -1 .. {limit}")
+        raise UserError(f"{_fmt_row(source, i + 2, ids[i])}: {col} {_as_written(raw.iloc[i])} is out of range "
+                        f"({what})")
+    return arr.astype(np.int64)
+
+
 def normalise(df: pd.DataFrame, source: str | Path, video_fps: dict[str, float] | None = None) -> pd.DataFrame:
     """Bring a table with at least the required columns into the project's column set and dtypes.
 
@@ -112,14 +151,7 @@ def normalise(df: pd.DataFrame, source: str | Path, video_fps: dict[str, float] 
             out[col] = -1
     # integer columns: reject non-integers with the row that holds them
     for col in INT_COLUMNS:
-        values = pd.to_numeric(out[col], errors="coerce")
-        bad = np.flatnonzero(values.isna().to_numpy() | (values.to_numpy() % 1 != 0))
-        if len(bad):
-            i = int(bad[0])
-            value = df[col].iloc[i]
-            shown = repr(value) if isinstance(value, str) else str(value.item() if hasattr(value, "item") else value)
-            raise UserError(f"{_fmt_row(source, i + 2, out['id'][i])}: {col} {shown} is not an integer")
-        out[col] = values.astype(np.int64)
+        out[col] = _int_column(pd.Series(out[col].to_numpy(), dtype=object), col, source, out["id"].to_numpy())
     if "fps" not in out:
         out["fps"] = np.nan
     out["fps"] = pd.to_numeric(out["fps"], errors="coerce").astype(np.float64)
@@ -196,11 +228,37 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise UserError(f"{path}: no such manifest file")
     if path.suffix in (".pkl", ".pickle"):
         return from_epic_pickle(path)
+    _check_field_counts(path)
+    # integer columns are read as text so that a message prints a value as written (a 20-digit frame number
+    # would otherwise arrive as a float); index_col=False: never take the first column for an index
+    text = {c: str for c in ("id", "video_id", "participant_id", *INT_COLUMNS)}
     try:
-        return pd.read_csv(path, dtype={"id": str, "video_id": str, "participant_id": str}, keep_default_na=False,
-                           na_values={"fps": [""]})
+        return pd.read_csv(path, dtype=text, keep_default_na=False, na_values={"fps": [""]}, index_col=False)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"{path}: cannot read as CSV ({type(e).__name__}: {e})") from None
+        why = " ".join(str(e).split())
+        raise UserError(f"{path}: cannot read as CSV ({type(e).__name__}: {why})") from None
+
+
+def _check_field_counts(path: Path) -> None:
+    """The first row with more fields than the header has columns raises a :class:`UserError` naming its row (a
+    line number of the file).  Without this, pandas takes the first column for an index when the first data row
+    has one field too many, and every message after that names the wrong id and column."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.reader(f)
+            columns = 0
+            for header in reader:
+                if header:
+                    columns = len(header)
+                    break
+            start = reader.line_num + 1
+            for row in reader:
+                if len(row) > columns:
+                    raise UserError(f"{path}: row {start}: {len(row)} fields, more than the header's {columns} "
+                                    f"columns; remove the extra values, or quote a value that holds a comma")
+                start = reader.line_num + 1
+    except (UnicodeDecodeError, csv.Error):
+        return  # not text the csv module reads: pandas says why below
 
 
 def read_manifest(path: str | Path, verb_classes: int | None = EPIC100_VERBS,

@@ -27,6 +27,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,26 @@ import zarr
 from featstore.errors import UserError
 from featstore.schema import (CLIP_ARRAYS, LOCK_FILE, MODALITIES, READABLE_VERSIONS, SCHEMA_VERSION,
                              StoreAttrs, chunk_clips_for, default_codec, default_compressors, package_version)
+
+
+def redo_hint(attrs: dict, path: str | Path, what: str = "them") -> str:
+    """What to run to redo a store's missing or damaged clips, by who made it: an imported store (its
+    ``imported_from``) is imported again whole; an extracted one resumes (and repairs) with ``adapt extract``."""
+    imported = attrs.get("imported_from")
+    if not (isinstance(imported, dict) and imported.get("file")):
+        return f"re-run `adapt extract` with this store as --out to redo {what}"
+    q = shlex.quote
+    cmd = [f"adapt import-features {q(str(imported['file']))}",
+           f"--manifest {q(str(imported.get('manifest') or attrs.get('manifest_name') or 'SPLIT'))}",
+           f"--out {q(str(path))}"]
+    if attrs.get("backbone") and attrs["backbone"] != "tbn":
+        cmd.append(f"--backbone {q(str(attrs['backbone']))}")
+    name = (attrs.get("preprocessing") or {}).get("imported")
+    if name and name != "epic100-uda-challenge":
+        cmd.append(f"--features-name {q(str(name))}")
+    if imported.get("dataset"):
+        cmd.append(f"--dataset {q(str(imported['dataset']))}")
+    return f"the store was imported: re-run `{' '.join(cmd)} --overwrite` to import it again"
 
 
 def is_store(path: str | Path) -> bool:
@@ -161,8 +182,8 @@ class FeatureStore:
         try:
             return self.group[name][:]
         except Exception as e:  # noqa: BLE001 - a cut or corrupt chunk (zstd / checksum errors of the codecs)
-            raise UserError(f"{self.path}: its {name!r} array does not decode ({type(e).__name__}); run `adapt "
-                            f"extract` with this store as --out to repair it") from None
+            raise UserError(f"{self.path}: its {name!r} array does not decode ({type(e).__name__}); "
+                            f"{redo_hint(self.attrs, self.path, 'it')}") from None
 
     def done_mask(self) -> np.ndarray:
         return np.asarray(self._read("done"), dtype=bool)
@@ -184,6 +205,10 @@ class FeatureStore:
         pending = self.pending_rows()
         if len(pending):
             ids = self.group["id"][pending[:3]]
+            if isinstance(self.attrs.get("imported_from"), dict):
+                raise UserError(f"{self.path}: {len(pending)} of {self.num_clips} clips not written (e.g. "
+                                f"{', '.join(map(str, ids))}): its import was cut short; "
+                                f"{redo_hint(self.attrs, self.path)}")
             raise UserError(f"{self.path}: {len(pending)} of {self.num_clips} clips not extracted yet "
                             f"(e.g. {', '.join(map(str, ids))}); re-run `adapt extract` to resume")
 
@@ -220,7 +245,8 @@ class FeatureStore:
 
     def reader(self, modality: str) -> "UnitReader":
         """A tensorstore reader of a modality's features (thread-safe; reads whole rows or (clip, unit) sets)."""
-        return UnitReader(self.path / self.array(modality).path, self.path, modality)
+        return UnitReader(self.path / self.array(modality).path, self.path, modality,
+                          redo=redo_hint(self.attrs, self.path))
 
     # ------------------------------------------------------------------------------------------------------
     # writing
@@ -352,9 +378,10 @@ class UnitReader:
       inner chunks from a version-2 store (whole chunks from a version-1 store).
     A decode failure (a cut or corrupt chunk) raises :class:`UserError` naming the store and the clips."""
 
-    def __init__(self, array_path: Path, store_path: Path, modality: str = ""):
+    def __init__(self, array_path: Path, store_path: Path, modality: str = "", redo: str | None = None):
         import tensorstore as ts
         self.store_path, self.modality = store_path, modality
+        self.redo = redo or "re-run `adapt extract` with this store as --out to redo them"
         spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(array_path)}}
         self._ts = ts
         self.arr = ts.open(spec, read=True, context=ts.Context({"cache_pool": {"total_bytes_limit": 0}})).result()
@@ -366,8 +393,7 @@ class UnitReader:
         except Exception as e:  # noqa: BLE001 - tensorstore raises ValueError / its own errors on corrupt data
             kind = str(e).split(":")[0][:40]
             raise UserError(f"{self.store_path}: {self.modality} {what} do not decode ({kind}: a cut or corrupt "
-                            f"chunk: {self._bad_chunk(clips)}); re-run `adapt extract` with this store as --out "
-                            f"to redo them") from None
+                            f"chunk: {self._bad_chunk(clips)}); {self.redo}") from None
 
     def _bad_chunk(self, clips) -> str:
         """The first chunk file (along ``clip``) among those of ``clips`` that does not decode."""

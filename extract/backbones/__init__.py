@@ -18,13 +18,16 @@ import torch
 from torch import nn
 
 from .bninception import BNInception
-from .checkpoints import (CheckpointError, CheckpointInfo, load_checkpoint, read_checkpoint, save_checkpoint,
-                          sha256_file)
+from featstore.errors import UserError
+
+from .checkpoints import (CheckpointError, CheckpointInfo, check_destination, load_checkpoint, read_checkpoint,
+                          save_checkpoint, sha256_file)
 from .i3d import InceptionI3d, tf_same_pad
 
 __all__ = [
-    "BACKBONES", "INPUT_CHANNELS", "BNInception", "CheckpointError", "CheckpointInfo", "InceptionI3d", "build",
-    "fold_batch_norm", "load_checkpoint", "read_checkpoint", "save_checkpoint", "sha256_file", "tf_same_pad",
+    "BACKBONES", "INPUT_CHANNELS", "BNInception", "BackboneError", "CheckpointError", "CheckpointInfo", "InceptionI3d",
+    "build", "check_destination", "convert_checkpoint", "fold_batch_norm", "load_checkpoint", "read_checkpoint",
+    "resolve_backbone", "save_checkpoint", "sha256_file", "tf_same_pad",
 ]
 
 # Input channels per backbone and modality: I3D takes RGB or 2-channel flow clips; TBN's BN-Inception takes
@@ -35,6 +38,23 @@ INPUT_CHANNELS = {
 }
 BACKBONES = tuple(INPUT_CHANNELS)
 _ALIASES = {"bninception": "tbn", "bn_inception": "tbn", "bn-inception": "tbn", "spec": "audio"}
+
+
+class BackboneError(UserError, ValueError):
+    """An unknown backbone, or a modality the backbone does not take; the message is one line naming the setting."""
+
+
+def resolve_backbone(name: str, modality: str) -> tuple[str, str]:
+    """``(backbone, modality)`` in canonical spelling (aliases such as ``bninception`` or ``spec`` resolved);
+    :class:`BackboneError` when either is not known."""
+    key = _ALIASES.get(str(name).lower(), str(name).lower())
+    mod = _ALIASES.get(str(modality).lower(), str(modality).lower())
+    if key not in INPUT_CHANNELS:
+        raise BackboneError(f"--backbone {name!r}: unknown backbone; choose one of {', '.join(BACKBONES)}")
+    if mod not in INPUT_CHANNELS[key]:
+        raise BackboneError(f"--modality {modality!r}: backbone {key!r} does not support modality {modality!r}; "
+                            f"choose one of {', '.join(INPUT_CHANNELS[key])}")
+    return key, mod
 
 
 def build(name: str, modality: str, checkpoint: Any = None, *, seed: int = 0,
@@ -52,16 +72,11 @@ def build(name: str, modality: str, checkpoint: Any = None, *, seed: int = 0,
         (1024), ``endpoint`` and ``checkpoint_info`` (a :class:`CheckpointInfo`, or ``None`` when random).
 
     Raises:
-        ValueError: unknown backbone, or a modality the backbone does not support.
+        BackboneError: unknown backbone, or a modality the backbone does not support (a ``ValueError`` and a
+            :class:`~featstore.errors.UserError` naming ``--backbone`` / ``--modality``).
         CheckpointError: the checkpoint does not fit (a ``ValueError`` with a one-line message).
     """
-    key = _ALIASES.get(str(name).lower(), str(name).lower())
-    mod = _ALIASES.get(str(modality).lower(), str(modality).lower())
-    if key not in INPUT_CHANNELS:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    if mod not in INPUT_CHANNELS[key]:
-        raise ValueError(f"backbone {key!r} does not support modality {modality!r}; "
-                         f"it supports {', '.join(INPUT_CHANNELS[key])}")
+    key, mod = resolve_backbone(name, modality)
     channels = INPUT_CHANNELS[key][mod]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -75,6 +90,24 @@ def build(name: str, modality: str, checkpoint: Any = None, *, seed: int = 0,
         model.checkpoint_info = load_checkpoint(model, checkpoint, backbone=key, modality=mod,
                                                 weights_only=weights_only)
     return model.eval()
+
+
+def convert_checkpoint(src: Any, dst: Any, backbone: str = "i3d",
+                       modality: str = "rgb") -> tuple[CheckpointInfo, str]:
+    """``adapt convert-checkpoint``: load ``src`` (any accepted layout, strictly) and write it to ``dst`` in this
+    project's format; returns ``(what was loaded, sha256 of dst)``.
+
+    The settings and the destination are checked before the checkpoint is read: an unknown ``--backbone`` /
+    ``--modality``, a ``dst`` that is a folder, or one in a missing or unwritable folder raise a one-line
+    :class:`~featstore.errors.UserError`; nothing is left behind when writing fails (see :func:`save_checkpoint`).
+    """
+    import os
+    backbone, modality = resolve_backbone(backbone, modality)
+    dst = check_destination(dst)
+    model = build(backbone, modality, checkpoint=os.fspath(src))
+    info = model.checkpoint_info
+    sha = save_checkpoint(model, dst, source_layout=info.layout, source_sha256=info.sha256 or "")
+    return info, sha
 
 
 def _he_init(model: nn.Module) -> None:

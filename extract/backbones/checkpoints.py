@@ -37,6 +37,7 @@ TBN checkpoints were saved with it); the model's own values are kept for those.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
@@ -94,15 +95,43 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def check_destination(path: str | os.PathLike, *, make_parent: bool = False) -> str:
+    """Refuse, before any work, a destination a checkpoint cannot be written to: a folder, a missing or unwritable
+    parent folder (a missing one is fine with ``make_parent``: the caller creates it).  Returns the path as a str;
+    raises :class:`CheckpointError` (one line naming the destination).
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        raise CheckpointError(f"{path}: a folder; give the checkpoint file to write, e.g. "
+                              f"{os.path.join(path, 'checkpoint.pt')}")
+    parent = os.path.dirname(os.path.abspath(path))
+    probe = parent
+    while make_parent and not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)  # the nearest existing folder is where the missing ones get made
+    if not os.path.exists(probe):
+        raise CheckpointError(f"{path}: folder {parent} does not exist; create it first or choose another "
+                              f"destination")
+    if not os.path.isdir(probe):
+        raise CheckpointError(f"{path}: {probe} is not a folder; choose another destination")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{path}: cannot write in folder {probe} (permission denied); choose a destination "
+                              f"you can write to")
+    return path
+
+
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, **meta: Any) -> str:
     """Write ``model``'s weights in this project's format (see the module docstring); return the file's sha256.
 
     ``model`` must carry ``.name``, ``.modality`` and ``.input_channels`` (as models from
-    :func:`extract.backbones.build` do).  The file is written to ``path + ".tmp"`` and renamed into place.
+    :func:`extract.backbones.build` do).  The file is written to ``path + ".tmp"`` and renamed into place; when
+    that fails (for any reason, Ctrl-C included) the temporary file is removed and ``path`` is left as it was.
+    A destination that cannot be written raises :class:`CheckpointError` naming it; a full disk re-raises the
+    ``OSError`` (with ``path`` as its file name).
     """
     clash = sorted(set(meta) & set(_RESERVED))
     if clash:
         raise ValueError(f"save_checkpoint: meta keys {clash} are reserved by the checkpoint format")
+    path = check_destination(path)
     payload = {
         "format": FORMAT,
         "backbone": model.name,
@@ -111,10 +140,25 @@ def save_checkpoint(model: nn.Module, path: str | os.PathLike, **meta: Any) -> s
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         **meta,
     }
-    path = os.fspath(path)
     tmp = path + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    created = False
+    try:
+        with open(tmp, "wb") as f:
+            created = True
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if created:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+        if not isinstance(e, OSError):
+            raise
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, e.strerror, path) from None
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({e.strerror or e}: {e.filename or tmp}); "
+                              f"choose a destination you can write to") from None
     return sha256_file(path)
 
 

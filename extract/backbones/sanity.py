@@ -23,8 +23,9 @@ MMSADA_VERBS = ["take", "put", "open", "close", "wash", "cut", "mix", "pour"]
 def clip_frames(video: str | None = None, frames_dir: str | None = None, frames: int = 64) -> np.ndarray:
     """(T, H, W, 3) uint8 RGB: up to ``frames`` consecutive frames from the middle of the source."""
     from extract import decode
-    if (video is None) == (frames_dir is None):
-        raise UserError("check-checkpoint: give one of --video FILE or --frames DIR")
+    if frames < 1:
+        raise UserError(f"--length {frames}: must be a whole number >= 1")
+    check_source(video, frames_dir)
     if video is not None:
         try:
             n = decode.video_length(video, "check")
@@ -32,11 +33,46 @@ def clip_frames(video: str | None = None, frames_dir: str | None = None, frames:
             return decode.read_video_frames(video, np.arange(start, min(n, start + frames - 1) + 1), "check")
         finally:
             decode.forget_readers()
-    paths = sorted(p for p in Path(frames_dir).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    try:
+        paths = sorted(p for p in Path(frames_dir).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    except OSError as e:
+        raise UserError(f"--frames {frames_dir}: cannot list the folder ({e.strerror or e})") from None
     if not paths:
         raise UserError(f"{frames_dir}: no .jpg / .png frames")
     start = max(0, (len(paths) - frames) // 2)
     return decode.read_images(paths[start:start + frames], "check")
+
+
+def check_source(video: str | None, frames_dir: str | None) -> None:
+    """Exactly one of a video file and a folder of frames, each of its kind; a one-line UserError otherwise."""
+    if (video is None) == (frames_dir is None):
+        raise UserError("check-checkpoint: give one of --video FILE or --frames DIR")
+    if video is not None:
+        if Path(video).is_dir():
+            raise UserError(f"--video {video}: a folder, not a video file (for a folder of frames use --frames)")
+        if not Path(video).exists():
+            raise UserError(f"--video {video}: no such file")
+    else:
+        if not Path(frames_dir).exists():
+            raise UserError(f"--frames {frames_dir}: no such folder")
+        if not Path(frames_dir).is_dir():
+            raise UserError(f"--frames {frames_dir}: a file, not a folder of frames (give the folder that holds the "
+                            f"JPEG frames, or a video file with --video)")
+
+
+def check_arguments(video: str | None, frames_dir: str | None, modality: str, frames: int, resize: int, crop: int,
+                    top: int) -> None:
+    """Every argument of :func:`check_checkpoint`, before the checkpoint is loaded: a one-line UserError naming the
+    setting (the command's option) for the first that is wrong."""
+    if modality != "rgb":
+        raise UserError("check-checkpoint runs RGB checkpoints on RGB frames (a flow checkpoint needs flow input: "
+                        "check it through a short `adapt extract` instead)")
+    for name, value in (("--length", frames), ("--top", top), ("resize", resize), ("crop", crop)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise UserError(f"{name} {value}: must be a whole number >= 1")
+    if crop > resize:
+        raise UserError(f"crop {crop}: larger than resize {resize} (the centre crop is taken after resizing)")
+    check_source(video, frames_dir)
 
 
 def class_names(classes: int) -> list[str]:
@@ -54,9 +90,7 @@ def check_checkpoint(checkpoint: str, video: str | None = None, frames_dir: str 
     """{'layout', 'sha256', 'classes', 'top': [(name, probability), ...]} of an I3D RGB checkpoint on a clip."""
     from extract.backbones import build
     from extract.transforms import i3d_rgb, resize_crop
-    if modality != "rgb":
-        raise UserError("check-checkpoint runs RGB checkpoints on RGB frames (a flow checkpoint needs flow input: "
-                        "check it through a short `adapt extract` instead)")
+    check_arguments(video, frames_dir, modality, frames, resize, crop, top)
     from extract.decode import ClipError
     model = build("i3d", "rgb", checkpoint=checkpoint)
     try:
