@@ -185,7 +185,7 @@ cfg = C.resolve("cia", "mmsada", None, source=paths["source"], target=paths["tar
                 out="{tempfile.mkdtemp()}", steps=8, stage1_steps=0, eval_every=8, last_evals=1,
                 batch_source=16, batch_target=16, embed_dim=512, validators=False)
 cfg.memory_budget = str(quarter_budget(cfg, paths))
-import adapt.objectives, adapt.model, torch.optim  # imports before the baseline
+import adapt.method, adapt.model, torch.optim  # imports before the baseline
 torch.zeros(1) @ torch.zeros(1)
 base = rss(); peak = [0]
 def watch():

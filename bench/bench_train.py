@@ -104,7 +104,7 @@ paths = {json.dumps(paths)}
 cfg = C.resolve("mmsada", "mmsada", None, source=paths["source"], target=paths["target"], eval=paths["eval"],
                 out="{tempfile.mkdtemp()}", steps=20, stage1_steps=0, eval_every=20, device="{device}",
                 spatial={spatial}, validators=False)
-import adapt.objectives, adapt.model, zarr, torch.optim  # imports before the baseline
+import adapt.method, adapt.model, zarr, torch.optim  # imports before the baseline
 base = rss()
 threading.Thread(target=watch, daemon=True).start()
 pair = DomainPair(cfg, torch.device("{device}"))

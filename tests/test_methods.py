@@ -583,7 +583,7 @@ def test_cdan_e_weights_each_domain_by_certainty_and_reverses_their_gradient():
         h = -(p * torch.log(p + 1e-5)).sum(-1)
         w = 1 + torch.exp(-h)
         w = torch.cat([w[:B_S] / w[:B_S].sum().detach(), w[B_S:] / w[B_S:].sum().detach()])
-        assert float(w[:B_S].sum()) == pytest.approx(1.0) and float(w[B_S:].sum()) == pytest.approx(1.0)
+        assert float(w[:B_S].sum().detach()) == pytest.approx(1.0) and float(w[B_S:].sum().detach()) == pytest.approx(1.0)
         bce = F.binary_cross_entropy_with_logits(out["disc_cdan"], torch.tensor([1.0] * B_S + [0.0] * B_T),
                                                  reduction="none")
         want = (w * bce).sum() / w.sum().detach()                          # loss.py:34-43
