@@ -61,7 +61,7 @@ class StreamSource:
     def read(self, clips: np.ndarray, units: np.ndarray) -> torch.Tensor:
         """clips (N,) domain rows, units (N, T) -> (N, T, ...) float16 (CPU)."""
         block = self.reader.units(self.rows[clips], units)
-        finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
+        finite = np.isfinite(block).all(axis=tuple(range(1, block.ndim)))  # (N,); N = 0 when no clip of this domain is drawn
         if not finite.all():
             bad = self.ids[self.rows[clips][int(np.flatnonzero(~finite)[0])]]
             raise UserError(f"{self.store.path}: non-finite {self.modality} features in clip {bad}")
@@ -135,7 +135,7 @@ def load_domain(path: Path, name: str, modalities: list[str], device: torch.devi
                 continue
             block = reader.rows(lo, hi)
             block = block if sel.all() else block[sel]
-            finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
+            finite = np.isfinite(block).all(axis=tuple(range(1, block.ndim)))  # (N,); N = 0 when no clip of this domain is drawn
             if not finite.all():
                 bad = ids[lo:hi][sel][int(np.flatnonzero(~finite)[0])]
                 raise UserError(f"{path}: non-finite {m} features in clip {bad}")

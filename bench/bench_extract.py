@@ -58,7 +58,8 @@ Extractor(cfg, models, dev, bs, "auto")([{m: torch.zeros(input_shape(cfg, m)) fo
 del models
 s = run_extraction(a["split"], cfg, a["out"], {}, device=a["device"], workers=a["workers"],
                    batch_size=a["batch_size"], progress=False, console=Console(file=open("/dev/null", "w")))
-self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+from bench import peak_rss_mb
+self_kb = peak_rss_mb() * 1024
 child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
 print(json.dumps({"extracted": s["extracted"], "run_seconds": s["run_seconds"], "seconds": s["seconds"],
                   "steady_clips_per_s": s["steady_clips_per_s"],

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from adapt import config as C
+from bench import peak_rss_mb
 from adapt import parts
 from adapt.data import DomainPair
 from adapt.train import Training
@@ -306,7 +307,6 @@ def run(steps: int = 30, threads: int = 1, console=None) -> list[dict]:
 def stacked_step(name: str, k: int, steps: int, threads: int, root: str) -> dict:
     """Seconds per step of ``k`` runs of case ``name`` stacked (seeds 0..k-1) on the stores under ``root``, and
     this process's peak RSS (the stores made by the parent: the figure is the training's)."""
-    import resource
     torch.set_num_threads(threads)
     kind, method, dataset, backbone, sets, _, _ = CASES[name]
     paths = stores(Path(root), kind)
@@ -315,7 +315,7 @@ def stacked_step(name: str, k: int, steps: int, threads: int, root: str) -> dict
     t = Training(cfgs, DomainPair(cfgs[0], torch.device("cpu")), torch.device("cpu"))
     seconds = timed(t, steps)
     t.close()
-    return {"k": k, "step_s": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"k": k, "step_s": seconds, "peak_rss_mb": peak_rss_mb()}
 
 
 def stacking(name: str, ks=(1, 2, 4, 8), steps: int = 10, threads: int = 1, console=None) -> list[dict]:

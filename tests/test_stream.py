@@ -59,6 +59,7 @@ def heads(out, method, name="S_train-T_train"):
     ("cia", "i3d", {}),                                  # the maps themselves
     ("ta3n", "tbn", {"epochs": 2, "lr_epochs": [2], "steps": None, "dataset": "epic100"}),  # three modalities
     ("source_only", "tbn", {"standardise": True}),       # statistics computed from the streamed store
+    ("source_only", "i3d", {"batch_target": 0}),         # MM-SADA's source-only: no target clip read a step
 ])
 def test_streamed_run_equals_the_in_memory_run(i3d_root, tbn_root, tmp_path, method, backbone, kw):
     root = i3d_root if backbone == "i3d" else tbn_root
