@@ -19,10 +19,16 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="fewer steps and clips")
     args = ap.parse_args()
-    console = Console()
+    console = Console() if Console().is_terminal else Console(width=160)  # a file gets the tables whole
     started = time.time()
     figures: dict = {"device": args.device, "machine": platform.processor() or platform.machine(),
                      "cpus": torch.get_num_threads(), "torch": torch.__version__}
+
+    out = Path("bench/out")
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after every section: a section that fails keeps the figures of those before it
+        (out / "bench.json").write_text(json.dumps(figures, indent=1, default=str))
 
     from bench import bench_extract, bench_store, bench_stream, bench_train
     from bench.bench_train import SPATIAL_ONLY
@@ -32,10 +38,13 @@ def main() -> None:
     # best of 5 interleaved runs on each side: single timings on a shared machine swing by tens of percent
     figures["extract"] = bench_extract.run(console.print, clips=8 if args.quick else 12, device=args.device,
                                            repeats=5)
+    save()
     console.rule("store codecs")
     figures["store"] = bench_store.run(32 if args.quick else 64)
+    save()
     console.rule("trainer")
     figures["train"] = bench_train.run(args.device, quick=args.quick)
+    save()
     console.rule("batched sweep")
     # K = 8 runs stacked against one by one, for three head sizes: the gain is the per-step overhead that stacking
     # shares, so it shrinks as the heads' own compute grows
@@ -45,15 +54,18 @@ def main() -> None:
                                         embed_dim=e, console=console, repeats=5)}
         for name, c, e in (("small (C=32, embed 128)", 32, 128), ("medium (C=32, embed 512)", 32, 512),
                            ("I3D-size (C=1024, embed 512)", 1024, 512))]
+    save()
 
     console.rule("the step against a plain PyTorch loop and its arithmetic bound (one thread)")
     from bench import bench_plain
     figures["plain"] = bench_plain.run(steps=10 if args.quick else 30, threads=1, console=console)
     figures["stacking"] = {name: bench_plain.stacking(name, steps=5 if args.quick else 10, console=console)
                            for name in ("source_only", "ta3n", "cia")}
+    save()
 
     console.rule("training beyond memory")
     figures["stream"] = bench_stream.run(quick=args.quick)
+    save()
 
     ex, tr, sw, st = figures["extract"], figures["train"], figures["sweep"], figures["stream"]
     table = Table(title=f"benchmarks on {args.device} ({figures['cpus']} threads), {time.time() - started:.0f} s")
@@ -121,9 +133,6 @@ def main() -> None:
     for r in tr["methods"]:
         steps.add_row(r["method"], r["features"], f"{r['steps_per_s']:.1f}", f"{r['data_share']:.1%}")
     console.print(steps)
-    out = Path("bench/out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(figures, indent=1, default=str))
     console.print(f"figures in {out / 'bench.json'}")
 
 
