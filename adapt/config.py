@@ -92,7 +92,7 @@ class RunSettings:
     stage1_epochs: typing.Optional[int] = non_negative(None)  # with epochs: stage 1 in epochs (SHOT on EPIC-100)
     batch_source: int = positive(64)
     batch_target: typing.Optional[int] = non_negative(64)  # none: batch_source x n_target / n_source (TA3N's bS_2)
-    eval_every: int = positive(100)
+    eval_every: typing.Optional[int] = positive(100)  # none: once an epoch (TA3N's code evaluates each epoch)
     eval_batch: int = positive(1024)
     last_evals: int = positive(9)    # target_top1 = mean of the evaluations at the last 9 ...
     last_eval_every: int = positive(50)  # ... checkpoints, 50 steps apart (MM-SADA submit_test.sh: 5600..6000)
@@ -371,9 +371,13 @@ def base_name(dataset: str) -> str:
 
 def settings_text(cfg) -> str:
     """Every setting with its resolved value, by owner (``adapt train --settings``)."""
+    unused = {"steps": "epochs", "stage1_steps": "stage1_epochs"}  # a count in epochs replaces the count in steps
     by_owner: dict = {}
     for f in fields(cfg):
-        by_owner.setdefault(cfg.owner(f.name), []).append(f"  {f.name} = {getattr(cfg, f.name)!r}")
+        line = f"  {f.name} = {getattr(cfg, f.name)!r}"
+        if f.name in unused and getattr(cfg, unused[f.name]) is not None and (f.name == "steps" or cfg.epochs):
+            line += f"  (not used: {unused[f.name]} is set; the schedule below says what runs)"
+        by_owner.setdefault(cfg.owner(f.name), []).append(line)
     return "\n".join(f"[{owner}]\n" + "\n".join(lines) for owner, lines in by_owner.items())
 
 

@@ -69,7 +69,7 @@ EPIC100_BASE = facts(
     ("stage1_steps", 0, TA + "main.py:203-212 (one stage)"),
     ("batch_source", 128, TA + "script_test_ta3n.sh:79"),
     ("batch_target", None, TA + "script_test_ta3n.sh:80 (bS_2 = bS x num_target / num_source = 207)"),
-    ("eval_every", 126, TA + "main.py:226 (every epoch: 126 steps on EPIC-100)"),
+    ("eval_every", None, TA + "main.py:226 (once an epoch: 126 steps on EPIC-100's splits)"),
     ("last_evals", 1, TA + "script_test_ta3n.sh:147 (checkpoint.pth.tar: the last epoch)"),
     ("optimizer", "sgd", TA + "main.py:97"),
     ("lr", 3e-3, TA + "script_test_ta3n.sh:84"),
@@ -128,7 +128,8 @@ def rescale(cfg, steps: int) -> None:
     cfg.steps = steps
     cfg.stage1_steps = round(cfg.stage1_steps * scale)
     cfg.lr_steps = [round(s * scale) for s in cfg.lr_steps]
-    cfg.eval_every = max(1, round(cfg.eval_every * scale))
+    if cfg.eval_every:  # none (once an epoch) stays once an epoch
+        cfg.eval_every = max(1, round(cfg.eval_every * scale))
     cfg.last_eval_every = max(1, round(cfg.last_eval_every * scale))
 
 

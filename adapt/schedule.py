@@ -15,7 +15,7 @@ the learning rate and the gradient-reversal coefficients at each step, and the s
   of the method (``Method.reversals``: a level and the setting that holds its beta), ``p = grl_p0 + (step - start) / (steps - start)`` where ``start`` is ``stage1_steps`` when ``grl_restart``
   (the MM-SADA code restarts its step counter for stage 2: utils.py:86-91, train.py:116-117) and 0 otherwise.
   TA3N uses gamma 1 and p from 1/30 (main.py:332-333, 355-361).
-* Evaluations: every ``eval_every`` steps, and at the ``last_evals`` steps ``last_eval_every`` apart that end the run
+* Evaluations: every ``eval_every`` steps (none: once an epoch, TA3N main.py:226), and at the ``last_evals`` steps ``last_eval_every`` apart that end the run
   (MM-SADA submit_test.sh:11: 5600..6000 every 50); the reported top-1 is their mean.
 """
 
@@ -57,7 +57,8 @@ class Schedule:
             steps = cfg.epochs * epoch_steps if cfg.epochs else cfg.steps
         milestones = sorted([int(s) for s in cfg.lr_steps] + [int((e - 1) * epoch_steps) for e in cfg.lr_epochs])
         final = sorted(s for s in {steps - j * cfg.last_eval_every for j in range(cfg.last_evals)} if s > 0)
-        every = set(range(cfg.eval_every, steps + 1, cfg.eval_every))
+        each = cfg.eval_every or epoch_steps
+        every = set(range(each, steps + 1, each))
         return cls(steps, epoch_steps, *batches[2], min(stage1, steps), milestones, final,
                    sorted(every | set(final) | {steps}), batches)
 

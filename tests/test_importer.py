@@ -155,6 +155,20 @@ def test_noun_classes_of_a_users_manifest_are_kept_and_the_base_can_be_chosen(tm
     assert res.output.splitlines()[0] == "dataset base: epic100 (the TA3N baseline's code) (--dataset)"
     assert "epochs = 30" in res.output and "[schedule, from the stores' sizes: 40 source and 40 target clips]" in \
         res.output and "steps = 30 = 30 epochs x 1" in res.output
+    assert "  steps = 9000  (not used: epochs is set; the schedule below says what runs)" in res.output
+
+
+def test_the_epic100_base_evaluates_once_an_epoch_whatever_the_stores_sizes():
+    """TA3N's code validates after every epoch (main.py:226): 126 steps on EPIC-100's splits, 25 on 800 clips in
+    batches of 32; an explicit ``eval_every`` is taken as given."""
+    from adapt.schedule import Schedule
+    cfg = C.resolve("ta3n", "epic100", {"batch_source": "32", "batch_target": "32"})
+    assert cfg.eval_every is None
+    s = Schedule.of(cfg, 800, 800)
+    assert (s.steps, s.epoch_steps, s.eval_steps[:3], s.eval_steps[-1]) == (750, 25, [25, 50, 75], 750)
+    assert Schedule.of(C.resolve("ta3n", "epic100", None), 16115, 26115).eval_steps[:2] == [126, 252]
+    cfg = C.resolve("ta3n", "epic100", {"batch_source": "32", "batch_target": "32", "eval_every": "100"})
+    assert Schedule.of(cfg, 800, 800).eval_steps[:2] == [100, 200]
 
 
 def test_an_explicit_steps_is_the_presets_schedule_in_that_many_steps(tmp_path):
