@@ -46,6 +46,12 @@ class Domain:
         return len(self.ids)
 
 
+def finite_rows(block: np.ndarray) -> np.ndarray:
+    """(N,) whether each row of an (N, ...) block is finite everywhere; N may be 0 (a step that draws no clip of a
+    domain, as MM-SADA's source-only draws no target clip)."""
+    return np.isfinite(block).all(axis=tuple(range(1, block.ndim)))
+
+
 class StreamSource:
     """A modality of a streamed store: ``read(clips, units)`` reads those (clip, unit) features from the store
     (tensorstore: only their inner chunks in a version-2 store), pooled over space like ``load_domain`` pools when
@@ -61,7 +67,7 @@ class StreamSource:
     def read(self, clips: np.ndarray, units: np.ndarray) -> torch.Tensor:
         """clips (N,) domain rows, units (N, T) -> (N, T, ...) float16 (CPU)."""
         block = self.reader.units(self.rows[clips], units)
-        finite = np.isfinite(block).all(axis=tuple(range(1, block.ndim)))  # (N,); N = 0 when no clip of this domain is drawn
+        finite = finite_rows(block)
         if not finite.all():
             bad = self.ids[self.rows[clips][int(np.flatnonzero(~finite)[0])]]
             raise UserError(f"{self.store.path}: non-finite {self.modality} features in clip {bad}")
@@ -135,7 +141,7 @@ def load_domain(path: Path, name: str, modalities: list[str], device: torch.devi
                 continue
             block = reader.rows(lo, hi)
             block = block if sel.all() else block[sel]
-            finite = np.isfinite(block).all(axis=tuple(range(1, block.ndim)))  # (N,); N = 0 when no clip of this domain is drawn
+            finite = finite_rows(block)
             if not finite.all():
                 bad = ids[lo:hi][sel][int(np.flatnonzero(~finite)[0])]
                 raise UserError(f"{path}: non-finite {m} features in clip {bad}")

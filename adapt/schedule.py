@@ -15,8 +15,9 @@ the learning rate and the gradient-reversal coefficients at each step, and the s
   of the method (``Method.reversals``: a level and the setting that holds its beta), ``p = grl_p0 + (step - start) / (steps - start)`` where ``start`` is ``stage1_steps`` when ``grl_restart``
   (the MM-SADA code restarts its step counter for stage 2: utils.py:86-91, train.py:116-117) and 0 otherwise.
   TA3N uses gamma 1 and p from 1/30 (main.py:332-333, 355-361).
-* Evaluations: every ``eval_every`` steps (none: once an epoch, TA3N main.py:226), and at the ``last_evals`` steps ``last_eval_every`` apart that end the run
-  (MM-SADA submit_test.sh:11: 5600..6000 every 50); the reported top-1 is their mean.
+* Evaluations: every ``eval_every`` steps (none: once an epoch, TA3N main.py:226), and at the ``last_evals`` steps
+  ``last_eval_every`` apart that end the run (MM-SADA submit_test.sh:11: 5600..6000 every 50); the reported top-1
+  is their mean.
 """
 
 from __future__ import annotations

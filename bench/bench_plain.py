@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from adapt import config as C
-from bench import peak_rss_mb
 from adapt import parts
 from adapt.data import DomainPair
 from adapt.train import Training
+from bench import peak_rss_mb
 from featstore.allocator import retain_freed_memory
 from featstore.synthetic import make_store
 
