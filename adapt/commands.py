@@ -35,7 +35,7 @@ def register(command, console):
     ):
         """The methods: their papers and presets; with a name, its facts (with their references), its own settings,
         its loss terms and where a frozen-feature run differs."""
-        from adapt.method import describe, load
+        from adapt.method import describe, is_builtin, load
         from adapt.methods import REGISTRY, markdown_table
         if name is None:
             if markdown:
@@ -46,7 +46,13 @@ def register(command, console):
                 table.add_row(m.name, m.title, m.composition)
             console.print(table)
             return
-        print(describe(load(name)))
+        cls = load(name)
+        print(describe(cls))
+        if not is_builtin(cls):
+            from adapt.method_check import check
+            check(cls)  # one line and exit 2 when it cannot train
+            print("\nchecked: its terms' weights are its settings, and a forward and backward of 2 stacked runs on "
+                  "random inputs (torch.func.vmap, as a sweep stacks them) give a finite number per term")
 
     @command("train")
     def train_cmd(
@@ -114,7 +120,10 @@ def register(command, console):
                 table.add_row(k, f"{final[k]:.2f}")
         if final.get("collapse"):
             c = final["collapse"]
-            table.add_row("collapsed to one class", f"class {c['class']} from step {c['steps'][0]}")
+            table.add_row(f"INVALID: collapsed to {c.get('kind', 'one class')}",
+                          f"class {c['class']} from step {c['steps'][0]}")
+        for role, n in (final.get("overlap") or {}).items():
+            table.add_row(f"INVALID: {role} shares clips with the source", str(n))
         table.add_row("seconds", f"{final['train_seconds']:.1f}")
         console.print(table)
         console.print(f"results in {Path(out)}")
@@ -164,6 +173,12 @@ def register(command, console):
             if res.rows:
                 for table in R.build_tables(res.rows, metric=metric):
                     R.print_table(table, console)
+            from adapt.results import invalid_marks
+            bad = [r["run"] for r in res.rows if invalid_marks(r)]
+            if bad:
+                console.print(f"[yellow]{len(bad)} of the {len(res.rows)} runs are invalid[/yellow] (collapsed, or "
+                              f"sharing clips with the source): marked in the table and in results.csv's invalid "
+                              f"column: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}", highlight=False)
             missing = len(res.runs) - len(res.rows)
             if missing:
                 console.print(f"[yellow]{missing} run(s) have no results (no final.json)[/yellow]")

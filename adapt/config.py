@@ -83,10 +83,15 @@ class RunSettings:
     device: str = "auto"
     memory_budget: typing.Optional[str] = None  # "24G": stores that do not fit are streamed; none = what is free
     form: str = one_of("code", "paper")  # where a paper and its released code differ (adapt/methods)
+    allow_overlap: bool = False      # train although the target or evaluation store shares clips with the source
+                                     # (refused otherwise; every output marks such a run)
     dataset: str = ""                # whose base the run starts from (adapt/datasets.py): epic100 | mmsada | demo |
                                      # custom (= mmsada's); set from --dataset or the source store
     # schedule (MM-SADA code: stage 1 = 3K steps, stage 2 = 6K steps restored from it; batch 64 + 64)
     steps: int = positive(9000)
+    stop_after: typing.Optional[int] = positive(None)  # end after this many steps of the full schedule (a prefix
+                                     # of the run: its lr milestones and warm-ups as in the full run); --steps
+                                     # instead runs the whole schedule compressed into that many steps
     epochs: typing.Optional[int] = positive(None)  # when set: steps = epochs x steps per epoch (TA3N)
     stage1_steps: int = non_negative(3000)  # stage 2 (the alignment terms) starts here; 0 = one stage
     stage1_epochs: typing.Optional[int] = non_negative(None)  # with epochs: stage 1 in epochs (SHOT on EPIC-100)
@@ -221,9 +226,10 @@ def _hints(cfg_or_cls) -> dict:
 
 
 def _unknown(cls, name: str, where: str) -> UserError:
+    from adapt.method import reference_of
     m = cls.method_class
-    return UserError(f"{where}: {name!r} is not a setting of method {m.name} (`adapt train --method "
-                     f"{m.name} --settings` lists them)")
+    return UserError(f"{where}: {name!r} is not a setting of method {m.name} (`adapt methods "
+                     f"{reference_of(m)}` lists them)")
 
 
 def typed_value(cls, name: str, value, where: str = "--set"):
@@ -294,6 +300,9 @@ def check(cfg) -> None:
     if "/" in cfg.tag or "\\" in cfg.tag or cfg.tag in (".", ".."):
         raise UserError(f"tag={cfg.tag!r}: a tag names the run's folder inside --out; no / or \\ (use letters, "
                         f"digits, = , . _ -)")
+    if cfg.tag.endswith((".partial", ".replaced", ".lock")):
+        raise UserError(f"tag={cfg.tag!r}: a run folder ending in {cfg.tag[cfg.tag.rindex('.'):]} is one this tool "
+                        f"uses while it writes a run; give another tag")
     if cfg.source_holdout and cfg.source_val:
         raise UserError("source_holdout and source_val both set: hold out source clips or give a source validation "
                         "store, not both")
@@ -318,8 +327,9 @@ def resolve(method, dataset: str, overrides: dict | None = None, **given):
     and last the ``--set`` overrides (strings are converted to the setting's type).  ``method``: a built-in name,
     a file or module reference (:func:`adapt.method.load`) or a Method class."""
     from adapt import datasets
-    from adapt.method import FORMS, load, preset, reference_of
+    from adapt.method import FORMS, check_one_place, declared_defaults, facts_owner, load, preset, reference_of
     m = load(method)
+    check_one_place(m)
     cls = config_class(m)
     if dataset not in datasets.KNOWN:
         raise UserError(f"--dataset {dataset}: one of {', '.join(datasets.KNOWN)}")
@@ -335,6 +345,9 @@ def resolve(method, dataset: str, overrides: dict | None = None, **given):
     for k, v in preset(m.facts, dataset, backbone, form).items():
         if k not in names:
             raise UserError(f"method {m.name}: its fact names {k!r}, not one of its settings")
+        setattr(cfg, k, v)
+    # a subclass's own Settings defaults win over the facts it inherits (the subclass said them last)
+    for k, v in declared_defaults(m, below=facts_owner(m)).items():
         setattr(cfg, k, v)
     if dataset == "demo":
         datasets.shorten(cfg, datasets.DEMO_STEPS)
@@ -369,6 +382,24 @@ def base_name(dataset: str) -> str:
             "custom": "mmsada (MM-SADA's code; --dataset epic100 for TA3N's)"}.get(dataset, dataset)
 
 
+def schedule_line(cfg, sched) -> str:
+    """The run's schedule in one line: the preset's, compressed (``--steps``) or cut short (``stop_after``), with
+    the learning-rate milestones that act before the run ends."""
+    compressed = cfg.__dict__.get("rescaled_from")
+    if sched.stop < sched.steps:
+        how = (f"the first {sched.stop} steps of a {sched.steps}-step schedule (stop_after: a prefix of the full "
+               f"run)")
+    elif compressed:
+        how = f"the preset's schedule ({compressed}) compressed into {sched.steps} steps (--steps)"
+    else:
+        how = f"{sched.steps} steps (the preset's schedule)"
+    acting = [m for m in sched.lr_milestones if m < sched.stop]
+    lr = f"lr {cfg.lr}" + (f" x {cfg.lr_decay} at steps {acting}" if acting else ", no decay before the end")
+    stage = f"stage 2 from step {sched.stage1_steps}" if 0 < sched.stage1_steps < sched.stop else (
+        "one stage" if not sched.stage1_steps else f"stage 1 only (stage 2 would start at {sched.stage1_steps})")
+    return f"schedule: {how}; {stage}; {lr}"
+
+
 def settings_text(cfg) -> str:
     """Every setting with its resolved value, by owner (``adapt train --settings``)."""
     unused = {"steps": "epochs", "stage1_steps": "stage1_epochs"}  # a count in epochs replaces the count in steps
@@ -401,6 +432,7 @@ def schedule_text(cfg) -> str:
     epochs = f" = {cfg.epochs} epochs x {s.epoch_steps}" if cfg.epochs else f" (an epoch is {s.epoch_steps} steps)"
     return "\n".join([
         f"[schedule, from the stores' sizes: {n_s} source and {sizes[1]} target clips]",
+        f"  {schedule_line(cfg, s)}",
         f"  steps = {s.steps}{epochs}",
         f"  stage 1 = steps 0..{s.stage1_steps - 1}" if s.stage1_steps else "  one stage",
         f"  batch = {s.batch_source} source + {s.batch_target} target clips a step",

@@ -278,6 +278,23 @@ def evaluation_store(cfg) -> Path:
     return ev
 
 
+def shared_clips(source: Path, others: dict, allowed: bool) -> dict:
+    """{role: clips it shares with the source} of the target and evaluation stores (the same id, video and frames:
+    a copy of the source, or the source's own split); refused in one line unless ``allowed``, when every output
+    of the run marks it."""
+    from featstore.identity import overlap
+    found = {}
+    for role, path in others.items():
+        n = overlap(source, path)
+        if n and not allowed:
+            raise UserError(f"{path}: the {role} store shares {n} clips with the source store {source} (the same "
+                            f"ids, videos and frames: a copy of the source?); give the target's own split, or "
+                            f"--set allow_overlap=true to train anyway (every output then marks the run)")
+        if n:
+            found[role] = n
+    return found
+
+
 class DomainPair:
     """Source (labelled), target (unlabelled) and evaluation stores, checked to fit together; each read into
     memory, or streamed when the stores do not fit the memory budget (``memory_budget``, :func:`plan_memory`)."""
@@ -299,6 +316,7 @@ class DomainPair:
                 raise UserError(f"{p}: no such store; the demo's stores are under {Path(cfg.features_root) / 'demo'}"
                                 f" (--features-root {Path(cfg.features_root) / 'demo'})")
         stores = {"source": FeatureStore.open(src), "target": FeatureStore.open(tgt), "eval": FeatureStore.open(ev)}
+        self.overlap = shared_clips(src, {"target": tgt, "eval": ev}, cfg.allow_overlap)
         shared = [m for m in stores["source"].modalities if all(m in s.modalities for s in stores.values())]
         modalities = list(cfg.modalities) or shared
         check_compatible(stores, modalities)
@@ -325,13 +343,14 @@ class DomainPair:
             raise UserError(f"{src}: the source store has unlabelled clips; the source must be labelled")
         if method.uses_target_labels and (self.target.verb < 0).any():
             raise UserError(f"{tgt}: supervised target training needs a labelled target store")
-        attrs = stores["source"].attrs
-        self.verb_classes = int(attrs.get("verb_classes") or int(self.source.verb.max()) + 1)
-        self.noun_classes = int(attrs.get("noun_classes") or 0)
-        for role, dom in (("source", self.source), ("eval", self.eval)):
-            if int(dom.verb.max()) >= self.verb_classes:
-                raise UserError(f"{dom.path}: verb class {int(dom.verb.max())} outside the {self.verb_classes} "
-                                f"classes of the source store")
+        # the class space: the stores' own (a registered dataset's; stores of a user's splits count theirs from
+        # the labels they hold, so the largest of them), never fewer than the labels need
+        self.verb_classes = max([int(s.attrs.get("verb_classes") or 0) for s in stores.values()]
+                                + [int(d.verb.max()) + 1 for d in (self.source, self.eval)])
+        self.noun_classes = int(stores["source"].attrs.get("noun_classes") or 0)
+        if self.noun_classes:
+            self.noun_classes = max([self.noun_classes] + [int(s.attrs.get("noun_classes") or 0)
+                                                           for s in stores.values()])
         self.feature_shapes = {m: tuple(self.source.feats[m].shape[2:]) for m in modalities}
         self.units_per_clip = self.source.units
         self.feature_bytes = sum(t.numel() * t.element_size() for d in (self.source, self.target, self.eval)

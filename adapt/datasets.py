@@ -116,6 +116,7 @@ def rescale(cfg, steps: int) -> None:
     steps, every part of it keeping its fraction of the run: stage 1, the learning-rate milestones, the evaluation
     spacing (an epoch preset's epochs become these fractions: TA3N's decays at epochs 10 and 20 of 30 fall at 9/30
     and 19/30 of the steps, an evaluation every 1/30)."""
+    cfg.__dict__["rescaled_from"] = f"{cfg.epochs} epochs" if cfg.epochs else f"{cfg.steps} steps"  # for its line
     if cfg.epochs:
         epochs = cfg.epochs
         cfg.lr_steps = sorted({*cfg.lr_steps, *(round((e - 1) / epochs * steps) for e in cfg.lr_epochs)})

@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import importlib
 import importlib.util
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,15 +290,18 @@ def load(ref) -> type:
     from adapt.methods import REGISTRY
     if is_method_class(ref):
         if ref.name not in REGISTRY or REGISTRY[ref.name] is not ref:  # a class given directly: named by its module
+            if not vars(ref).get("name"):
+                ref.name = ref.__name__.lower()
+            check_name(ref, ref.__qualname__)
             ref.reference = getattr(ref, "reference", None) or f"{ref.__module__}:{ref.__qualname__}"
             _LOADED[ref.reference] = ref
         return ref
     text = str(ref)
     if text in REGISTRY:
         return REGISTRY[text]
-    if text in _LOADED:
-        return _LOADED[text]
     path, _, attr = text.partition(":")
+    if text in _LOADED and not (path.endswith(".py") or Path(path).is_file()):
+        return _LOADED[text]
     if path.endswith(".py") or Path(path).is_file():
         module = _module_from_file(Path(path), text)
     elif attr or "." in path:
@@ -311,25 +315,40 @@ def load(ref) -> type:
     cls = _pick(module, attr, text)
     if not vars(cls).get("name"):  # its own name, else the class's (file:Class, module:Class) or the file's
         cls.name = cls.__name__.lower() if attr or not path.endswith(".py") else Path(path).stem
+    check_name(cls, text)
     if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
         raise UserError(f"--method {text}: its name {cls.name!r} is a built-in method's; give the class another "
                         f"name (name = \"my_{cls.name}\")")
     cls.reference = text
+    from adapt.method_check import check_declarations
+    check_declarations(cls)  # its terms' weights name its settings: said at once, before anything runs
     _LOADED[text] = cls
     return cls
 
 
 _LOADED: dict = {}  # reference -> class, for the methods of files and classes this process has loaded
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_+=-]*")
+
+
+def check_name(cls: type, text: str) -> None:
+    """A method's name begins its runs' folder names: letters, digits and _ + = - only (no path, no dot)."""
+    if not isinstance(cls.name, str) or not NAME.fullmatch(cls.name):
+        raise UserError(f"--method {text}: its name {cls.name!r} names its runs' folders: use letters, digits and "
+                        f"_ + = - (e.g. name = \"my_coral\")")
 
 
 def _module_from_file(path: Path, text: str):
     if not path.is_file():
         raise UserError(f"--method {text}: no such file {path}")
-    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]
+    # keyed by the file's place and content: a file edited since it was loaded is loaded again
+    digest = hashlib.sha1(str(path.resolve()).encode() + path.read_bytes()).hexdigest()[:10]
     name = f"adapt_user_method_{path.stem}_{digest}"
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise UserError(f"--method {text}: {path} is not a Python file (a method is a .py file defining a subclass "
+                        f"of adapt.method.Method)")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
@@ -377,6 +396,55 @@ def describe(cls: type) -> str:
     if cls.differences:
         lines += ["", "## Where a frozen-feature run differs", ""] + [f"- {d}" for d in cls.differences]
     return "\n".join(lines)
+
+
+OFF = (0, 0.0, False, None, "", ())  # a default that leaves a setting unused: the state a method's facts turn on
+
+
+def facts_owner(cls: type) -> type:
+    """The class of ``cls``'s lineage whose ``facts`` table is its preset (the nearest that defines one)."""
+    return next(k for k in cls.__mro__ if "facts" in vars(k))
+
+
+def declared_defaults(cls: type, below: type | None = None) -> dict:
+    """{setting: default} of the settings that the ``Settings`` of ``cls`` and of its lineage down to ``below``
+    (exclusive) declare themselves, the nearest class's first."""
+    out: dict = {}
+    for k in cls.__mro__:
+        if k is below:
+            break
+        settings = vars(k).get("Settings")
+        if settings is None:
+            continue
+        defaults = settings()
+        for name in vars(settings).get("__annotations__", {}):
+            out.setdefault(name, getattr(defaults, name))
+    return out
+
+
+def check_one_place(cls: type) -> None:
+    """A preset value lives in one place: a method whose own facts set one of its own settings, for every
+    dataset and backbone, may not also give it another default in its ``Settings`` (the facts would silently win;
+    a default of "off", 0 / False / None, is the unused state the facts turn on).  Refused in one line."""
+    for k in cls.__mro__:
+        if not is_method_class(k) or "facts" not in vars(k):
+            continue
+        own = declared_defaults(k, below=k.__mro__[1])
+        for f in vars(k)["facts"]:
+            if not isinstance(f, Fact) or f.setting not in own or f.when or f.form != "code":
+                continue
+            default = own[f.setting]
+            if default not in OFF and default != f.value:
+                where = getattr(k, "reference", None) or k.__module__
+                raise UserError(f"method {cls.name or k.__name__} ({where}): {f.setting} has two preset values, its "
+                                f"Settings default {default!r} and its fact {f.value!r}; keep one (the fact would "
+                                f"win)")
+
+
+def is_builtin(cls: type) -> bool:
+    """Whether ``cls`` is one of the built-in methods (tested here) rather than a method of a user's."""
+    from adapt.methods import REGISTRY
+    return REGISTRY.get(cls.name) is cls
 
 
 def reference_of(cls: type) -> str:

@@ -26,19 +26,43 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
     return 100.0 * float(topk_correct(scores, labels, k).float().mean())
 
 
-COLLAPSE_SHARE = 0.9   # an evaluation has collapsed when this share of its clips gets one class ...
-COLLAPSE_EVALS = 3     # ... that is at most half of the true labels; a run is told after this many in a row
+COLLAPSE_SHARE = 0.9   # one class: this share of the clips gets one class that is at most half of the truth
+COLLAPSE_COVERED = 0.5  # few classes: the classes still recognised cover less than this share of the clips ...
+COLLAPSE_TOP2 = 0.8    # ... and the two most predicted classes take at least this share of the predictions
+COLLAPSE_EVALS = 3     # a run is told after this many collapsed evaluations in a row
 
 
 def collapsed(scores: torch.Tensor, labels: torch.Tensor) -> dict | None:
-    """{"class", "share"} when at least :data:`COLLAPSE_SHARE` of the clips are predicted as one class that is at
-    most half of the true labels (a method that lost every class but one), else None."""
+    """Whether an evaluation's predictions have collapsed, as ``{"kind", "class", "share", "recognised",
+    "covered"}``, else None.  Two rules (README, "Invalid runs"):
+
+    * one class: at least :data:`COLLAPSE_SHARE` of the clips are predicted as one class that is at most half of
+      the true labels;
+    * few classes: the classes the run still recognises (recall at least half of chance, ``0.5 / classes
+      present``) are the true class of less than :data:`COLLAPSE_COVERED` of the clips, while its two most
+      predicted classes take at least :data:`COLLAPSE_TOP2` of the predictions (a run that lost most classes:
+      CDAN predicting class 0 for almost every clip, recalls 100/0/0/0/9/0/0/0).
+
+    An honest run on imbalanced classes keeps the frequent ones, which cover most clips, so it is not caught."""
+    if not len(labels):
+        return None
     pred = scores.argmax(-1)
-    counts = torch.bincount(pred, minlength=scores.shape[-1])
+    counts = torch.bincount(pred, minlength=scores.shape[-1]).double()
     c = int(counts.argmax())
-    share = float(counts[c]) / max(1, len(pred))
-    truth = float((labels == c).float().mean()) if len(labels) else 0.0
-    return {"class": c, "share": round(share, 4)} if share >= COLLAPSE_SHARE and truth <= 0.5 else None
+    share = float(counts[c]) / len(pred)
+    truth = float((labels == c).float().mean())
+    present = torch.unique(labels[labels >= 0])
+    hit = [(int(k), float((pred[labels == k] == k).float().mean())) for k in present]
+    recognised = [k for k, r in hit if r >= 0.5 / max(1, len(present))]
+    covered = float(torch.isin(labels, torch.tensor(recognised, dtype=labels.dtype, device=labels.device))
+                    .float().mean()) if recognised else 0.0
+    top2 = float(counts.topk(min(2, len(counts))).values.sum()) / len(pred)
+    kind = ("one class" if share >= COLLAPSE_SHARE and truth <= 0.5 else
+            "few classes" if covered < COLLAPSE_COVERED and top2 >= COLLAPSE_TOP2 and len(present) > 2 else None)
+    if kind is None:
+        return None
+    return {"kind": kind, "class": c, "share": round(share, 4), "recognised": recognised,
+            "covered": round(covered, 4)}
 
 
 def per_class_recall(scores: torch.Tensor, labels: torch.Tensor, classes: int) -> list:

@@ -139,7 +139,8 @@ class WeightNormLinear(nn.Module):
     """A linear layer with weight normalisation (Salimans and Kingma 2016), SHOT's classifier (tim-learn/SHOT
     object/network.py:95-97, ``weightNorm(nn.Linear)``): ``W = g v / ||v||`` row by row, so a class's direction
     and its scale are separate parameters.  Initialised as ``nn.Linear`` is, with ``g = ||v||`` (what
-    ``weight_norm`` does; SHOT's Xavier call is overwritten by it).
+    ``weight_norm`` does; SHOT's Xavier call on the weight is overwritten by it), and a zero bias (SHOT
+    network.py:14-24, 95-97: ``init_weights`` zeroes the bias, which the weight norm leaves alone).
 
     Shapes: x (..., in_features) -> (..., out_features)."""
 
@@ -149,7 +150,7 @@ class WeightNormLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.v = nn.Parameter(lin.weight.detach().clone())
         self.g = nn.Parameter(lin.weight.detach().norm(dim=1))
-        self.bias = nn.Parameter(lin.bias.detach().clone())
+        self.bias = nn.Parameter(torch.zeros_like(lin.bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.g[:, None] * self.v / self.v.norm(dim=1, keepdim=True)

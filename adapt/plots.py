@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adapt.results import mean_std, pair_of, pair_order, read_jsonl, row_label, row_order
+from adapt.results import invalid_marks, mean_std, pair_of, pair_order, read_jsonl, row_label, row_order
 from featstore.errors import UserError
 
 SOURCE_COLOUR, TARGET_COLOUR = "#1f77b4", "#ff7f0e"
@@ -54,17 +54,19 @@ def accuracy_curves(rows: list[dict], metric: str = "target_top1", std: str = "s
     for r in rows:
         c = curve(r, metric)
         if c:
-            grouped.setdefault(pair_of(r), {}).setdefault(row_label(r, backbones), []).append(c)
+            grouped.setdefault(pair_of(r), {}).setdefault(row_label(r, backbones), []).append((c, r))
     order = row_order(rows, backbones)
     out = {}
     for pair, labels in grouped.items():
         out[pair] = {}
         for label in sorted(labels, key=order.index):
-            curves = labels[label]
+            curves = [c for c, _ in labels[label]]
+            bad = sum(bool(invalid_marks(r)) for _, r in labels[label])
             steps = sorted(set.intersection(*(set(c) for c in curves)))
             stats = [mean_std([c[s] for c in curves], std) for s in steps]
             sd = [s[1] for s in stats]
-            out[pair][label] = (np.array(steps), np.array([s[0] for s in stats]),
+            shown = label + (f" ({bad}/{len(curves)} invalid)" if bad else "")  # collapsed runs say so
+            out[pair][shown] = (np.array(steps), np.array([s[0] for s in stats]),
                                 None if any(v is None for v in sd) else np.array(sd))
     return out
 
@@ -93,6 +95,8 @@ def plot_accuracy(rows: list[dict], path: str | Path, metric: str = "target_top1
         else:
             style[lab] = dict(color=colours[ci % len(colours)], linestyle="-")
             ci += 1
+        if lab.endswith("invalid)"):  # a curve with invalid (collapsed) runs in it: dotted, with crosses
+            style[lab].update(linestyle=":", marker="x", markersize=4)
     for ax, pair in zip(axes.flat, pairs):
         for lab, (steps, mean, sd) in data[pair].items():
             ax.plot(steps, mean, label=lab, linewidth=1.6, **style[lab])

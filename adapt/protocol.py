@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from adapt.results import invalid_marks
 from featstore.errors import UserError
 
 TUNE = ("source_val", "target_val", "target_val")
@@ -61,7 +62,9 @@ def run_protocol(spec: dict | str | Path, out: str | Path | None = None, select:
                             f"{', '.join(['oracle', *S.available(rows)])})")
         tag, steps, score = pick
         grid = next(r.get("grid") or {} for r in rows if (r.get("tag") or "") == tag)
-        chosen[method] = {"grid_point": tag, "settings": grid, "tune_steps": steps, "tune_target_val_top1": score}
+        chosen[method] = {"grid_point": tag, "settings": grid, "tune_steps": steps, "tune_target_val_top1": score,
+                          "tune_invalid_runs": sum(bool(invalid_marks(r)) for r in rows
+                                                   if (r.get("tag") or "") == tag)}
 
     if console is not None:
         console.print(f"[2/2] training the chosen settings on {TRAIN[0]} -> {TRAIN[1]}, predicting {TEST}")
@@ -82,8 +85,14 @@ def run_protocol(spec: dict | str | Path, out: str | Path | None = None, select:
         tests = [str(Path(r["run_dir"]) / "test.json") for r in rows if (Path(r["run_dir"]) / "test.json").is_file()]
         if not tests:
             raise UserError(f"{method}: no test.json was written (the stores need verb and noun labels: EPIC-100)")
+        bad = {r.get("run"): invalid_marks(r) for r in rows if invalid_marks(r)}
         record["methods"][method] = {**c, "target_val": scores, "seeds": [r.get("seed") for r in rows],
-                                     "test_json": tests}
+                                     "test_json": tests, "invalid": bad}
+        if bad and console is not None:  # its test.json is written, and said to come from an invalid run
+            why = "; ".join(f"{k}: {'+'.join(v)}" for k, v in bad.items())
+            console.print(f"[yellow]warning:[/yellow] {method}: {len(bad)} of its final runs are invalid ({why}); "
+                          f"their test.json files are marked invalid in protocol.json", highlight=False,
+                          soft_wrap=True)
     write_atomic(out / "protocol.json", json.dumps(record, indent=1))
     if console is not None:
         for method, r in record["methods"].items():

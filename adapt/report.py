@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adapt.results import collect, mean_std, pair_of, pair_order, row_label, row_order
+from adapt.results import collect, invalid_marks, mean_std, pair_of, pair_order, row_label, row_order
 from featstore.errors import UserError
 
 EPIC_KEYS = {"top1": ("verb_top1", "noun_top1", "action_top1"), "top5": ("verb_top5", "noun_top5", "action_top5")}
@@ -50,11 +50,26 @@ class Cell:
     std: float | None
     n: int
     values: list = field(default_factory=list)
+    invalid: int = 0                 # runs of the cell marked invalid (collapsed, overlapping stores)
+    codes: int = 1                   # distinct code fingerprints of its runs (more than one: mixed code)
 
     def text(self, digits: int = 2) -> str:
         if self.n == 0 or self.mean != self.mean:
             return "–"
-        return f"{self.mean:.{digits}f}" + (f" ± {self.std:.{digits}f}" if self.std is not None else "")
+        return (f"{self.mean:.{digits}f}" + (f" ± {self.std:.{digits}f}" if self.std is not None else "")
+                + self.marks())
+
+    def marks(self) -> str:
+        """What the reader must know about the cell's number, in words."""
+        out = f" ({self.invalid}/{self.n} invalid)" if self.invalid else ""
+        return out + (" (mixed code)" if self.codes > 1 else "")
+
+
+def _cell(rows: list, values: list, std: str) -> Cell:
+    """A cell of ``rows`` (its runs) and their ``values``, with its marks."""
+    from adapt.provenance import code_key
+    return Cell(*mean_std(values, std), len(values), values, sum(bool(invalid_marks(r)) for r in rows),
+                len({code_key(r.get("provenance")) for r in rows}))
 
 
 @dataclass
@@ -89,10 +104,10 @@ def build_tables(rows: list[dict], metric: str = "target_top1", std: str = "samp
             v = _value(r, metric)
             if v is None:
                 raise UserError(f"{r.get('run_dir') or r.get('run')}: no numeric {metric!r} in final.json")
-            cells.setdefault(row_label(r, backbones), {}).setdefault(pair_of(r), []).append(v)
+            cells.setdefault(row_label(r, backbones), {}).setdefault(pair_of(r), []).append((r, v))
         out_rows = []
         for label in row_order(plain, backbones):
-            row_cells = {p: Cell(*mean_std(vs, std), len(vs), vs) for p, vs in cells[label].items()}
+            row_cells = {p: _cell([r for r, _ in rv], [v for _, v in rv], std) for p, rv in cells[label].items()}
             mean = (math.fsum(row_cells[p].mean for p in pairs) / len(pairs)
                     if all(p in row_cells for p in pairs) else None)
             out_rows.append((label, row_cells, mean))
@@ -107,9 +122,9 @@ def build_tables(rows: list[dict], metric: str = "target_top1", std: str = "samp
         for r in epic:
             for k in keys:
                 col = names[k] if len(pairs) == 1 else f"{pair_of(r)} {names[k]}"
-                cells.setdefault(row_label(r, backbones), {}).setdefault(col, []).append(float(r[k]))
-        out_rows = [(label, {c: Cell(*mean_std(vs, std), len(vs), vs) for c, vs in cells[label].items()}, None)
-                    for label in row_order(epic, backbones)]
+                cells.setdefault(row_label(r, backbones), {}).setdefault(col, []).append((r, float(r[k])))
+        out_rows = [(label, {c: _cell([r for r, _ in rv], [v for _, v in rv], std) for c, rv in cells[label].items()},
+                     None) for label in row_order(epic, backbones)]
         tables.append(ResultTable(f"EPIC-100 target {keys[0].split('_')[1]} (%), mean ± {std} std over seeds",
                                   columns, out_rows, False, ",".join(keys), std, meta))
     return tables
@@ -126,9 +141,16 @@ def to_markdown(t: ResultTable, digits: int = 2) -> str:
     for label, cells, mean in t.rows:
         vals = [cells[c].text(digits) if c in cells else "–" for c in t.columns]
         if t.mean_column:
-            vals.append(f"{mean:.{digits}f}" if mean is not None else "–")
+            vals.append(_mean_text(cells, mean, digits))
         lines.append("| " + " | ".join([label, *vals]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _mean_text(cells: dict, mean, digits: int) -> str:
+    if mean is None:
+        return "–"
+    bad = sum(c.invalid for c in cells.values())
+    return f"{mean:.{digits}f}" + (f" ({bad} invalid runs)" if bad else "")
 
 
 def to_csv(t: ResultTable) -> str:
@@ -136,14 +158,16 @@ def to_csv(t: ResultTable) -> str:
     and number of seeds; then the mean column."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["row", "method", "tag", "backbone", *(f"{c} {s}" for c in t.columns for s in ("mean", "std", "n"))]
+    w.writerow(["row", "method", "tag", "backbone",
+                *(f"{c} {s}" for c in t.columns for s in ("mean", "std", "n", "invalid", "mixed_code"))]
                + (["mean"] if t.mean_column else []))
     for label, cells, mean in t.rows:
         vals = []
         for c in t.columns:
             cell = cells.get(c)
-            vals += ["", "", 0] if cell is None else [repr(cell.mean), "" if cell.std is None else repr(cell.std),
-                                                      cell.n]
+            vals += ["", "", 0, 0, ""] if cell is None else [
+                repr(cell.mean), "" if cell.std is None else repr(cell.std), cell.n, cell.invalid,
+                "yes" if cell.codes > 1 else ""]
         method, tag, backbone = t.meta.get(label, (label, "", ""))
         w.writerow([label, method, tag, backbone, *vals]
                    + ([("" if mean is None else repr(mean))] if t.mean_column else []))
@@ -160,11 +184,46 @@ def print_table(t: ResultTable, console, digits: int = 2) -> None:
     if t.mean_column:
         table.add_column("mean", justify="right", style="bold")
     for label, cells, mean in t.rows:
-        vals = [cells[c].text(digits) if c in cells else "–" for c in t.columns]
+        vals = [escape(cells[c].text(digits)) if c in cells else "–" for c in t.columns]
         if t.mean_column:
-            vals.append(f"{mean:.{digits}f}" if mean is not None else "–")
+            vals.append(_mean_text(cells, mean, digits))
         table.add_row(escape(label), *vals)
     console.print(table)
+
+
+def footer(rows: list[dict]) -> list[str]:
+    """What made the numbers (Markdown lines): the code of the runs (package and method digests), the stores
+    they read (path and content digests), and the runs marked invalid with why."""
+    from adapt.provenance import code_name
+    from featstore.identity import short
+    codes: dict = {}
+    stores: dict = {}
+    for r in rows:
+        prov = r.get("provenance")
+        codes[code_name(prov)] = codes.get(code_name(prov), 0) + 1
+        for role, ident in ((prov or {}).get("stores") or {}).items():
+            stores.setdefault((role, ident.get("path")), set()).add(short(ident))
+    lines = ["## What made these numbers", "", "Code (runs):"]
+    lines += [f"- {name} ({n})" for name, n in codes.items()]
+    if stores:
+        lines += ["", "Stores:"]
+        for (role, path), ids in stores.items():
+            lines.append(f"- {role} {path}: " + "; ".join(sorted(ids))
+                         + (" (its content differs between runs)" if len(ids) > 1 else ""))
+    bad = [(r, invalid_marks(r)) for r in rows if invalid_marks(r)]
+    if bad:
+        lines += ["", "Invalid runs (marked in the tables; their numbers are not results):"]
+        for r, why in bad:
+            detail = []
+            if r.get("collapse"):
+                c = r["collapse"]
+                detail.append(f"collapsed to {c.get('kind', 'one class')} (class {c.get('class')}) at steps "
+                              f"{c.get('steps')}")
+            if r.get("overlap"):
+                detail.append("shares clips with the source: " + ", ".join(f"{k} {v}" for k, v in
+                                                                          r["overlap"].items()))
+            lines.append(f"- {r.get('run_dir') or r.get('run')}: " + "; ".join(detail or why))
+    return lines
 
 
 def write_report(paths: list, out: str | Path | None = None, metric: str = "target_top1", std: str = "sample",
@@ -196,6 +255,12 @@ def write_report(paths: list, out: str | Path | None = None, metric: str = "targ
         written[name] = out / name
         if console is not None:
             print_table(t, console)
+    md.append("\n".join(footer(rows)) + "\n")
+    if console is not None:
+        bad = sum(bool(invalid_marks(r)) for r in rows)
+        if bad:
+            console.print(f"[yellow]{bad} of the {len(rows)} runs are invalid[/yellow] (collapsed or sharing clips "
+                          f"with the source): marked in the tables, listed in report.md")
     (out / "report.md").write_text("\n".join(md))
     written["report.md"] = out / "report.md"
     if plots:
@@ -224,11 +289,16 @@ def write_selection(rows: list[dict], select: str, out: Path, console=None, plot
         raise UserError(f"--select {select}: the runs carry the validators {', '.join(have) or 'none'} (train with "
                         f"validators on; source_val and dev need --set source_holdout=0.1 or source_val=STORE)")
     chosen = S.select(rows, names)
-    header = ["validator", "method", "pair", "grid point", "steps", "selected", "oracle", "gap", "last-9", "rho"]
+    header = ["validator", "method", "pair", "grid point", "steps", "selected", "oracle", "gap", "last-9", "rho",
+              "collapsed checkpoints passed over"]
     lines = []
     for c in chosen:
         lines.append([c.validator, c.method, c.pair, c.tag or "-", " ".join(map(str, c.steps)), f"{c.selected:.2f}",
-                      f"{c.oracle:.2f}", f"{c.gap:.2f}", f"{c.last9:.2f}", "-" if c.rho is None else f"{c.rho:.2f}"])
+                      f"{c.oracle:.2f}", f"{c.gap:.2f}", f"{c.last9:.2f}", "-" if c.rho is None else f"{c.rho:.2f}",
+                      str(c.passed_over)])
+    if console is not None and any(c.passed_over for c in chosen):
+        console.print(f"[yellow]{sum(c.passed_over for c in chosen)} collapsed checkpoints were passed over[/yellow] "
+                      f"by the selection rules (never chosen; counted per rule in selection.md)")
     summary = []
     for n in names:
         mine = [c for c in chosen if c.validator == n]

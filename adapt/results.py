@@ -19,6 +19,12 @@ def read_final(path: Path) -> dict | None:
     return row if isinstance(row, dict) else None
 
 
+def invalid_marks(final: dict) -> list:
+    """Why a run's number is not a result to publish: ``collapsed`` (its predictions collapsed), ``overlap`` (its
+    target or evaluation store shares clips with its source, allowed by ``allow_overlap``)."""
+    return [why for why, flag in (("collapsed", final.get("collapse")), ("overlap", final.get("overlap"))) if flag]
+
+
 def collect(paths: list, skipped: list | None = None) -> list[dict]:
     """Rows (final.json dicts with ``run_dir``) from run folders, folders of run folders (searched recursively)
     and results.jsonl files; a folder without any final.json falls back to its results.jsonl.  A run folder left

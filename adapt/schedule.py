@@ -15,6 +15,8 @@ the learning rate and the gradient-reversal coefficients at each step, and the s
   of the method (``Method.reversals``: a level and the setting that holds its beta), ``p = grl_p0 + (step - start) / (steps - start)`` where ``start`` is ``stage1_steps`` when ``grl_restart``
   (the MM-SADA code restarts its step counter for stage 2: utils.py:86-91, train.py:116-117) and 0 otherwise.
   TA3N uses gamma 1 and p from 1/30 (main.py:332-333, 355-361).
+* A prefix (``stop_after``): the run ends after ``stop`` steps of this schedule, which is otherwise unchanged
+  (learning rate, reversal warm-up and stages as in the full run); its evaluations end there.
 * Evaluations: every ``eval_every`` steps (none: once an epoch, TA3N main.py:226), and at the ``last_evals`` steps
   ``last_eval_every`` apart that end the run (MM-SADA submit_test.sh:11: 5600..6000 every 50); the reported top-1
   is their mean.
@@ -39,6 +41,7 @@ class Schedule:
     final_steps: list                # the evaluations whose mean is the reported top-1
     eval_steps: list                 # every evaluated step, ascending (1-based: after that many steps)
     batches: dict = None             # stage -> (B_s, B_t)
+    stop: int = 0                    # the run ends after this many steps (stop_after: a prefix; else steps)
 
     @classmethod
     def of(cls, cfg, n_source: int, n_target: int, method=None) -> "Schedule":
@@ -57,11 +60,12 @@ class Schedule:
         else:
             steps = cfg.epochs * epoch_steps if cfg.epochs else cfg.steps
         milestones = sorted([int(s) for s in cfg.lr_steps] + [int((e - 1) * epoch_steps) for e in cfg.lr_epochs])
-        final = sorted(s for s in {steps - j * cfg.last_eval_every for j in range(cfg.last_evals)} if s > 0)
+        stop = min(steps, getattr(cfg, "stop_after", None) or steps)  # a prefix ends its evaluations there
+        final = sorted(s for s in {stop - j * cfg.last_eval_every for j in range(cfg.last_evals)} if s > 0)
         each = cfg.eval_every or epoch_steps
-        every = set(range(each, steps + 1, each))
+        every = set(range(each, stop + 1, each))
         return cls(steps, epoch_steps, *batches[2], min(stage1, steps), milestones, final,
-                   sorted(every | set(final) | {steps}), batches)
+                   sorted(every | set(final) | {stop}), batches, stop)
 
     def stage(self, step: int) -> int:
         return 1 if step < self.stage1_steps else 2
@@ -87,5 +91,5 @@ class Schedule:
     def to_dict(self) -> dict:
         return {"steps": self.steps, "epoch_steps": self.epoch_steps, "batch_source": self.batch_source,
                 "batch_target": self.batch_target, "batches": {str(k): list(v) for k, v in self.batches.items()},
-                "stage1_steps": self.stage1_steps,
+                "stage1_steps": self.stage1_steps, "stop": self.stop,
                 "lr_milestones": self.lr_milestones, "final_steps": self.final_steps}

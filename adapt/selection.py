@@ -63,6 +63,16 @@ def curves(row: dict, name: str) -> tuple[list, list, list] | None:
     return steps, [np.nan if v is None else float(v) for v in values], acc
 
 
+def collapsed_at(row: dict) -> list[bool]:
+    """Per evaluation of a run, whether its predictions had collapsed there (a checkpoint no rule may choose)."""
+    flags = row.get("collapsed_per_eval")
+    n = len(row.get("eval_steps") or [])
+    if flags and len(flags) == n:
+        return [bool(f) for f in flags]
+    steps = set((row.get("collapse") or {}).get("steps") or [])
+    return [s in steps for s in row.get("eval_steps") or []]
+
+
 @dataclass
 class Selection:
     method: str
@@ -75,6 +85,7 @@ class Selection:
     last9: float
     rho: float | None
     seeds: int
+    passed_over: int = 0  # collapsed checkpoints the rule was not allowed to choose
 
     @property
     def gap(self) -> float:
@@ -87,10 +98,13 @@ def check_name(name: str, where: str = "--select") -> None:
         raise UserError(f"{where} {name}: not a validator; one of {', '.join(NAMES)}, {ORACLE} or all")
 
 
-def choose(runs: list, name: str) -> tuple[str, list, float] | None:
+def choose(runs: list, name: str, passed: list | None = None) -> tuple[str, list, float] | None:
     """(grid point, checkpoint steps, mean target accuracy there) that validator ``name`` selects among ``runs``
-    (final.json rows of one method and pair)."""
+    (final.json rows of one method and pair).  A checkpoint whose predictions had collapsed is never chosen (an
+    entropy-like validator prefers them); how many were passed over is appended to ``passed``; a run with no
+    other checkpoint drops out, and a grid point whose runs all dropped out too."""
     by_tag: dict = {}
+    skipped = 0
     for r in runs:
         c = curves(r, name)
         if c is None:
@@ -99,8 +113,17 @@ def choose(runs: list, name: str) -> tuple[str, list, float] | None:
         v = np.asarray(values, dtype=np.float64)
         if not len(v) or not np.isfinite(v).any():
             return None
+        bad = np.asarray(collapsed_at(r), dtype=bool)
+        skipped += int(bad.sum())
+        v = np.where(bad, np.nan, v)
+        if not np.isfinite(v).any():
+            continue
         i = int(np.nanargmax(v))
         by_tag.setdefault(r.get("tag") or "", []).append((float(v[i]), steps[i], float(acc[i])))
+    if passed is not None:
+        passed.append(skipped)
+    if not by_tag:
+        return None
     tag = max(by_tag, key=lambda t: (np.mean([x[0] for x in by_tag[t]]), t == ""))
     picks = by_tag[tag]
     return tag, [p[1] for p in picks], float(np.mean([p[2] for p in picks]))
@@ -123,11 +146,12 @@ def select(rows: list[dict], names: list[str] | None = None) -> list[Selection]:
             by_tag.setdefault(r.get("tag") or "", []).append(float(r.get("target_top1", np.nan)))
         last9 = max(float(np.mean(v)) for v in by_tag.values())
         for name in names:
-            chosen = choose(runs, name)
+            passed: list = []
+            chosen = choose(runs, name, passed)
             if chosen is None:
                 continue
             out.append(Selection(method, pair, name, chosen[0], chosen[1], chosen[2], oracle[2], last9,
-                                 spearman(*points(runs, name)), len(runs)))
+                                 spearman(*points(runs, name)), len(runs), sum(passed)))
     return out
 
 

@@ -49,7 +49,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from adapt.results import pair_label, read_final
+from adapt import provenance
+from adapt.results import invalid_marks, pair_label, read_final
 from featstore.errors import UserError
 from featstore.store import is_store
 
@@ -301,7 +302,23 @@ def is_complete(run: Run) -> tuple[bool, str]:
             continue
         if k in saved and saved[k] != v:
             return False, f"{k} changed ({saved[k]!r} -> {v!r})"
+    changed = provenance.differences(saved.get("provenance"), current_provenance(run.cfg))
+    if changed:
+        return False, "; ".join(changed)
     return True, ""
+
+
+def current_provenance(cfg) -> dict:
+    """The provenance a run of ``cfg`` would record now (its code, settings and stores; stores not made yet are
+    left out)."""
+    from adapt.data import evaluation_store
+    from adapt.method import load
+    from featstore.paths import resolve_store
+    paths = {"source": resolve_store(cfg.source, "train", cfg.backbone, cfg.features_root)[0],
+             "target": resolve_store(cfg.target, "train", cfg.backbone, cfg.features_root)[0],
+             "eval": evaluation_store(cfg)}
+    return provenance.of_run(load(cfg.method), cfg.to_dict(),
+                             provenance.store_identities({r: p for r, p in paths.items() if is_store(p)}))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -578,7 +595,7 @@ def results_csv(rows: list[dict]) -> str:
     mods = list(dict.fromkeys(m for r in rows for m in r.get("per_modality", {})))
     scalars = [k for k in SCALARS if any(k in r for r in rows)]
     header = ["run", "method", "pair", "source", "target", "eval", "backbone", "seed", "tag", *grid_keys,
-              *scalars, *(f"top1_{m}" for m in mods)]
+              *scalars, *(f"top1_{m}" for m in mods), "invalid"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(header)
@@ -588,7 +605,8 @@ def results_csv(rows: list[dict]) -> str:
                     r.get("backbone"), r.get("seed"), r.get("tag"),
                     *(_fmt(g[k]) if k in g else "" for k in grid_keys),
                     *(r.get(k, "") for k in scalars),
-                    *(r.get("per_modality", {}).get(m, "") for m in mods)])
+                    *(r.get("per_modality", {}).get(m, "") for m in mods),
+                    "+".join(invalid_marks(r))])
     return buf.getvalue()
 
 

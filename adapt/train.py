@@ -28,11 +28,12 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from adapt import config as C
 from adapt import method as M
-from adapt import metrics, rng
+from adapt import cache, method_check, metrics, provenance, rng
 from adapt import step as S
 from adapt.data import (DomainPair, EpochSampler, Gatherer, Prefetcher, averaged_over_views, draw_batch, load_domain,
                         read_part, standardisation)
 from adapt.model import Inputs
+from adapt.results import invalid_marks
 from adapt.runs import RunFolder
 from adapt.schedule import Schedule
 from featstore.allocator import retain_freed_memory
@@ -73,6 +74,9 @@ def train(cfgs: list, console=None, progress: bool = True, pair: DomainPair | No
     names = [run_name(c) for c in cfgs]
     if len(set(names)) != len(names):
         raise UserError(f"two runs would write the same folder {names}: give them different seeds or tags")
+    method = M.load(cfg.method)
+    if not M.is_builtin(method):  # a user's method: checked on random inputs before any store is read
+        method_check.check(method, cfg)
     device = resolve_device(cfg.device)
     folders = []
     try:
@@ -98,14 +102,14 @@ def _train(cfgs, console, progress, pair, timings, device, folders) -> list:
         for row in rows:
             _append(dirs[k] / "metrics.jsonl", json.dumps(row))
     bar = _progress(console, progress)
-    task = bar.add_task(f"{t.method.name} {t.cfg.source}->{t.cfg.target} x{t.K}", total=t.sched.steps,
+    task = bar.add_task(f"{t.method.name} {t.cfg.source}->{t.cfg.target} x{t.K}", total=t.sched.stop,
                         completed=t.start) if bar else None
     evals, clock = set(t.sched.eval_steps), _Clock(timings, device)
     try:
-        for step in range(t.start, t.sched.steps):
+        for step in range(t.start, t.sched.stop):
+            t.template.before_step(t, step)  # the method's own hook (SHOT's source model and pseudo-labels)
             if step == t.sched.stage1_steps and t.method.source_stage:
                 t.save_source_stage()
-            t.template.before_step(t, step)  # the method's own hook (SHOT's pseudo-labels)
             clock.start()
             inputs = t.batch(step)
             clock.lap("data")
@@ -138,6 +142,8 @@ class Training:
         self._validation_split()
         self.method = M.load(cfg.method)
         self.sched = Schedule.of(cfg, len(self.train_rows), pair.target.n, self.method)
+        if console is not None:
+            console.print(C.schedule_line(cfg, self.sched), highlight=False, soft_wrap=True, markup=False)
         self.K = len(cfgs)
         # input standardisation: per-channel statistics of the source store for every domain, or, for AdaBN, of
         # each domain's own store (the target's at evaluation)
@@ -209,7 +215,7 @@ class Training:
             def one_run(p, b, run, coeff):
                 ctx = M.Context(run["key"], coeff, Bs, run["state"], run["batch"], stage)
                 out = functional_call(model, (p, b), (run["x"], ctx))
-                terms = {t: getattr(model, t)(out, ctx) for t in now}
+                terms = {t: _term(model, t, out, ctx) for t in now}
                 zero = out["verb"].new_zeros(())
                 values = torch.stack([terms[t] if t in terms else zero for t in names])
                 return loss(terms, run["w"]), values, model.writes(out, ctx)
@@ -220,54 +226,57 @@ class Training:
 
     # ---- a source stage saved once and reused (Method.source_stage) -------------------------------------------
 
-    def _source_stage_files(self) -> list[Path]:
-        """Per run, where its source stage is kept: ``<out>/source_models/<method>_<source>_s<seed>_<key>.pt``,
-        the key a digest of everything stage 1 depends on (the source store, the settings but the target's and
-        stage 2's, the method's code)."""
+    def _source_stage_entries(self) -> list[tuple[Path, dict]]:
+        """Per run, where its source stage is kept and the fingerprint it is kept for:
+        ``<out>/source_models/<method>_<source>_s<seed>_<key>.pt``, the key a digest of everything stage 1 depends
+        on (the source store's content, the settings but the target's and stage 2's, the method's and the tool's
+        code), verified on reuse (:mod:`adapt.cache`)."""
         import hashlib
-        import inspect
         cfg, sched, src = self.cfg, self.sched, self.pair.source
-        from featstore.paths import store_attrs
-        attrs = {k: v for k, v in store_attrs(src.path).items() if k in ("manifest_sha256", "checkpoints", "num_done")}
         later = {t.weight for t in self.method.terms() if t.stage1 is None} | set(self.method.target_stage_settings)
-        code = "".join(inspect.getsource(k) for k in self.method.__mro__ if M.is_method_class(k))
-        files = []
+        store = provenance.store_identities({"source": src.path})["source"]
+        code = provenance.code(self.method)
+        out = []
         for c in self.cfgs:
             settings = {k: v for k, v in c.to_dict().items() if k not in SOURCE_STAGE_IGNORES and k not in later}
-            key = json.dumps({"settings": settings, "source": str(Path(src.path).resolve()), "clips": src.n,
-                              "attrs": attrs, "stage1_steps": sched.stage1_steps, "batches": sched.batches[1],
-                              "code": hashlib.sha256(code.encode()).hexdigest()}, sort_keys=True, default=str)
-            digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-            files.append(Path(c.out) / "source_models" / f"{self.method.name}_{Path(str(c.source)).stem}_s{c.seed}_"
-                                                         f"{digest}.pt")
-        return files
+            key = {"settings": settings, "source": {k: store[k] for k in ("clips", "features")},
+                   "clips": src.n, "stage1_steps": sched.stage1_steps, "batches": list(sched.batches[1]),
+                   "method_code": code["method_sha256"], "package_code": code["package"]["sha256"]}
+            key = json.loads(json.dumps(key, sort_keys=True, default=str))
+            digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+            out.append((Path(c.out) / "source_models" / f"{self.method.name}_{Path(str(c.source)).stem}_s{c.seed}_"
+                                                        f"{digest}.pt", key))
+        return out
 
     def restore_source_stage(self) -> int:
-        """The first step to train: stage 2's when every run's source stage is saved (it is loaded), else 0."""
+        """The first step to train: stage 2's when every run's source stage is saved whole for this run's
+        fingerprint (it is loaded), else 0 (a damaged or mismatched one is said and trained again)."""
         if not (self.method.source_stage and self.sched.stage1_steps):
             return 0
-        files = self._source_stage_files()
-        if not all(f.is_file() for f in files):
-            return 0
+        saved = []
+        for f, key in self._source_stage_entries():
+            entry, why = cache.load(f, key, self.device)
+            if entry is None:
+                if f.exists() and self.console is not None:
+                    self.console.print(f"source stage {f}: {why}; training it again", highlight=False,
+                                       soft_wrap=True)
+                return 0
+            saved.append(entry)
         self.restored_history = []
         with torch.no_grad():
             params = self.params()
-            for k, f in enumerate(files):
-                saved = torch.load(f, map_location=self.device, weights_only=True)
-                for name, value in saved["params"].items():
+            for k, entry in enumerate(saved):
+                for name, value in entry["params"].items():
                     params[name][k].copy_(value)
-                self.restored_history.append(saved["history"])
+                self.restored_history.append(entry["history"])
         return self.sched.stage1_steps
 
     def save_source_stage(self) -> None:
         """Each run's parameters at the end of its source stage, for the next target run to start from."""
         if self.start:
             return
-        for k, f in enumerate(self._source_stage_files()):
-            buf = io.BytesIO()
-            torch.save({"params": self._heads(k), "history": self.history[k]}, buf)  # its evaluations too
-            f.parent.mkdir(parents=True, exist_ok=True)
-            _write(f, buf.getvalue())
+        for k, (f, key) in enumerate(self._source_stage_entries()):
+            cache.save(f, {"params": self._heads(k), "history": self.history[k]}, key)  # its evaluations too
 
     # ---- data ------------------------------------------------------------------------------------------------
 
@@ -306,7 +315,7 @@ class Training:
         self.gatherer = Gatherer(self.device)
         self.pin = self.device.type == "cuda"
         self.streamed = [i for i, dom in enumerate((pair.source, pair.target)) if dom.streamed]
-        self.prefetch = Prefetcher(self._draw, self.sched.steps, start=self.start) if self.streamed else None
+        self.prefetch = Prefetcher(self._draw, self.sched.stop, start=self.start) if self.streamed else None
 
     def _samplers(self, *stream):
         """Per run, the generator of its clip and unit draws (numpy, seeded by the run's seed) and its epoch
@@ -373,7 +382,12 @@ class Training:
         for phase in self._plans[stage]:
             for o in self.optimisers.values():
                 o.zero_grad(set_to_none=True)
-            loss, terms, phase_writes = self._step_fn(phase, stage)(self.params(), self.buffers, run, coeff)
+            try:
+                loss, terms, phase_writes = self._step_fn(phase, stage)(self.params(), self.buffers, run, coeff)
+            except method_check.PartError as e:  # a user's term that raised: one line, naming it and the step
+                if M.is_builtin(self.method):
+                    raise e.error from None
+                raise method_check.fail(self.method, f"{e.part} at step {step}", e.error) from None
             loss.sum().backward()
             if cfg.clip_grad_norm:
                 S.clip_per_run(list(self.leaves.values()), cfg.clip_grad_norm, self.K)
@@ -428,8 +442,12 @@ class Training:
         """Stop on a non-finite loss; evaluate; append each run's row to its metrics.jsonl."""
         if self.first_bad.max().item() >= 0:
             k, t = divmod(int(torch.argmax((self.first_bad >= 0).flatten().int())), len(self.term_names))
-            raise TrainingError(f"run {self.names[k]}: loss term {self.term_names[t]!r} is not finite at step "
-                                f"{int(self.first_bad[k, t])}; stopped (check the features and the learning rate)")
+            text = (f"run {self.names[k]}: loss term {self.term_names[t]!r} is not finite at step "
+                    f"{int(self.first_bad[k, t])}; stopped")
+            if not M.is_builtin(self.method):  # a user's method: its file named, a mistake to fix (exit 2)
+                raise method_check.MethodError(f"{method_check.where(self.method)}: {text} (check the term's logs, "
+                                               f"divisions and square roots, and the learning rate)")
+            raise TrainingError(f"{text} (check the features and the learning rate)")
         sc = self.last_scores = self.evaluate()
         checks = self.validate() if self.cfg.validators else None
         ev = self.pair.eval
@@ -450,20 +468,31 @@ class Training:
             self._warn_collapse(k)
 
     def _warn_collapse(self, k: int) -> None:
-        """Say once, in one line, when run k's predictions have collapsed to one class for several evaluations in a
-        row (kept for final.json as ``collapse``)."""
+        """Say once, in one line, when run k's predictions have collapsed (:func:`adapt.metrics.collapsed`): for
+        several evaluations in a row after it had learned more, or, at its end, at every evaluation its reported
+        number is the mean of (kept for final.json as ``collapse``)."""
         rows = self.history[k]
-        last = rows[-metrics.COLLAPSE_EVALS:]
-        if k in self.collapse or len(last) < metrics.COLLAPSE_EVALS or not all("collapsed" in r for r in last):
+        if k in self.collapse or not rows:
             return
-        if all("collapsed" in r for r in rows) and rows[-1]["step"] < self.sched.steps:
+        last = rows[-metrics.COLLAPSE_EVALS:]
+        ended = rows[-1]["step"] >= self.sched.stop
+        reported = [r for r in rows if r["step"] in set(self.sched.final_steps)]
+        if ended and reported and all("collapsed" in r for r in reported):
+            last = reported
+        elif len(last) < metrics.COLLAPSE_EVALS or not all("collapsed" in r for r in last):
+            return
+        elif all("collapsed" in r for r in rows) and not ended:
             return  # a fresh model that has not yet learned more than one class; told at the end if it never does
-        c, share = last[-1]["collapsed"]["class"], last[-1]["collapsed"]["share"]
-        self.collapse[k] = {"class": c, "share": share, "steps": [r["step"] for r in last]}
+        what = last[-1]["collapsed"]
+        self.collapse[k] = {**what, "steps": [r["step"] for r in last]}
         if self.console is not None:
-            self.console.print(f"[yellow]warning:[/yellow] run {self.names[k]}: its predictions have collapsed to one "
-                               f"class (class {c}, {100 * share:.0f}% of the evaluation clips) at steps "
-                               f"{', '.join(str(r['step']) for r in last)}", highlight=False, soft_wrap=True)
+            detail = (f"to one class (class {what['class']}, {100 * what['share']:.0f}% of the evaluation clips)"
+                      if what["kind"] == "one class" else
+                      f"to a few classes (the classes it still recognises, {what['recognised']}, are "
+                      f"{100 * what['covered']:.0f}% of the evaluation clips)")
+            self.console.print(f"[yellow]warning:[/yellow] run {self.names[k]}: its predictions have collapsed "
+                               f"{detail} at steps {', '.join(str(r['step']) for r in last)}; its number is marked "
+                               f"invalid", highlight=False, soft_wrap=True, markup=True)
 
     def _keep_best(self, k: int, step: int, checks: dict, d: Path) -> None:
         """The heads of the checkpoint each validator prefers so far (``best/<validator>.pt``, with its step), so
@@ -486,15 +515,24 @@ class Training:
 
     # ---- run folders and results -----------------------------------------------------------------------------
 
+    def provenance(self, k: int) -> dict:
+        """Run ``k``'s fingerprint (:mod:`adapt.provenance`): its method's and the tool's code, its settings, its
+        stores' identities."""
+        if not hasattr(self, "_store_ids"):
+            pair = self.pair
+            self._store_ids = provenance.store_identities({"source": pair.source.path, "target": pair.target.path,
+                                                           "eval": pair.eval.path})
+        return provenance.of_run(self.method, self.cfgs[k].to_dict(), self._store_ids)
+
     def write_configs(self, dirs: list) -> None:
         pair = self.pair
-        for c, d in zip(self.cfgs, dirs):
+        for k, (c, d) in enumerate(zip(self.cfgs, dirs)):
             resolved = {**c.to_dict(), "modalities": self.mods, "streams": self.streams,
                         "schedule": self.sched.to_dict(), "memory": pair.memory_line, "stores": {
                             "source": str(pair.source.path), "target": str(pair.target.path),
                             "eval": str(pair.eval.path)},
                         "verb_classes": pair.verb_classes, "noun_classes": self.nouns,
-                        "trainable_parameters": self.n_params}
+                        "trainable_parameters": self.n_params, "provenance": self.provenance(k)}
             _write(d / "config.json", json.dumps(resolved, indent=1))
 
     def _challenge_store(self):
@@ -537,10 +575,11 @@ class Training:
             "seed": c.seed, "tag": c.tag, "backbone": c.backbone, "modalities": self.mods, "streams": self.streams,
             "target_top1": mean("target_top1"), "target_top1_per_eval": top1,
             "eval_steps": [r["step"] for r in h], "final_steps": sched.final_steps,
+            "collapsed_per_eval": [("collapsed" in r) for r in h],
             "per_modality": {s: float(np.mean([r["per_modality"][s] for r in chosen])) for s in self.streams},
             "per_class_recall": metrics.per_class_recall(self.last_scores["verb"][k], pair.eval.verb,
                                                          pair.verb_classes),
-            "final_top1": top1[-1], "steps": sched.steps, "runs_stacked": self.K,
+            "final_top1": top1[-1], "steps": sched.stop, "schedule_steps": sched.steps, "runs_stacked": self.K,
             "train_seconds": time.time() - self.started, "trainable_parameters": self.n_params,
             "device": str(self.device),
         }
@@ -548,6 +587,9 @@ class Training:
             for key in ("verb_top1", "noun_top1", "action_top1", "verb_top5", "noun_top5", "action_top5"):
                 final[key] = mean(key)
         final["collapse"] = self.collapse.get(k)
+        final["overlap"] = dict(pair.overlap) or None
+        final["invalid"] = invalid_marks(final)
+        final["provenance"] = self.provenance(k)
         if h and "validators" in h[0]:
             final["validators_per_eval"] = {name: [r["validators"].get(name) for r in h]
                                             for name in h[0]["validators"]}
@@ -590,6 +632,14 @@ class _Clock:
     def _sync(self):
         if self.cuda:
             torch.cuda.synchronize()
+
+
+def _term(model, name: str, out: dict, ctx):
+    """A loss term's value; its exception is carried out with the term's name (:class:`adapt.method_check.PartError`)."""
+    try:
+        return getattr(model, name)(out, ctx)
+    except Exception as e:  # noqa: BLE001 - said with the term's name by Training.step
+        raise method_check.PartError(f"term {name!r}", e) from e
 
 
 def _scores(out: dict) -> dict:

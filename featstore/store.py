@@ -382,7 +382,8 @@ class UnitReader:
         import tensorstore as ts
         self.store_path, self.modality = store_path, modality
         self.redo = redo or "re-run `adapt extract` with this store as --out to redo them"
-        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(array_path)}}
+        # tensorstore refuses relative paths with '..' in them: give it the absolute path
+        spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(Path(array_path).resolve())}}
         self._ts = ts
         self.arr = ts.open(spec, read=True, context=ts.Context({"cache_pool": {"total_bytes_limit": 0}})).result()
         self.shape = tuple(self.arr.shape)
@@ -420,6 +421,12 @@ class UnitReader:
 # compatibility between stores (the trainer refuses stores that do not fit together)
 
 COMPAT_KEYS = ("backbone", "checkpoints", "sampling", "preprocessing", "verb_classes", "noun_classes")
+CLASS_KEYS = ("verb_classes", "noun_classes")
+
+
+def _declared(store: "FeatureStore") -> bool:
+    """Whether the store's class counts are its dataset's (a registered split), not counted from its labels."""
+    return store.attrs.get("dataset") not in (None, "", "custom")
 
 
 def check_compatible(stores: dict[str, FeatureStore], modalities: list[str] | None = None) -> None:
@@ -430,6 +437,8 @@ def check_compatible(stores: dict[str, FeatureStore], modalities: list[str] | No
     for role, st in items[1:]:
         for key in COMPAT_KEYS:
             a, b = ref.attrs.get(key), st.attrs.get(key)
+            if key in CLASS_KEYS and not (_declared(ref) and _declared(st)):
+                continue  # a user's split counts its classes from the labels it holds: their range is checked
             if key == "sampling" and isinstance(a, dict) and isinstance(b, dict):
                 # train and test splits may differ in the number of windows; the rest must agree
                 a = {k: v for k, v in a.items() if k not in ("windows", "split_kind")}

@@ -195,7 +195,7 @@ def test_shot_schedule_two_stages_of_their_own_batches_annealed_in_each():
     ("mmd", "mmsada", {"cls": 1.0}, {"cls": 0.2, "mmd": 0.2}),
     ("mcd", "mmsada", {"cls": 1.0}, {"cls": 0.2, "mcd": 0.2}),
     ("dann", "mmsada", {"cls": 1.0}, {"cls": 0.2, "adv": 1.0}),           # submit_adversarial.sh
-    ("cdan", "mmsada", {"cls": 1.0}, {"cls": 0.2, "cdan": 1.0}),
+    ("cdan", "mmsada", {"cls": 1.0}, {"cls": 1.0, "cdan": 1.0}),       # thuml/CDAN: CE + transfer, 1 : 1
     ("mmsada", "mmsada", {"cls": 1.0, "corr": 5.0}, {"cls": 0.2, "adv": 1.0, "corr": 1.0}),
     ("shot", "mmsada", {"cls": 1.0}, {"im": 1.0, "pseudo": 0.3}),
     ("ta3n", "epic100", {}, {"cls": 1.0, "video_adv": 1.0, "frame_adv": 1.0, "relation_adv": 1.0,

@@ -342,6 +342,8 @@ def test_the_sweep_stacks_only_where_a_probe_finds_it_faster(monkeypatch, cost, 
     import types
     from adapt import train as T
 
+    clock = [0.0]  # the probe's steps advance a clock of their own: no timing race on a busy machine
+
     class Probe:
         def __init__(self, cfgs, pair, device):
             self.k, self.device = len(cfgs), types.SimpleNamespace(type="cpu")
@@ -350,11 +352,12 @@ def test_the_sweep_stacks_only_where_a_probe_finds_it_faster(monkeypatch, cost, 
             return None
 
         def step(self, step, inputs):
-            time.sleep(cost(self.k))
+            clock[0] += cost(self.k)
 
         def close(self):
             pass
     monkeypatch.setattr(T, "Training", Probe)
+    monkeypatch.setattr(S, "time", types.SimpleNamespace(perf_counter=lambda: clock[0], time=time.time))
     runs = [types.SimpleNamespace(cfg=types.SimpleNamespace(steps=1000, device="cpu")) for _ in range(3)]
     k, why = S.stack_size(runs, None, 16, "cpu")
     assert k == want and ("one by one: a probe step" if want == 1 else "stacked: a probe step") in why

@@ -59,6 +59,9 @@ class CDAN(Method):
                    "and the prediction (randomized to 1024 when d_f x C > 4096), weight 1")
     facts = facts(
         ("w_cdan", 1.0, C + "train_image.py:189-190, 229 (loss = CE + trade_off x transfer, trade_off 1)"),
+        ("w_cls", 1.0, C + "train_image.py:229 (total_loss = transfer_loss + classifier_loss: the features get the "
+                           "classification and the reversed gradient at 1 : 1; MM-SADA's stage-2 0.2 would make "
+                           "it 1 : 5)"),
         ("beta_cdan", 1.0, C + "network.py:10-11, 377-381 (calc_coeff: from 0 to high = 1)"),
         ("grl_gamma", 10.0, C + "network.py:10-11 (alpha = 10)"),
         ("cdan_hidden", 1024, C + "network.py:365-375; train_image.py:115, 118"),
@@ -71,7 +74,8 @@ class CDAN(Method):
         "The code's p runs over 10,000 iterations (calc_coeff's max_iter) of a 100,004-iteration run; here over the "
         "run's stage of alignment (the dataset's schedule), as DANN's.",
         "The code trains on its own schedule (SGD 1e-3, inv annealing, batch 36 + 36); here the dataset's base "
-        "(MM-SADA's 0.2 CE in stage 2, or TA3N's), so CDAN compares with the other methods on one protocol.",
+        "(MM-SADA's two stages, or TA3N's epochs), so CDAN compares with the other methods on one protocol; its "
+        "classification keeps CDAN's weight 1 against the adversarial 1 (not MM-SADA's 0.2).",
         "On EPIC-100 the prediction conditioning the map is the verb's (the code has one task).",
     )
 

@@ -54,6 +54,15 @@ class DANN(Method):
         ("stage1_steps", 0, "DANN: one stage", {"form": "paper"}),
         ("lr_anneal", 10.0, "DANN sec. 5.2.2 (mu_p = mu_0 / (1 + 10 p)^0.75)", {"form": "paper"}),
         ("lr_anneal_power", 0.75, "DANN sec. 5.2.2", {"form": "paper"}),
+        # and nothing of the dataset's base that Ganin et al. do not have: no step decay on top of the annealing,
+        # lambda from 0 (p from 0), no gradient clipping, plain momentum
+        ("lr_steps", [], "DANN sec. 5.2.2 (the annealing is the only schedule)", {"form": "paper"}),
+        ("lr_epochs", [], "DANN sec. 5.2.2 (the annealing is the only schedule)", {"form": "paper"}),
+        ("grl_p0", 0.0, "DANN sec. 5.2.2 (p from 0 to 1: lambda starts at 0)", {"form": "paper"}),
+        ("grl_restart", False, "DANN: one stage, p over the whole run", {"form": "paper"}),
+        ("clip_grad_norm", None, "DANN: no gradient clipping", {"form": "paper"}),
+        ("nesterov", False, "DANN sec. 5.2.2 (SGD with momentum 0.9)", {"form": "paper"}),
+        ("momentum", 0.9, "DANN sec. 5.2.2", {"form": "paper"}),
     )
     differences = ("MM-SADA's adversarial-only run starts stage 2 from its stage-1 model ('PretrainM', source CE with "
                    "target clips in the batch), as every EPIC-55 method here does.",)

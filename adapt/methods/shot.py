@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from adapt import losses, parts
-from adapt.config import non_negative, positive, probability
+from adapt.config import non_negative, one_of, positive, probability
 from adapt.method import Method, MethodSettings, Phase, facts, term
 
 S = "tim-learn/SHOT object/"
@@ -96,6 +96,11 @@ class SHOT(Method):
         ("lr_anneal", 10.0, S + "image_source.py:25-28 (lr0 (1 + 10 iter / max_iter)^-0.75, per stage)"),
         ("lr_anneal_power", 0.75, S + "image_source.py:25-28"),
         ("lr_steps", [], S + "no step decay"),
+        ("source_holdout", 0.1, S + "image_source.py data_load (--trte val, the default: a random 90% of the "
+                                    "source trains, 10% is held out)"),
+        ("source_pick", "last", S + "image_source.py train_source ('best_netF = netF.state_dict()' keeps references "
+                                    "to the live weights, which later steps update in place, so the file saved holds "
+                                    "the last model)"),
         ("dropout", 0.0, S + "network.py:75-89 (the bottleneck's dropout is not used in forward)"),
         ("dropout_video", 0.0, S + "network.py:75-97 (none before the classifier)"),
         ("epochs", 45, "TA3N's 30 epochs for the source stage, then SHOT's 15 target epochs (image_target.py:305)",
@@ -124,6 +129,9 @@ class SHOT(Method):
         w_pseudo: float = 0.0        # cls_par: CE on the clustered pseudo-labels
         pseudo_every: Optional[int] = positive(None)  # target steps between pseudo-label refreshes; none: an epoch
         cluster_threshold: int = non_negative(0)  # a class keeps its centroid when predicted more often than this
+        source_pick: str = one_of("last", "best")  # the source model kept: the last (what SHOT's code saves), or
+                                     # the best on the held-out source clips, checked every tenth of the stage
+                                     # (what its code means to keep: image_source.py train_source)
 
     classifier_layer = parts.WeightNormLinear
     source_stage = True
@@ -178,8 +186,12 @@ class SHOT(Method):
     _target_phase = Phase("target", ("features",))
 
     def before_step(self, trainer, step):
-        """The pseudo-labels of every target clip, for each run, at the first target step and every epoch."""
+        """``source_pick=best``: the held-out source accuracy every tenth of the source stage, and at its end the
+        best model restored.  Then the pseudo-labels of every target clip, for each run, at the first target step
+        and every epoch."""
         sched = trainer.sched
+        if self.cfg.source_pick == "best" and trainer.val_dom is not None and trainer.start < sched.stage1_steps:
+            self._keep_best_source(trainer, step)
         every = self.cfg.pseudo_every or sched.epoch_steps
         if step < sched.stage1_steps or (step - sched.stage1_steps) % every:
             return
@@ -190,3 +202,24 @@ class SHOT(Method):
                 if f"pseudo_{task}" in trainer.state:
                     labels = cluster_labels(scores[task][k].double().cpu().numpy(), feat, self.cfg.cluster_threshold)
                     trainer.state[f"pseudo_{task}"][k] = torch.from_numpy(labels).to(trainer.state[f"pseudo_{task}"])
+
+    def _keep_best_source(self, trainer, step):
+        """SHOT's check of the source model (image_source.py train_source): after every tenth of the stage, the
+        accuracy on the held-out source clips; the best (ties: the later) is kept and, when the stage ends, put
+        back before the target stage starts (and before the source stage is saved)."""
+        stage1 = trainer.sched.stage1_steps
+        interval = max(1, stage1 // 10)
+        if step == 0 or step > stage1 or (step % interval and step != stage1):
+            return
+        scores = trainer.evaluate(trainer.val_dom, trainer.val_rows, norm=trainer.norm_s)["verb"]
+        best = trainer.__dict__.setdefault("_best_source", {})
+        for k in range(trainer.K):
+            acc = float((scores[k].argmax(-1).cpu().numpy() == trainer.val_labels).mean())
+            if k not in best or acc >= best[k][0]:
+                best[k] = (acc, trainer._heads(k))
+        if step == stage1:
+            with torch.no_grad():
+                params = trainer.params()
+                for k, (_, heads) in best.items():
+                    for name, value in heads.items():
+                        params[name][k].copy_(value.to(params[name].device))

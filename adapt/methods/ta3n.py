@@ -63,9 +63,9 @@ class TA3N(DANN):
     @dataclass
     class Settings(DANN.Settings):
         w_frame_adv: float = 0.0     # lambda of the frame-level discriminators (one per stream, every frame)
-        beta_frame: float = 1.0
+        beta_frame: float = 0.5       # its reversal scale (script_test_ta3n.sh:65)
         w_relation_adv: float = 0.0  # lambda of the relation-level discriminators (one per TRN scale)
-        beta_relation: float = 1.0
+        beta_relation: float = 0.75   # its reversal scale (script_test_ta3n.sh:63)
         domain_attention: bool = False  # relation features weighted by 2 - H(d) (models.py:373-379, 401-410)
         w_attn_entropy: float = 0.0  # gamma of the attentive entropy (eq. 7; loss.py:15-25)
 
