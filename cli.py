@@ -6,10 +6,24 @@ Ctrl-C prints what was kept and exits with code 130.
 
 from __future__ import annotations
 
-import errno
-import functools
-import json
+import os
+import signal
 import sys
+
+
+def _interrupted_early(signum, frame):  # pragma: no cover - a signal while the tool is still starting
+    name = "SIGINT" if signum == signal.SIGINT else "SIGTERM"
+    sys.stderr.write(f"interrupted ({name}) before the command started; nothing was done\n")
+    os._exit(130 if signum == signal.SIGINT else 143)
+
+
+# until a command runs (importing torch and the stages takes seconds), a Ctrl-C or SIGTERM is one line, no traceback
+signal.signal(signal.SIGINT, _interrupted_early)
+signal.signal(signal.SIGTERM, _interrupted_early)
+
+import errno  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
 from pathlib import Path
 from typing import List, Optional
 
@@ -24,8 +38,8 @@ from featstore.paths import DEMO_FEATURES
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Multi-modal domain adaptation for fine-grained action recognition on cached features.")
 _WIDTH = None if sys.stdout.isatty() else 160
-console = Console(width=_WIDTH)
-err_console = Console(stderr=True, width=_WIDTH)
+console = Console(width=_WIDTH, emoji=False)  # a path like f/:smile:.zarr is printed as it is
+err_console = Console(stderr=True, width=_WIDTH, emoji=False)
 
 
 _FULL = {errno.ENOSPC, errno.EDQUOT}
@@ -39,6 +53,14 @@ _KEPT["sweep"] = _KEPT["train"]
 _NOTHING = {"import-features": "interrupted; nothing was written (a store already at --out is as it was)"}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, so it stops as a Ctrl-C does (what is complete is kept)."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def command(*args, **kwargs):
     """``app.command`` that turns a UserError or a full disk into one line on stderr and exit code 2, and Ctrl-C
     into a line saying what was kept and exit code 130."""
@@ -49,8 +71,14 @@ def command(*args, **kwargs):
     def wrap(fn):
         @functools.wraps(fn)
         def inner(*a, **kw):
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C: KeyboardInterrupt, said below
+            signal.signal(signal.SIGTERM, _terminate)                  # SIGTERM (a scheduler's kill): the same
             try:
                 return fn(*a, **kw)
+            except Terminated:
+                err_console.print(f"terminated (SIGTERM){said}; run the same command again to go on",
+                                  highlight=False, soft_wrap=True, markup=False)
+                raise typer.Exit(143) from None
             except UserError as e:
                 err_console.print(f"[red]error:[/red] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
                 raise typer.Exit(e.exit_code) from None
@@ -170,6 +198,8 @@ def inspect_cmd(
     }
     if as_json:
         print(json.dumps(summary, indent=1))
+        if problems:
+            raise typer.Exit(2)
         return
     if done is None:
         console.print(f"[bold]{escape(str(store))}[/bold]: {st.num_clips} clips; which are done is unknown (its "
@@ -200,6 +230,7 @@ def inspect_cmd(
                  "no clip's features are affected, a per-clip array is")
         console.print(f"[red]{len(problems)} damaged chunk file(s){more}[/red]: {which}; "
                       f"{redo_hint(st.attrs, store)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)  # a damaged store is not a store to train on: scripts see it in the exit code
 
 
 @command("convert-store")

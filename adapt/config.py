@@ -148,6 +148,8 @@ class RunSettings:
     grl_p0: float = non_negative(0.0)  # p at the first step (TA3N: 1/30, its epochs count from 1)
 
 
+MAX_STEPS, MAX_EPOCHS, MAX_EVALS = 10_000_000, 100_000, 100_000  # beyond these a run is a typo, not a plan
+
 RUN_GROUPS = {  # for --settings: the run settings by what they are about, in the order above
     "run": "method", "schedule": "steps", "validators": "validators", "optimiser": "optimizer",
     "inputs": "spatial", "video model": "fusion", "gradient reversal": "grl_gamma"}
@@ -286,6 +288,13 @@ def check(cfg) -> None:
             raise UserError(f"{f.name}={v!r}: must be zero or positive")
         if rule == "probability" and not (number and 0 <= v < 1):
             raise UserError(f"{f.name}={v!r}: must be in [0, 1)")
+    if cfg.steps > MAX_STEPS or (cfg.epochs or 0) > MAX_EPOCHS:
+        what = f"steps={cfg.steps}" if cfg.steps > MAX_STEPS else f"epochs={cfg.epochs}"
+        raise UserError(f"{what}: more than {MAX_STEPS:,} steps ({MAX_EPOCHS:,} epochs) would run for years; give "
+                        f"a smaller number")
+    if cfg.eval_every and not cfg.epochs and cfg.steps / cfg.eval_every > MAX_EVALS:
+        raise UserError(f"eval_every={cfg.eval_every}: {cfg.steps // cfg.eval_every:,} evaluations in {cfg.steps:,} "
+                        f"steps; evaluate less often (at most {MAX_EVALS:,} evaluations)")
     for k in ("lr_steps", "lr_epochs"):
         v = getattr(cfg, k)
         if any(not isinstance(s, (int, float)) or isinstance(s, bool) or s < 0 for s in v):

@@ -319,6 +319,13 @@ class DomainPair:
         self.overlap = shared_clips(src, {"target": tgt, "eval": ev}, cfg.allow_overlap)
         shared = [m for m in stores["source"].modalities if all(m in s.modalities for s in stores.values())]
         modalities = list(cfg.modalities) or shared
+        self.notes = []  # said in the run's first lines
+        for m in sorted({m for s in stores.values() for m in s.modalities} - set(modalities)):
+            if not cfg.modalities:
+                lacking = [role for role, s in stores.items() if m not in s.modalities]
+                self.notes.append(f"modality {m} left out: the {' and '.join(lacking)} store"
+                                  f"{'s have' if len(lacking) > 1 else ' has'} none (the run trains on "
+                                  f"{', '.join(modalities)})")
         check_compatible(stores, modalities)
         if stores["source"].attrs.get("backbone") != cfg.backbone:
             raise UserError(f"{src}: features of backbone {stores['source'].attrs.get('backbone')!r}, "

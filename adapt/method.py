@@ -361,7 +361,11 @@ def _module_from_file(path: Path, text: str):
 
 def _pick(module, attr: str, text: str) -> type:
     if attr:
-        cls = getattr(module, attr, None)
+        if not hasattr(module, attr):
+            found = [n for n, v in vars(module).items() if is_method_class(v) and v.__module__ == module.__name__]
+            raise UserError(f"--method {text}: {text.rsplit(':', 1)[0]} has no class {attr} (its methods: "
+                            f"{', '.join(found) or 'none'})")
+        cls = getattr(module, attr)
         if not is_method_class(cls):
             raise UserError(f"--method {text}: {attr} is not a subclass of adapt.method.Method")
         return cls

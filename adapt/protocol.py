@@ -46,6 +46,7 @@ def run_protocol(spec: dict | str | Path, out: str | Path | None = None, select:
                         f"{' -> '.join(TRAIN[:2])} to train); leave pairs out")
     out = Path(out or spec.get("out", "runs/epic100_protocol"))
     base = {k: v for k, v in spec.items() if k not in ("out", "name")}
+    _check_first(base, select, where)
 
     if console is not None:
         console.print(f"[1/2] tuning on {TUNE[0]} -> {TUNE[1]} (selection: {select})")
@@ -102,3 +103,32 @@ def run_protocol(spec: dict | str | Path, out: str | Path | None = None, select:
                           highlight=False, soft_wrap=True)
         console.print(f"wrote {out / 'protocol.json'}")
     return record
+
+
+def _check_first(base: dict, select: str, where: str) -> None:
+    """What would refuse the protocol after hours of tuning, refused before it: a validator the tuning runs will
+    not compute, and any store of the protocol (tuning, training, the test split) that is missing."""
+    from adapt.sweep import expand
+    from featstore.paths import resolve_store
+    from featstore.store import is_store
+    runs = expand({**base, "name": "tune", "pairs": [list(TUNE)]}, f"{where} (tune)")
+    if select != "oracle":
+        off = [r for r in runs if not r.cfg.validators]
+        if off:
+            raise UserError(f"--select {select}: the tuning runs have validators off ({off[0].name}: "
+                            f"validators=false); turn them on or choose by --select oracle")
+        if select in ("source_val", "dev"):
+            blind = [r for r in runs if not (r.cfg.source_holdout or r.cfg.source_val)]
+            if blind:
+                raise UserError(f"--select {select}: needs held-out source clips, which the tuning runs do not have "
+                                f"({blind[0].name}); add source_holdout = 0.1 to the spec's set")
+    backbone, root = str(base.get("backbone", "i3d")), str(base.get("features_root", "features"))
+    missing = []
+    for name, role in ((TUNE[0], "train"), (TUNE[1], "train"), (TUNE[2], "test"), (TRAIN[0], "train"),
+                       (TRAIN[1], "train"), (TRAIN[2], "test"), (TEST, "test")):
+        path = resolve_store(name, role, backbone, root)[0]
+        if not is_store(path) and str(path) not in missing:
+            missing.append(str(path))
+    if missing:
+        raise UserError(f"the protocol needs {len(missing)} feature store(s) that are missing: {', '.join(missing)} "
+                        f"(extract or import them first)")

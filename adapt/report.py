@@ -244,7 +244,7 @@ def write_report(paths: list, out: str | Path | None = None, metric: str = "targ
         raise UserError("no complete runs (final.json) in " + ", ".join(map(str, paths)))
     first = Path(paths[0])
     out = Path(out) if out else (first.parent if first.is_file() else first)
-    out.mkdir(parents=True, exist_ok=True)
+    writable(out, "the report")
     tables = build_tables(rows, metric, std)
     written = {}
     md = [f"# Results ({len(rows)} runs)\n"]
@@ -274,6 +274,21 @@ def write_report(paths: list, out: str | Path | None = None, metric: str = "targ
     if console is not None:
         console.print("wrote " + ", ".join(str(p) for p in written.values()))
     return written
+
+
+def writable(folder: Path, what: str) -> None:
+    """Refuse, in one line before anything is written, a folder where ``what`` cannot be written (a colleague's
+    read-only runs: write the report elsewhere with --out)."""
+    import os
+    import tempfile
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{folder}: cannot write {what} there ({e.strerror or e}); give --out a folder you can "
+                        f"write") from None
 
 
 def write_selection(rows: list[dict], select: str, out: Path, console=None, plots: bool = True) -> dict:

@@ -38,6 +38,10 @@ def collect(paths: list, skipped: list | None = None) -> list[dict]:
         if key in seen:
             return
         seen.add(key)
+        why = unreadable(row, Path(run_dir) if run_dir else None)
+        if why:
+            skipped.append((str(run_dir or row.get("run", "?")), why))
+            return
         rows.append({**row, "run_dir": str(run_dir) if run_dir else ""})
 
     for p in paths:
@@ -65,6 +69,26 @@ def collect(paths: list, skipped: list | None = None) -> list[dict]:
         else:
             raise UserError(f"{p}: no such run folder or results file")
     return rows
+
+
+EPIC_KEYS = ("verb_top1", "noun_top1", "action_top1", "verb_top5", "noun_top5", "action_top5")
+
+
+def unreadable(row: dict, run_dir: Path | None) -> str | None:
+    """Why a run's results cannot be reported (a run left out, said, never a traceback), or None."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if not number(row.get("target_top1")):
+        return "final.json has no target_top1"
+    if "action_top1" in row or "verb_top1" in row:
+        lacking = [k for k in EPIC_KEYS if not number(row.get(k))]
+        if lacking:
+            return f"final.json has no {lacking[0]}"
+    if run_dir is not None and (run_dir / "metrics.jsonl").is_file():
+        try:
+            read_jsonl(run_dir / "metrics.jsonl")
+        except UserError:
+            return "metrics.jsonl cut or damaged"
+    return None
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -21,21 +21,44 @@ from featstore.errors import UserError
 PARTIAL, REPLACED = ".partial", ".replaced"
 
 
+_LOCKS: dict = {}  # fd -> the lock file's path, removed when the lock is released
+
+
 def hold_lock(path: Path, busy: str) -> int:
     """Take the exclusive ``flock`` on ``path`` (created if needed) without waiting; a held lock raises ``busy``
-    as a UserError.  Returns the file descriptor (the lock lasts until it is closed or the process ends)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    as a UserError, a folder that cannot be written one line naming it.  Returns the file descriptor (the lock
+    lasts until :func:`release_lock`, which removes the file, or until the process ends)."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise UserError(busy) from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise UserError(busy) from None
+            try:  # the file may have been removed by its last holder between our open and our lock: take anew
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+    except OSError as e:
+        raise UserError(f"{path.parent}: cannot write there ({e.strerror or e}); give a folder you can write "
+                        f"(--out)") from None
+    _LOCKS[fd] = path
     return fd
 
 
 def release_lock(fd: int | None) -> None:
+    """Release a lock of :func:`hold_lock` and remove its file (no empty lock files pile up)."""
     if fd is not None:
+        path = _LOCKS.pop(fd, None)
+        if path is not None:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 

@@ -70,7 +70,29 @@ def load_spec(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: no such sweep spec (a TOML or YAML file)")
     text = path.read_text()
-    return parse_spec(text, "yaml" if path.suffix.lower() in (".yaml", ".yml") else "toml", str(path))
+    spec = parse_spec(text, "yaml" if path.suffix.lower() in (".yaml", ".yml") else "toml", str(path))
+    return methods_beside(spec, path.parent)
+
+
+def methods_beside(spec: dict, folder: Path) -> dict:
+    """A method file named relative to the spec is found beside the spec (wherever the sweep is started from):
+    ``methods`` and ``per_method`` keys rewritten to that path when the file is there."""
+    def beside(ref):
+        if not isinstance(ref, str):
+            return ref
+        path, sep, attr = ref.partition(":")
+        if path.endswith(".py") and not Path(path).is_absolute() and (folder / path).is_file():
+            return str(folder / path) + sep + attr
+        return ref
+    spec = dict(spec)
+    methods = spec.get("methods")
+    if isinstance(methods, list):
+        spec["methods"] = [beside(m) for m in methods]
+    elif isinstance(methods, dict):
+        spec["methods"] = {beside(m): v for m, v in methods.items()}
+    if isinstance(spec.get("per_method"), dict):
+        spec["per_method"] = {beside(m): v for m, v in spec["per_method"].items()}
+    return spec
 
 
 def parse_spec(text: str, fmt: str = "toml", where: str = "spec") -> dict:
@@ -343,6 +365,7 @@ def _output_lock(out_dir: Path, rank: int, world: int, dry_run: bool):
     if dry_run:
         yield
         return
+    made = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # the folders this sweep creates
     fd = hold_lock(out_dir / (f".sweep-rank{rank}.lock" if world > 1 else ".sweep.lock"),
                    f"{out_dir}: another sweep is writing into this folder now (its lock is held); wait for it to "
                    f"finish (this sweep then resumes from its complete runs) or give another --out")
@@ -350,6 +373,11 @@ def _output_lock(out_dir: Path, rank: int, world: int, dry_run: bool):
         yield
     finally:
         release_lock(fd)
+        for p in made:  # a sweep refused (or stopped) before it wrote anything leaves no empty folder behind
+            try:
+                p.rmdir()
+            except OSError:
+                break
 
 
 def _dist():

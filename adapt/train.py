@@ -137,7 +137,9 @@ class Training:
         self.started = time.time()
         cfg = self.cfg
         if console is not None:
-            console.print(pair.memory_line, highlight=False)
+            console.print(pair.memory_line, highlight=False, markup=False)
+            for note in getattr(pair, "notes", []):
+                console.print(note, highlight=False, markup=False, soft_wrap=True)
         self.mods, self.nouns = pair.modalities, pair.noun_classes
         self._validation_split()
         self.method = M.load(cfg.method)

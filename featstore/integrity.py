@@ -206,7 +206,14 @@ def remove_stale_temporaries(out: Path) -> None:
 def temporary_beside(out: Path) -> Path:
     """Where to build a store that is to replace ``out``: ``.<name>.creating-<pid>`` beside it (stale ones of
     killed processes removed first)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.with_name(f".{out.name}.write-test-{os.getpid()}")
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        raise UserError(f"{out.parent}: cannot write a store there ({e.strerror or e}); give --out a folder you "
+                        f"can write") from None
     remove_stale_temporaries(out)
     tmp = out.with_name(f".{out.name}.creating-{os.getpid()}")
     if tmp.exists():

@@ -51,7 +51,7 @@ def twelve(demo, tmp_path_factory):
     cfg = tiny(demo["root"], crop=48)
     ref = base / "ref.zarr"
     done = subprocess.run([sys.executable, "-c", SUBPROCESS_RUN, run_args(split, cfg, ref, **KW)], cwd=ROOT,
-                          env=subprocess_env(**ONE_THREAD), capture_output=True, text=True, timeout=300)
+                          env=subprocess_env(**ONE_THREAD), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout + done.stderr
     return {"split": split, "cfg": cfg, "ref": ref}
 
@@ -103,7 +103,7 @@ def test_sigkill_at_random_moments_then_resume_is_bit_identical(twelve, tmp_path
     assert progress and min(progress) < 12, interrupted  # a kill cut an extraction short
 
     final = subprocess.run([sys.executable, "-c", SUBPROCESS_RUN, args], cwd=ROOT, env=subprocess_env(**ONE_THREAD),
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, text=True, timeout=900)
     assert final.returncode == 0, final.stdout + final.stderr
     st = FeatureStore.open(out, require_complete=True)
     ids = [str(i) for i in st.meta("id")]
@@ -125,7 +125,7 @@ def test_two_shard_processes_at_once_fill_one_store(twelve, tmp_path):
     procs = [subprocess.Popen([sys.executable, *common, "--shard", f"{i}/2"], cwd=ROOT,
                               env=subprocess_env(**ONE_THREAD),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    logs = [p.communicate(timeout=300)[0] for p in procs]
+    logs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
     extracted = [int(log.split(" clips extracted")[0].split()[-1]) for log in logs]
     assert sum(extracted) == 12 and all(e > 0 for e in extracted)  # disjoint shards, both did work

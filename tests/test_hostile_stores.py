@@ -165,7 +165,7 @@ def test_inspect_names_a_missing_and_a_corrupt_chunk_and_says_their_clips_are_no
     data[len(data) // 3] ^= 0xFF
     corrupt.write_bytes(bytes(data))
     result = cli("inspect", path)
-    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output  # damaged: not 0
     out = result.output
     assert "24 done (16 of them in damaged chunks: not really done)" in out
     assert "rgb/c/1/0" in out and "missing, but clips in it are marked done" in out

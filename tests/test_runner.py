@@ -330,7 +330,7 @@ def test_torch_distributed_two_ranks_match_single_process(demo, tmp_path):
         cwd=ROOT, env=subprocess_env(RANK=r, LOCAL_RANK=r, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
                                      OMP_NUM_THREADS=1),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    logs = [p.communicate(timeout=240)[0] for p in procs]
+    logs = [p.communicate(timeout=900)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
     assert all("RUN-DONE" in log for log in logs)
     assert "5 clips extracted" in logs[0]  # rank 0 prints the summary of all ranks

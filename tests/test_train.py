@@ -320,7 +320,7 @@ def test_run_folders_are_written_whole_and_never_replaced_unasked(i3d_root, tmp_
     assert (run / "final.json").read_text() == saved  # and, stopped before its first evaluation, left nothing
     assert not (tmp_path / (run.name + ".partial")).exists()
     # a second writer: the lock is held (as by another process's training)
-    fd = os.open(tmp_path / f".{run.name}.lock", os.O_RDWR)
+    fd = os.open(tmp_path / f".{run.name}.lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
     try:
         with pytest.raises(UserError, match="another process is training this run now"):
