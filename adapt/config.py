@@ -136,11 +136,6 @@ class RunSettings:
     temporal: str = one_of("avg", "trn")  # TRN-multiscale: TA3N's; I3D uses one window per clip
     trn_relations: int = non_negative(3)  # relations per scale (TA3N TRNmodule subsample_num); 0 = all subsets
     trn_dim: int = positive(256)     # TRN bottleneck width = the video feature's width
-    mc: bool = False                 # SMR / MC mutual-refinement gating (M3EM eqs. 1-4)
-    sc: bool = False                 # CMC / SC spatial consensus (M3EM eq. 5)
-    reduction: int = positive(16)
-    sc_k: int = non_negative(3)
-    sc_dim: int = positive(256)
     init: str = one_of("torch", "mmsada", "ta3n")  # the reference code's initialisers (adapt.model.REFERENCE_INIT)
     # gradient reversal: coefficient = beta x (2 / (1 + exp(-grl_gamma p)) - 1), beta the method's per level
     grl_gamma: float = non_negative(10.0)
@@ -327,8 +322,6 @@ def check(cfg) -> None:
     if cfg.memory_budget is not None:
         from adapt.data import parse_bytes
         parse_bytes(cfg.memory_budget)
-    if (cfg.mc or cfg.sc) and not cfg.spatial:
-        cfg.spatial = True
 
 
 def resolve(method, dataset: str, overrides: dict | None = None, **given):

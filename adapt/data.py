@@ -255,7 +255,7 @@ def memory_needs(cfg, stores: dict, modalities: list[str]) -> tuple[dict, dict]:
     # optimiser moments, and the readers' buffers (64 MB)
     step_f32 = (batch["source"] + batch["target"]) * per_clip["source"] * 2
     channels = sum(stores["source"].attrs["window_shapes"][m][1] for m in modalities)
-    params = 16 * cfg.embed_dim * channels * (2 if cfg.mc else 1)
+    params = 16 * cfg.embed_dim * channels * (2 if getattr(cfg, "mc", False) else 1)  # MC doubles the channels
     need["work"] = int(step_f32 * (24 if cfg.spatial else 8) + params + (64 << 20))
     return sizes, need
 

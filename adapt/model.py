@@ -3,8 +3,7 @@
 For each clip the heads see ``T`` temporal units (one I3D window, or 5 TBN segments) per modality::
 
     x[m] (B, T, C[, H, W])
-      -> MC / SMR gating across modalities (M3EM eqs. 1-4)          if mc           (C -> 2C)
-      -> SC / CMC spatial consensus pooling (M3EM eq. 5)             if sc           else the spatial mean
+      -> read_inputs: the spatial mean of each map (CIA / M3EM: MC gating, then SC pooling)     -> (B, T, C')
       -> streams (fusion): one per modality ("late"), one over the concatenated modalities ("concat", TA3N's
          ALL), or groups ("rgb+flow,audio", M3EM)
     per stream s:
@@ -16,9 +15,11 @@ For each clip the heads see ``T`` temporal units (one I3D window, or 5 TBN segme
     fusion_mean) (MM-SADA eq. 1; Kim et al. sec. 4.1; M3EM sec. 2.3)
 
 Its settings are the "model" group of :class:`adapt.config.RunSettings`.  A method (:class:`adapt.method.Method`)
-is this model plus its own heads; it may change two steps of the forward pass by overriding
-:meth:`VideoModel.relations` (what the relation features of a TRN scale become, TA3N's domain attention) and
-:meth:`VideoModel.classify` (what the classifier sees, MCD's reversal), and it adds its own heads on the outputs.
+is this model plus its own heads; it may change three steps of the forward pass by overriding
+:meth:`VideoModel.read_inputs` (with :meth:`VideoModel.build_inputs`: how the streams read the stored features,
+CIA's and M3EM's MC and SC), :meth:`VideoModel.relations` (what the relation features of a TRN scale become, TA3N's
+domain attention) and :meth:`VideoModel.classify` (what the classifier sees, MCD's reversal), and it adds its own
+heads on the outputs.
 
 The forward pass returns a dict; every method's forward returns at least these keys (the trainer, the evaluation,
 the validators and the plots read them):
@@ -103,20 +104,7 @@ class VideoModel(nn.Module):
         channels = {m: shapes[m][0] for m in modalities}
         self.units = inputs.units
         D = cfg.embed_dim
-        in_dim = dict(channels)
-        if cfg.mc:
-            self.mc = parts.MutualRefinement(modalities, [channels[m] for m in modalities], cfg.reduction,
-                                             spatial=self.spatial_mods)
-            if len(modalities) > 1:
-                in_dim = {m: 2 * c for m, c in channels.items()}
-        if cfg.sc:
-            pair = [m for m in ("rgb", "flow") if m in self.spatial_mods]
-            if len(pair) != 2:
-                raise UserError("spatial consensus (sc) needs rgb and flow 7x7 maps in the stores")
-            if in_dim["rgb"] != in_dim["flow"]:
-                raise UserError("spatial consensus (sc) needs rgb and flow features of the same width")
-            self.sc = parts.SpatialConsensus(in_dim["rgb"], cfg.sc_dim, cfg.sc_k, modalities=modalities,
-                                             consensus=("rgb", "flow"), spatial=self.spatial_mods)
+        in_dim = self.build_inputs(inputs, channels)
         self.groups = stream_groups(cfg.fusion, modalities)
         self.streams = ["+".join(g) for g in self.groups]
         S = self.streams
@@ -132,7 +120,17 @@ class VideoModel(nn.Module):
                                          for s in S})
         self.fusion_weights = {s: (cfg.audio_weight if g == ("audio",) else 1.0) for s, g in zip(S, self.groups)}
 
-    # ---- the two steps a method may change ---------------------------------------------------------------
+    # ---- the steps a method may change -------------------------------------------------------------------
+
+    def build_inputs(self, inputs: Inputs, channels: dict) -> dict:
+        """Build what acts on the stored features before the streams (CIA's MC and SC); return the channels each
+        modality then has.  Here nothing: the stored channels."""
+        return dict(channels)
+
+    def read_inputs(self, x: dict, ctx, out: dict) -> dict:
+        """The stored features ``{m: (B, T, C[, H, W])}`` as the streams read them, ``{m: (B, T, C')}``: here the
+        spatial maps averaged (a method that keeps maps, CIA, reads them its own way)."""
+        return {m: f.mean(dim=(-2, -1)) if m in self.spatial_mods else f for m, f in x.items()}
 
     def relations(self, rel: torch.Tensor, stream: str, ctx, out: dict) -> torch.Tensor:
         """A TRN stream's relation features (B, scales, R) before they are summed into the video feature; the
@@ -155,9 +153,7 @@ class VideoModel(nn.Module):
         module docstring)."""
         cfg, key = self.cfg, ctx.key
         out: dict = {}
-        pooled, consensus = self._pooled(x)
-        if consensus is not None:
-            out["consensus"] = consensus
+        pooled = self.read_inputs(x, ctx, out)
         frame, video, dropped, logits = {}, {}, {}, {}
         for i, (s, g) in enumerate(zip(self.streams, self.groups)):
             inp = pooled[g[0]] if len(g) == 1 else torch.cat([pooled[m] for m in g], dim=-1)
@@ -176,17 +172,6 @@ class VideoModel(nn.Module):
         out["verb"] = self.fused(out["verb_m"])
         out["noun"] = self.fused(out["noun_m"]) if out["noun_m"][self.streams[0]] is not None else None
         return out
-
-    def _pooled(self, x: dict):
-        """MC gating, then SC pooling (or the spatial mean): (B, T, C') per modality, and SC's consensus map."""
-        feats, consensus = dict(x), None
-        if hasattr(self, "mc"):
-            feats = self.mc(feats)
-        if hasattr(self, "sc"):
-            feats, consensus = self.sc(feats)
-        else:
-            feats = {m: f.mean(dim=(-2, -1)) if m in self.spatial_mods else f for m, f in feats.items()}
-        return feats, consensus
 
 
 def _normal(std: float, truncated: bool = False):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -49,6 +50,8 @@ __all__ = [
     "mutual_refinement_param_count",
     "correlation_map",
     "SpatialConsensus",
+    "InteractionSettings",
+    "CrossModalInteraction",
     "time_mean",
     "TRNMultiScale",
     "softmax_entropy",
@@ -499,6 +502,58 @@ class SpatialConsensus(nn.Module):
                 out[m] = _gap(x, m in self.spatial)
         cmap = cmap.reshape(tuple(lead) + tuple(cmap.shape[-2:]))
         return (out if is_dict else [out[m] for m in self.modalities]), cmap
+
+
+@dataclass
+class InteractionSettings:
+    """The settings of :class:`CrossModalInteraction`, for the methods that use it (CIA, M3EM)."""
+
+    mc: bool = False                 # MC / SMR mutual-refinement gating (M3EM eqs. 1-4)
+    sc: bool = False                 # SC / CMC spatial consensus pooling (M3EM eq. 5); else the spatial mean
+    reduction: int = field(default=16, metadata={"range": "positive"})  # the gates' bottleneck c / r
+    sc_k: int = field(default=3, metadata={"range": "non_negative"})    # consensus scales k + 1
+    sc_dim: int = field(default=256, metadata={"range": "positive"})    # the consensus projection's width
+
+
+class CrossModalInteraction(nn.Module):
+    """What CIA and M3EM put between the stored features and the streams (CIA supp. sec. 1; M3EM sec. 2): MC / SMR
+    gating across modalities (:class:`MutualRefinement`; the channels double where several modalities meet), then
+    SC / CMC consensus pooling of the RGB and flow maps (:class:`SpatialConsensus`), else the spatial mean.
+
+    ``channels``: stored channels per modality; ``spatial``: the modalities stored as maps.  ``out_channels``: what
+    each modality has after it.  Forward: ``{m: (B, T, C[, H, W])}`` -> (``{m: (B, T, C')}``, consensus map or
+    None)."""
+
+    def __init__(self, modalities: Sequence[str], channels: Mapping[str, int], spatial: Sequence[str], mc: bool,
+                 sc: bool, reduction: int = 16, k: int = 3, proj_dim: int = 256):
+        super().__init__()
+        self.spatial = list(spatial)
+        out = dict(channels)
+        if mc:
+            self.mc = MutualRefinement(modalities, [channels[m] for m in modalities], reduction, spatial=self.spatial)
+            if len(modalities) > 1:
+                out = {m: 2 * c for m, c in channels.items()}
+        if sc:
+            pair = [m for m in ("rgb", "flow") if m in self.spatial]
+            if len(pair) != 2:
+                from featstore.errors import UserError
+                raise UserError("spatial consensus (sc) needs rgb and flow 7x7 maps in the stores (spatial=true)")
+            if out["rgb"] != out["flow"]:
+                from featstore.errors import UserError
+                raise UserError("spatial consensus (sc) needs rgb and flow features of the same width")
+            self.sc = SpatialConsensus(out["rgb"], proj_dim, k, modalities=modalities, consensus=("rgb", "flow"),
+                                       spatial=self.spatial)
+        self.out_channels = out
+
+    def forward(self, x: Mapping[str, torch.Tensor]):
+        feats, consensus = dict(x), None
+        if hasattr(self, "mc"):
+            feats = self.mc(feats)
+        if hasattr(self, "sc"):
+            feats, consensus = self.sc(feats)
+        else:
+            feats = {m: f.mean(dim=(-2, -1)) if m in self.spatial else f for m, f in feats.items()}
+        return feats, consensus
 
 
 # --------------------------------------------------------------------------------------

@@ -43,11 +43,21 @@ def cases() -> list[tuple]:
     return out
 
 
+RENAMED = {"interaction.": ""}  # parameter names a refactor moved (prefix -> old prefix): same tensors
+
+
 def _digest(heads: dict) -> str:
+    """sha256 of the trained tensors by name (names a refactor moved mapped back: RENAMED)."""
+    def old(name):
+        for new, was in RENAMED.items():
+            if name.startswith(new):
+                return was + name[len(new):]
+        return name
+    named = {old(k): v for k, v in heads.items()}
     h = hashlib.sha256()
-    for k in sorted(heads):
+    for k in sorted(named):
         h.update(k.encode())
-        h.update(heads[k].detach().cpu().contiguous().numpy().tobytes())
+        h.update(named[k].detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -66,7 +76,10 @@ def record(path: str) -> None:
             key = f"{method}/{layout}/{form}"
             start = time.time()
             try:
-                overrides = {**SMALL, "form": form}
+                from adapt.config import config_class
+                from adapt.method import load
+                names = {f.name for f in __import__("dataclasses").fields(config_class(load(method)))}
+                overrides = {**{k: v for k, v in SMALL.items() if k in names}, "form": form}
                 base = roots[layout] / backbone
                 cfgs = [C.resolve(method, dataset, overrides, source=str(base / "S_train.zarr"),
                                   target=str(base / "T_train.zarr"), eval=str(base / "T_test.zarr"),

@@ -7,6 +7,9 @@ lambda_fd L_fd`` with 1, 1 and 0.5 (supp. sec. 1).  I3D: Adam 1e-4, per-modality
 Table 3, "◇").  On TBN features CIA is built on TA3N (TRN aggregation, SGD 3e-3, supp. sec. 1).
 """
 
+from dataclasses import dataclass
+
+from adapt import parts
 from adapt.method import facts
 from adapt.methods.ta3n import TA3N, built_on_ta3n
 
@@ -50,3 +53,25 @@ class CIA(TA3N):
         "Batch, steps and GRL schedule are not stated: the dataset's (MM-SADA's 9K steps with I3D; TA3N's 30 "
         "epochs with TBN).",
     )
+
+    @dataclass
+    class Settings(TA3N.Settings, parts.InteractionSettings):
+        """TA3N's settings and the interaction's: ``mc`` (MC), ``sc`` (SC), ``reduction`` (r), ``sc_k`` (k),
+        ``sc_dim`` (the consensus projection's width, not stated); an ablation is ``--set sc=false``."""
+
+    def build_inputs(self, inputs, channels):
+        """MC (M3EM's SMR, eqs. 1-4: self and cross gates, r = 16, each modality's map doubled to 2c) on the
+        stored maps, then SC (M3EM's CMC, eq. 5: the RGB-flow correlation over k + 1 = 4 scales weighting the
+        spatial pooling), from :class:`adapt.parts.CrossModalInteraction`."""
+        cfg = self.cfg
+        self.interaction = parts.CrossModalInteraction(inputs.modalities, channels, self.spatial_mods, cfg.mc, cfg.sc,
+                                                       cfg.reduction, cfg.sc_k, cfg.sc_dim)
+        return self.interaction.out_channels
+
+    def read_inputs(self, x, ctx, out):
+        """The stored maps through MC and SC: (B, T, c, 7, 7) -> (B, T, 2c) per modality; the consensus map
+        (B, T, 7, 7) is kept as ``out["consensus"]``."""
+        feats, consensus = self.interaction(x)
+        if consensus is not None:
+            out["consensus"] = consensus
+        return feats

@@ -9,6 +9,9 @@ of the report is "TA3N + M3EM" trained 30 epochs (secs. 3.2, 3.4: the I3D one to
 model and losses on either backbone, one TA3N branch on RGB + flow and one on audio.
 """
 
+from dataclasses import dataclass
+
+from adapt import parts
 from adapt.method import facts
 from adapt.methods.ta3n import TA3N, built_on_ta3n
 
@@ -52,3 +55,25 @@ class M3EM(TA3N):
         "With I3D the model has one window a clip, so TA3N's relation level has nothing to align (the TRN needs "
         "segments) and its frame level sees the clip's window: lambda_d = 3 weighs the video and frame levels.",
     )
+
+    @dataclass
+    class Settings(TA3N.Settings, parts.InteractionSettings):
+        """TA3N's settings and the module's: ``mc`` (SMR), ``sc`` (CMC), ``reduction`` (r), ``sc_k`` (k),
+        ``sc_dim`` (the consensus projection's width, not stated)."""
+
+    def build_inputs(self, inputs, channels):
+        """SMR (sec. 2.1, eqs. 1-4: a self gate and a cross gate per modality, bottleneck c / r, the two gated maps
+        concatenated to 2c) and CMC (sec. 2.2, eq. 5: the RGB-flow correlation over k + 1 scales, each upsampled
+        and summed, weighting the spatial average), from :class:`adapt.parts.CrossModalInteraction`."""
+        cfg = self.cfg
+        self.interaction = parts.CrossModalInteraction(inputs.modalities, channels, self.spatial_mods, cfg.mc, cfg.sc,
+                                                       cfg.reduction, cfg.sc_k, cfg.sc_dim)
+        return self.interaction.out_channels
+
+    def read_inputs(self, x, ctx, out):
+        """The segments' maps through SMR and CMC: (B, T, c, 7, 7) -> (B, T, 2c) per modality, then TA3N's model
+        on them (its shared FC, TRN, discriminators); the consensus map is kept as ``out["consensus"]``."""
+        feats, consensus = self.interaction(x)
+        if consensus is not None:
+            out["consensus"] = consensus
+        return feats
