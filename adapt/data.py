@@ -350,14 +350,16 @@ class DomainPair:
             raise UserError(f"{src}: the source store has unlabelled clips; the source must be labelled")
         if method.uses_target_labels and (self.target.verb < 0).any():
             raise UserError(f"{tgt}: supervised target training needs a labelled target store")
-        # the class space: the stores' own (a registered dataset's; stores of a user's splits count theirs from
-        # the labels they hold, so the largest of them), never fewer than the labels need
-        self.verb_classes = max([int(s.attrs.get("verb_classes") or 0) for s in stores.values()]
-                                + [int(d.verb.max()) + 1 for d in (self.source, self.eval)])
-        self.noun_classes = int(stores["source"].attrs.get("noun_classes") or 0)
-        if self.noun_classes:
-            self.noun_classes = max([self.noun_classes] + [int(s.attrs.get("noun_classes") or 0)
-                                                           for s in stores.values()])
+        # the class space: the source's (its dataset's, or what its manifest declares), not what the evaluation
+        # split happens to contain (a test split may lack the rarest classes); labels outside it are refused
+        attrs = stores["source"].attrs
+        self.verb_classes = int(attrs.get("verb_classes") or int(self.source.verb.max()) + 1)
+        self.noun_classes = int(attrs.get("noun_classes") or 0)
+        for dom in (self.source, self.eval):
+            if int(dom.verb.max()) >= self.verb_classes:
+                raise UserError(f"{dom.path}: verb class {int(dom.verb.max())} outside the {self.verb_classes} "
+                                f"classes of the source store {src} (declare the classes of your splits in a "
+                                f"classes.json beside their manifests)")
         self.feature_shapes = {m: tuple(self.source.feats[m].shape[2:]) for m in modalities}
         self.units_per_clip = self.source.units
         self.feature_bytes = sum(t.numel() * t.element_size() for d in (self.source, self.target, self.eval)

@@ -57,7 +57,11 @@ def run_protocol(spec: dict | str | Path, out: str | Path | None = None, select:
     chosen = {}
     for method in dict.fromkeys(r.get("method") for r in tune.rows):
         rows = [r for r in tune.rows if r.get("method") == method]
-        pick = S.choose(rows, select)
+        passed: list = []
+        pick = S.choose(rows, select, passed)
+        if passed and passed[0] < 0 and console is not None:
+            console.print(f"[yellow]warning:[/yellow] {method}: every tuning checkpoint had collapsed; its grid point "
+                          f"is chosen among collapsed runs (marked in protocol.json)", highlight=False)
         if pick is None:
             raise UserError(f"--select {select}: the tuning runs of {method} carry no such validator (one of "
                             f"{', '.join(['oracle', *S.available(rows)])})")
@@ -65,7 +69,8 @@ def run_protocol(spec: dict | str | Path, out: str | Path | None = None, select:
         grid = next(r.get("grid") or {} for r in rows if (r.get("tag") or "") == tag)
         chosen[method] = {"grid_point": tag, "settings": grid, "tune_steps": steps, "tune_target_val_top1": score,
                           "tune_invalid_runs": sum(bool(invalid_marks(r)) for r in rows
-                                                   if (r.get("tag") or "") == tag)}
+                                                   if (r.get("tag") or "") == tag),
+                          "tune_all_collapsed": bool(passed and passed[0] < 0)}
 
     if console is not None:
         console.print(f"[2/2] training the chosen settings on {TRAIN[0]} -> {TRAIN[1]}, predicting {TEST}")

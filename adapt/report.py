@@ -310,10 +310,13 @@ def write_selection(rows: list[dict], select: str, out: Path, console=None, plot
     for c in chosen:
         lines.append([c.validator, c.method, c.pair, c.tag or "-", " ".join(map(str, c.steps)), f"{c.selected:.2f}",
                       f"{c.oracle:.2f}", f"{c.gap:.2f}", f"{c.last9:.2f}", "-" if c.rho is None else f"{c.rho:.2f}",
-                      str(c.passed_over)])
+                      c.collapsed_note])
     if console is not None and any(c.passed_over for c in chosen):
-        console.print(f"[yellow]{sum(c.passed_over for c in chosen)} collapsed checkpoints were passed over[/yellow] "
-                      f"by the selection rules (never chosen; counted per rule in selection.md)")
+        over = sum(max(0, c.passed_over) for c in chosen)
+        forced = [f"{c.validator} {c.method} {c.pair}" for c in chosen if c.passed_over < 0]
+        console.print(f"[yellow]{over} collapsed checkpoints were passed over[/yellow] by the selection rules"
+                      + (f"; every checkpoint had collapsed for {', '.join(forced)}: chosen among them, invalid"
+                         if forced else "") + " (selection.md)", highlight=False, soft_wrap=True)
     summary = []
     for n in names:
         mine = [c for c in chosen if c.validator == n]

@@ -85,7 +85,12 @@ class Selection:
     last9: float
     rho: float | None
     seeds: int
-    passed_over: int = 0  # collapsed checkpoints the rule was not allowed to choose
+    passed_over: int = 0  # collapsed checkpoints the rule was not allowed to choose; -1: all had collapsed
+
+    @property
+    def collapsed_note(self) -> str:
+        return ("every checkpoint collapsed: chosen among them (invalid)" if self.passed_over < 0 else
+                str(self.passed_over))
 
     @property
     def gap(self) -> float:
@@ -100,26 +105,34 @@ def check_name(name: str, where: str = "--select") -> None:
 
 def choose(runs: list, name: str, passed: list | None = None) -> tuple[str, list, float] | None:
     """(grid point, checkpoint steps, mean target accuracy there) that validator ``name`` selects among ``runs``
-    (final.json rows of one method and pair).  A checkpoint whose predictions had collapsed is never chosen (an
-    entropy-like validator prefers them); how many were passed over is appended to ``passed``; a run with no
-    other checkpoint drops out, and a grid point whose runs all dropped out too."""
-    by_tag: dict = {}
-    skipped = 0
-    for r in runs:
-        c = curves(r, name)
-        if c is None:
-            return None
-        steps, values, acc = c
-        v = np.asarray(values, dtype=np.float64)
-        if not len(v) or not np.isfinite(v).any():
-            return None
-        bad = np.asarray(collapsed_at(r), dtype=bool)
-        skipped += int(bad.sum())
-        v = np.where(bad, np.nan, v)
-        if not np.isfinite(v).any():
-            continue
-        i = int(np.nanargmax(v))
-        by_tag.setdefault(r.get("tag") or "", []).append((float(v[i]), steps[i], float(acc[i])))
+    (final.json rows of one method and pair).  A checkpoint whose predictions had collapsed is not chosen (an
+    entropy-like validator prefers them) while any other is there: a run with no other checkpoint drops out, and
+    a grid point whose runs all dropped out too.  ``passed`` receives how many collapsed checkpoints were passed
+    over, or -1 when every checkpoint had collapsed and the choice is among them (said by the callers)."""
+    def pick(skip_collapsed: bool):
+        by_tag: dict = {}
+        skipped = 0
+        for r in runs:
+            c = curves(r, name)
+            if c is None:
+                return None, 0
+            steps, values, acc = c
+            v = np.asarray(values, dtype=np.float64)
+            if not len(v) or not np.isfinite(v).any():
+                return None, 0
+            if skip_collapsed:
+                bad = np.asarray(collapsed_at(r), dtype=bool)
+                skipped += int(bad.sum())
+                v = np.where(bad, np.nan, v)
+                if not np.isfinite(v).any():
+                    continue
+            i = int(np.nanargmax(v))
+            by_tag.setdefault(r.get("tag") or "", []).append((float(v[i]), steps[i], float(acc[i])))
+        return by_tag, skipped
+    by_tag, skipped = pick(True)
+    if by_tag == {}:  # every checkpoint collapsed: chosen among them, and said
+        by_tag, skipped = pick(False)
+        skipped = -1 if by_tag else skipped
     if passed is not None:
         passed.append(skipped)
     if not by_tag:
@@ -151,7 +164,7 @@ def select(rows: list[dict], names: list[str] | None = None) -> list[Selection]:
             if chosen is None:
                 continue
             out.append(Selection(method, pair, name, chosen[0], chosen[1], chosen[2], oracle[2], last9,
-                                 spearman(*points(runs, name)), len(runs), sum(passed)))
+                                 spearman(*points(runs, name)), len(runs), passed[0]))
     return out
 
 

@@ -149,8 +149,8 @@ def test_refuses_class_count_mismatch(i3d_root, tmp_path):
     shape = {"rgb": (16, 3, 3), "flow": (16, 3, 3)}
     ev = make_store(tmp_path / "E.zarr", 12, 6, 3, shape, 1.0, 5)
     cfg = cfg_for(i3d_root, "source_only", tmp_path, eval=str(ev))
-    with pytest.raises(UserError, match="verb_classes of eval store"):
-        train([cfg], progress=False)
+    with pytest.raises(UserError, match="verb class 5 outside the 4 classes of the source store"):
+        train([cfg], progress=False)  # its labels lie outside the source's class space
 
 
 def test_refuses_nan_features(i3d_root, tmp_path):

@@ -247,8 +247,11 @@ def test_collapsed_runs_are_marked_in_every_output(root, tmp_path):
     assert rep["dann"][col] == "2" and rep["source_only"][col] == "0"
     sel = written["selection.md"].read_text()
     assert "collapsed checkpoints passed over" in sel
-    # every dann checkpoint collapsed: no rule may pick one, so dann has no selection at all
-    assert not [line for line in sel.splitlines() if line.startswith("| entropy | dann")]
+    # every dann checkpoint collapsed: chosen among them, and said so in its row
+    (line,) = [line for line in sel.splitlines() if line.startswith("| entropy | dann")]
+    assert "every checkpoint collapsed: chosen among them (invalid)" in line
+    (line,) = [line for line in sel.splitlines() if line.startswith("| entropy | source_only")]
+    assert line.rstrip(" |").endswith("| 0")
     from adapt import plots as P
     labels = P.accuracy_curves(rows)
     assert any(lab.endswith("(2/2 invalid)") for lab in next(iter(labels.values())))

@@ -110,8 +110,10 @@ class Contrastive(Method):
         if hasattr(self, "proj"):
             out["proj"] = {s: self.proj(out["video"][s]) for s in self.streams}
             if self.cfg.xmodal_bank and ctx.state:
-                with torch.no_grad():
-                    out["proj_bank"] = {n: self.proj(b) for n, b in ctx.state.items() if not n.endswith("_labels")}
+                # the banks hold F (eq. 8); L_mo reads them through h, and h learns from them too: with h's gradient
+                # stopped on the bank side, an untrained h maps every clip to one vector within a few steps and
+                # L_mo sits at its chance value (log of the negatives) for the rest of the run
+                out["proj_bank"] = {n: self.proj(b) for n, b in ctx.state.items() if not n.endswith("_labels")}
         return out
 
     @term("w_xmodal")
