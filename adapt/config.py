@@ -136,7 +136,7 @@ class RunSettings:
     temporal: str = one_of("avg", "trn")  # TRN-multiscale: TA3N's; I3D uses one window per clip
     trn_relations: int = non_negative(3)  # relations per scale (TA3N TRNmodule subsample_num); 0 = all subsets
     trn_dim: int = positive(256)     # TRN bottleneck width = the video feature's width
-    init: str = one_of("torch", "mmsada", "ta3n")  # the reference code's initialisers (adapt.model.REFERENCE_INIT)
+    init: str = one_of("torch", "mmsada", "ta3n")  # the code base's initialisers (adapt.datasets.INITIALISERS)
     # gradient reversal: coefficient = beta x (2 / (1 + exp(-grl_gamma p)) - 1), beta the method's per level
     grl_gamma: float = non_negative(10.0)
     grl_restart: bool = True         # p counts from the start of stage 2 (MM-SADA code) rather than step 0
@@ -329,7 +329,7 @@ def resolve(method, dataset: str, overrides: dict | None = None, **given):
     and last the ``--set`` overrides (strings are converted to the setting's type).  ``method``: a built-in name,
     a file or module reference (:func:`adapt.method.load`) or a Method class."""
     from adapt import datasets
-    from adapt.method import FORMS, check_one_place, declared_defaults, facts_owner, load, preset, reference_of
+    from adapt.method import FORMS, applying, check_one_place, declared_defaults, facts_owner, load, reference_of
     m = load(method)
     check_one_place(m)
     cls = config_class(m)
@@ -341,13 +341,15 @@ def resolve(method, dataset: str, overrides: dict | None = None, **given):
     if form not in FORMS:
         raise UserError(f"form={form!r}: one of {', '.join(FORMS)}")
     names = {f.name for f in fields(cls)}
-    for k, v in (*datasets.base(dataset).items(), *preset(m.base_facts, dataset, backbone, form).items()):
+    for k, v in datasets.base(dataset).items():
         if k in names:
             setattr(cfg, k, v)
-    for k, v in preset(m.facts, dataset, backbone, form).items():
-        if k not in names:
-            raise UserError(f"method {m.name}: its fact names {k!r}, not one of its settings")
-        setattr(cfg, k, v)
+    for f in applying(m.facts, dataset, backbone, form):  # the preset, in the order its rows act
+        if f.setting not in names:
+            if f.base:
+                continue  # a dataset base's row about a setting this method does not have
+            raise UserError(f"method {m.name}: its fact names {f.setting!r}, not one of its settings")
+        setattr(cfg, f.setting, f.value)
     # a subclass's own Settings defaults win over the facts it inherits (the subclass said them last)
     for k, v in declared_defaults(m, below=facts_owner(m)).items():
         setattr(cfg, k, v)

@@ -14,7 +14,9 @@ A base setting that the run's method does not have (a discriminator's width for 
 
 from __future__ import annotations
 
-from adapt.method import facts
+from adapt import parts
+from adapt.facts import facts
+from adapt.model import Heads
 
 MM = "MM-SADA-code "
 TA = "EPIC-KITCHENS-100_UDA_TA3N "
@@ -61,6 +63,7 @@ EPIC55_BASE = facts(
     (None, "16-way classifier, 8 used", MM + "src/models/arch.py:13 (argmax over 16 at test; 8 here)"),
     (None, "stage 2: fresh optimiser state", MM + "src/models/utils.py:27-28, 57-58 (momentum not restored)"),
     (None, "5 test windows, softmax averaged", MM + "src/train/training_loops.py:85-86"),
+    base=True,
 )
 
 # EPIC-100: the TA3N baseline's code
@@ -97,8 +100,24 @@ EPIC100_BASE = facts(
     ("w_cls_stage1", None, TA + "one stage"),
     ("standardise", False, TA + "dataset.py:49-56, 173-207 (features as stored)"),
     (None, "126 steps an epoch: zip(source, target) loaders", TA + "main.py:329"),
+    base=True,
 )
 
+
+def _normal(std: float, truncated: bool = False):
+    return lambda lin: parts.init_normal(lin, std, truncated)
+
+
+# The code bases' initialisers (the ``init`` setting: the EPIC-100 base's is TA3N's), by part: TA3N's normal(0,
+# 0.001) with zero bias on every layer but the TRN's and the relation discriminators' (models.py:132-147, 165-180,
+# 280-300); MM-SADA's truncated normal 0.1 on the domain heads (arch.py:47-50, 58-63) and Sonnet's default, truncated
+# normal 1/sqrt(fan_in), on the classifiers (i3d.py:483-488).  ``torch``: PyTorch's defaults everywhere.
+INITIALISERS = {
+    "ta3n": {parts.Embedding: _normal(0.001), Heads: _normal(0.001), parts.DomainDiscriminator: _normal(0.001),
+             parts.CorrespondenceHead: _normal(0.001), parts.ProjectionHead: _normal(0.001)},
+    "mmsada": {parts.DomainDiscriminator: _normal(0.1, True), parts.CorrespondenceHead: _normal(0.1, True),
+               Heads: lambda lin: parts.init_normal(lin, lin.in_features ** -0.5, truncated=True)},
+}
 
 BASES = {"mmsada": EPIC55_BASE, "epic100": EPIC100_BASE}
 KNOWN = ("mmsada", "epic100", "demo", "custom")  # custom: stores of no registered dataset, EPIC-55's base

@@ -40,70 +40,10 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from adapt import losses
+from adapt.datasets import INITIALISERS
+from adapt.facts import FORMS, Fact, applying, facts, facts_table, preset, where  # noqa: F401 - a method's imports
 from adapt.model import Inputs, VideoModel, initialise
 from featstore.errors import UserError
-
-FORMS = ("code", "paper")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# facts
-
-
-@dataclass(frozen=True)
-class Fact:
-    """A setting of a preset with its value and the reference it comes from (a released code's file:line, or a
-    paper's equation, section or table); ``setting`` None records what the reference does that needs no setting."""
-
-    setting: Optional[str]
-    value: Any
-    source: str
-    when: dict = field(default_factory=dict)  # {"dataset": "epic100"} / {"backbone": "tbn"}: where it applies
-    form: str = "code"               # "code", or "paper" where the paper and its released code differ
-
-    def applies(self, dataset: str, backbone: str, form: str) -> bool:
-        if self.setting is None or (self.form != "code" and self.form != form):
-            return False
-        return all({"dataset": dataset, "backbone": backbone}[k] in (v if isinstance(v, tuple) else (v,))
-                   for k, v in self.when.items())
-
-
-def facts(*rows, **common) -> tuple:
-    """``facts(("w_adv", 1.0, "model.py:642"), ..., when={...})``: Fact rows with shared keyword fields."""
-    out = []
-    for r in rows:
-        if isinstance(r, Fact):
-            out.append(r)
-        else:
-            setting, value, source, *rest = r
-            kw = dict(common)
-            if rest:
-                kw.update(rest[0])
-            out.append(Fact(setting, value, source, **kw))
-    return tuple(out)
-
-
-def preset(rows: tuple, dataset: str, backbone: str, form: str = "code") -> dict:
-    """The settings of the facts that apply: the code's form, then (``form="paper"``) the paper's over it."""
-    out: dict = {}
-    for f in rows:
-        if f.form == "code" and f.applies(dataset, backbone, form):
-            out[f.setting] = f.value
-    if form != "code":
-        for f in rows:
-            if f.form == form and f.applies(dataset, backbone, form):
-                out[f.setting] = f.value
-    return out
-
-
-def facts_table(rows: tuple) -> str:
-    rows_md = ["| setting | value | where | source |", "|---|---|---|---|"]
-    for f in rows:
-        where = ", ".join(f"{k} {'/'.join(v) if isinstance(v, tuple) else v}" for k, v in f.when.items())
-        if f.form != "code":
-            where = (where + ", " if where else "") + f"form={f.form}"
-        rows_md.append(f"| {f.setting or '-'} | {f.value} | {where or 'always'} | {f.source} |")
-    return "\n".join(rows_md)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -195,12 +135,22 @@ class Method(VideoModel):
     Settings: ClassVar[type] = MethodSettings
     facts: ClassVar[tuple] = ()
     differences: ClassVar[tuple] = ()
-    base_facts: ClassVar[tuple] = ()           # facts listed with the method's own (a dataset base it builds on)
-    reversals: ClassVar[dict] = {}             # gradient-reversal level -> the setting that scales it
+    reversals: ClassVar[dict] = {}             # gradient-reversal level -> the setting that scales it (added to
+                                               # the parent's)
     uses_target_labels: ClassVar[bool] = False  # the target store's labels are loaded and given as y_t, n_t
     per_domain_statistics: ClassVar[bool] = False  # inputs standardised with each domain's own statistics (AdaBN)
     source_stage: ClassVar[bool] = False       # stage 1 sees only source clips; saved once, reused by target runs
     target_stage_settings: ClassVar[tuple] = ()  # settings that act in stage 2 only (besides its terms' weights)
+
+    def __init_subclass__(cls, **kw):
+        """A subclass's tables extend its parent's the way dataclasses do: ``Settings`` by inheritance, loss
+        terms by the decorated functions of the lineage (:meth:`terms`), and ``reversals``: its own levels added
+        to the inherited ones.  ``facts`` is the one table given whole: a subclass that builds on its parent's
+        preset includes it (``facts(*TA3N.facts, ...)`` or :func:`where`)."""
+        super().__init_subclass__(**kw)
+        if "reversals" in vars(cls):
+            inherited = getattr(super(cls, cls), "reversals", {})
+            cls.reversals = {**inherited, **vars(cls)["reversals"]}
 
     def __init__(self, cfg, inputs: Inputs):
         super().__init__(cfg, inputs)
@@ -208,7 +158,7 @@ class Method(VideoModel):
         clash = [t.name for t in self.terms() if t.name in self._modules]
         if clash:
             raise TypeError(f"{type(self).__name__}: a head and a loss term are both named {clash[0]!r}")
-        initialise(self, cfg.init)
+        initialise(self, INITIALISERS.get(cfg.init, {}))
 
     def build(self, inputs: Inputs) -> None:
         """Add the method's heads (modules) to the model; called after the video model is built."""
@@ -384,7 +334,7 @@ def describe(cls: type) -> str:
     if cls.citation:
         lines += [cls.citation, ""]
     lines += [f"method {cls.name} ({reference_of(cls)}): {lineage or cls.name} <- the video model (source-only)", ""]
-    rows = (*cls.base_facts, *cls.facts)
+    rows = cls.facts
     if rows:
         lines += ["## Preset (facts over the dataset's base)", "", facts_table(rows), ""]
     defaults = cls.Settings()
@@ -435,7 +385,7 @@ def check_one_place(cls: type) -> None:
             continue
         own = declared_defaults(k, below=k.__mro__[1])
         for f in vars(k)["facts"]:
-            if not isinstance(f, Fact) or f.setting not in own or f.when or f.form != "code":
+            if not isinstance(f, Fact) or f.base or f.setting not in own or f.when or f.form != "code":
                 continue
             default = own[f.setting]
             if default not in OFF and default != f.value:

@@ -174,27 +174,10 @@ class VideoModel(nn.Module):
         return out
 
 
-def _normal(std: float, truncated: bool = False):
-    return lambda lin: parts.init_normal(lin, std, truncated)
-
-
-# The reference codes' initialisers (the ``init`` setting), by part: TA3N's normal(0, 0.001) with zero bias on every
-# layer but the TRN's and the relation discriminators' (models.py:132-147, 165-180, 280-300); MM-SADA's truncated
-# normal 0.1 on the domain heads (arch.py:47-50, 58-63) and Sonnet's default, truncated normal 1/sqrt(fan_in), on the
-# classifiers (i3d.py:483-488).  A part built with ``default_init = True`` keeps PyTorch's (TA3N's relation
-# discriminators).  ``torch``: PyTorch's defaults everywhere.
-REFERENCE_INIT = {
-    "ta3n": {parts.Embedding: _normal(0.001), Heads: _normal(0.001), parts.DomainDiscriminator: _normal(0.001),
-             parts.CorrespondenceHead: _normal(0.001), parts.ProjectionHead: _normal(0.001)},
-    "mmsada": {parts.DomainDiscriminator: _normal(0.1, True), parts.CorrespondenceHead: _normal(0.1, True),
-               Heads: lambda lin: parts.init_normal(lin, lin.in_features ** -0.5, truncated=True)},
-}
-
-
-def initialise(model: nn.Module, scheme: str) -> None:
-    """Apply the reference code's initialiser ``scheme`` (:data:`REFERENCE_INIT`) to the model's parts, in the
-    order they were built."""
-    rules = REFERENCE_INIT.get(scheme, {})
+def initialise(model: nn.Module, rules: dict) -> None:
+    """Apply initialisation ``rules`` ({part class: rule(linear layer)}, a code base's: :data:`adapt.datasets.
+    INITIALISERS`) to the model's parts, in the order they were built; a part built with ``default_init = True``
+    keeps PyTorch's."""
     for mod in model.modules():
         rule = rules.get(type(mod))
         if rule is not None and not getattr(mod, "default_init", False):

@@ -83,9 +83,9 @@ def reversed_by(model, x, labels, term, wrt, level, coeff=0.3):
 def test_every_fact_is_a_setting_of_its_method_and_the_defaults_are_the_mmsada_codes():
     for m in methods.REGISTRY.values():
         names = {f.name for f in dataclasses.fields(C.config_class(m))}
-        for f in (*m.base_facts, *m.facts):
+        for f in m.facts:
             assert f.source, (m.name, f.setting)
-            if f.setting is None or f in m.base_facts:
+            if f.setting is None or f.base:
                 continue
             assert f.setting in names, (m.name, f.setting)
             if f.value is not None and f.form == "code" and not f.when:

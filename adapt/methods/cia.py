@@ -10,8 +10,8 @@ Table 3, "◇").  On TBN features CIA is built on TA3N (TRN aggregation, SGD 3e-
 from dataclasses import dataclass
 
 from adapt import parts
-from adapt.method import facts
-from adapt.methods.ta3n import TA3N, built_on_ta3n
+from adapt.method import facts, where
+from adapt.methods.ta3n import TA3N
 
 S = "CIA supplementary "
 TBN = {"when": {"backbone": "tbn"}}
@@ -25,7 +25,6 @@ class CIA(TA3N):
                 "Recognition. CVPR 2022.")
     composition = ("MC + SC + video-level (lambda_vd 1) and frame-level (lambda_fd 0.5) adversarial; I3D: Adam 1e-4; "
                    "TBN: TA3N + the modules, SGD 3e-3")
-    base_facts = ()  # TA3N's base only on TBN, through built_on_ta3n below
     facts = facts(
         ("spatial", True, S + "sec. 1 (1024x7x7 for RGB and flow)"),
         ("mc", True, S + "sec. 1 (MC, r = 16)"),
@@ -42,7 +41,7 @@ class CIA(TA3N):
         ("fusion_mean", True, S + "Table 3 ('◇': per-modality classifier outputs averaged)", I3D),
         ("optimizer", "adam", S + "sec. 1 (E55 / E100 with I3D: Adam 1e-4)", I3D),
         ("lr", 1e-4, S + "sec. 1", I3D),
-        *built_on_ta3n(TBN),
+        *where(TA3N.facts, backbone="tbn"),  # TA3N's base and losses, on TBN only
         ("w_frame_adv", 0.5, S + "sec. 1 (lambda_fd = 0.5)", TBN),
         ("lr", 3e-3, S + "sec. 1 (SGD 3e-3 when TRN aggregates)", TBN),
     )

@@ -55,8 +55,8 @@ class Contrastive(Method):
     composition = ("stage 1: source CE (3K steps); stage 2 (6K): CE(averaged logits) + 1.25 (L_mo^s + L_mo^t + "
                    "L_do^rgb + L_do^flow), memory banks (momentum 0.5), target-anchored L_do on pseudo-labels > 0.8, "
                    "tau 0.1")
-    base_facts = EPIC55_BASE
     facts = facts(
+        *EPIC55_BASE,  # MM-SADA's code's base, on every dataset
         ("w_xmodal", 1.25, P + "eq. 7, sec. 4.1 (lambda = 1.25 on each term; L_mo^s + L_mo^t summed)"),
         ("w_xdomain", 1.25, P + "eq. 7 (L_do = L_do^a + L_do^m)"),
         ("tau", 0.1, P + "sec. 4.1"),

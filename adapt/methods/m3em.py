@@ -12,8 +12,8 @@ model and losses on either backbone, one TA3N branch on RGB + flow and one on au
 from dataclasses import dataclass
 
 from adapt import parts
-from adapt.method import facts
-from adapt.methods.ta3n import TA3N, built_on_ta3n
+from adapt.method import facts, where
+from adapt.methods.ta3n import TA3N
 
 R = "M3EM report "
 I3D = {"when": {"backbone": "i3d"}}
@@ -26,9 +26,8 @@ class M3EM(TA3N):
                 "challenge technical report, 2021.")
     composition = ("TA3N + SMR + CMC (every backbone, 30 epochs); RGB+flow classified together, audio late-fused "
                    "at 0.5; lambda_d 3 on TA3N's domain losses with I3D, 1 otherwise")
-    base_facts = ()  # TA3N's base and losses, through built_on_ta3n below (on every dataset: sec. 3.2, 3.4)
     facts = facts(
-        *built_on_ta3n({}),
+        *where(TA3N.facts),  # TA3N's base and losses, on every dataset (sec. 3.2, 3.4)
         ("spatial", True, R + "sec. 2 (7x7 maps)"),
         ("mc", True, R + "sec. 2.1, eqs. 1-4 (SMR)"),
         ("sc", True, R + "sec. 2.2, eq. 5 (CMC)"),

@@ -56,8 +56,8 @@ class MMSADA(DANN):
     citation = "J. Munro, D. Damen. Multi-modal Domain Adaptation for Fine-grained Action Recognition. CVPR 2020."
     composition = ("per-modality discriminators summed (eq. 2, 4) + correspondence head (eq. 3); stage 1 CE + 5 L_c, "
                    "stage 2 0.2 CE + sum_m L_d + L_c, GRL 0.2 restarted")
-    base_facts = EPIC55_BASE
     facts = facts(
+        *EPIC55_BASE,  # MM-SADA's code's base, on every dataset
         ("w_adv", 1.0, MM + "src/models/model.py:642 (domain_loss enters with weight 1)"),
         ("beta_adv", 0.2, MM + "scripts/submit_mmsada.sh:24 (--lambda_in=0.2: scales the reversed gradient)"),
         ("disc_hidden", 100, MM + "src/models/arch.py:47-50 (dense(100)-ReLU-dense(2))"),

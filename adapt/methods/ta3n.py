@@ -41,8 +41,8 @@ class TA3N(DANN):
     composition = ("RGB+flow+audio concatenated, shared FC 3072->512, TRN (<=3 relations per scale, summed), "
                    "relation/video/frame discriminators (GRL 0.75/0.75/0.5, loss weight 1), domain attention, "
                    "attentive entropy 0.003")
-    base_facts = EPIC100_BASE
     facts = facts(
+        *EPIC100_BASE,  # its code's base, on every dataset
         ("w_relation_adv", 1.0, TA + "main.py:591, 594 (loss_adversarial summed over levels)"),
         ("w_video_adv", 1.0, TA + "main.py:591, 594"),
         ("w_frame_adv", 1.0, TA + "main.py:591, 594"),
@@ -69,7 +69,7 @@ class TA3N(DANN):
         domain_attention: bool = False  # relation features weighted by 2 - H(d) (models.py:373-379, 401-410)
         w_attn_entropy: float = 0.0  # gamma of the attentive entropy (eq. 7; loss.py:15-25)
 
-    reversals = {**DANN.reversals, "frame": "beta_frame", "relation": "beta_relation"}
+    reversals = {"frame": "beta_frame", "relation": "beta_relation"}  # with DANN's adv and video
 
     def build(self, inputs):
         super().build(inputs)
@@ -120,8 +120,3 @@ class TA3N(DANN):
         if out["noun"] is not None:
             ae.append(parts.attentive_entropy(out["noun"], out["disc_video"]))
         return sum(ae) / len(ae)
-
-
-def built_on_ta3n(when: dict) -> tuple:
-    """TA3N's base and losses as fact rows restricted to ``when`` (M3EM's and CIA's "TA3N + the module" on TBN)."""
-    return tuple((f.setting, f.value, f.source, when) for f in (*EPIC100_BASE, *TA3N.facts) if f.setting)
