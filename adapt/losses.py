@@ -311,14 +311,21 @@ def update_memory_labels(labels: torch.Tensor, idx: torch.Tensor, new_labels: to
 # --------------------------------------------------------------------------------------
 # Entropy and self-training
 # --------------------------------------------------------------------------------------
-def entropy(logits: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Prediction entropy ``H(p) = -sum_k p_k log p_k``, p = softmax(logits), natural log
-    (entropy minimisation, Grandvalet & Bengio 2005; TA3N's H(y)).
+def entropy(x: torch.Tensor, reduction: str = "mean", probs: bool = False, eps: float = 0.0) -> torch.Tensor:
+    """The entropy of a prediction, natural log, over the last axis; the one implementation every method, part and
+    validator uses:
 
-    Shapes: logits (B, K) -> scalar (``reduction='mean'``, batch mean) or (B,) (``'none'``).
-    """
-    logp = F.log_softmax(logits, dim=-1)
-    h = -(logp.exp() * logp).sum(dim=-1)
+    * from logits (default): ``H(p) = -sum_k p_k log p_k`` with ``p = softmax(x)``, through ``log_softmax``
+      (entropy minimisation, Grandvalet & Bengio 2005; TA3N's ``H(y)`` and ``H(d)``, loss.py:15-25);
+    * from probabilities (``probs=True``): ``H(p) = -sum_k p_k log(p_k + eps)`` as the references write it
+      (SHOT loss.py:9-14 and CDAN loss.py:33 with ``eps = 1e-5``; the validators with 1e-12).
+
+    Shapes: (..., K) -> scalar (``reduction='mean'``) or (...) (``'none'``)."""
+    if probs:
+        h = -(x * torch.log(x + eps)).sum(dim=-1)
+    else:
+        logp = F.log_softmax(x, dim=-1)
+        h = -(logp.exp() * logp).sum(dim=-1)
     return h.mean() if reduction == "mean" else h
 
 

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import rng
+from .losses import entropy
 
 __all__ = [
     "grad_reverse",
@@ -54,7 +55,6 @@ __all__ = [
     "CrossModalInteraction",
     "time_mean",
     "TRNMultiScale",
-    "softmax_entropy",
     "DomainAttention",
     "attentive_entropy",
 ]
@@ -622,15 +622,6 @@ def relation_subsets(n: int, s: int, relations: int = 3) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 # TA3N domain attention and attentive entropy
 # --------------------------------------------------------------------------------------
-def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy ``H(d) = -sum_k p_k log p_k`` (natural log) of softmax(logits) over the last axis.
-
-    Shapes: logits (..., K) -> (...).
-    """
-    logp = F.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
-
-
 class DomainAttention(nn.Module):
     """TA3N domain attention (Chen et al. ICCV 2019, sec. 4.2, "TA2N"/"TA3N" attention).
 
@@ -650,7 +641,7 @@ class DomainAttention(nn.Module):
     def weights(self, domain_logits: torch.Tensor) -> torch.Tensor:
         if self.detach:
             domain_logits = domain_logits.detach()
-        return 1.0 + (1.0 - softmax_entropy(domain_logits))
+        return 1.0 + (1.0 - entropy(domain_logits, reduction="none"))
 
     def forward(self, features: torch.Tensor, domain_logits: torch.Tensor) -> torch.Tensor:
         return features * self.weights(domain_logits).unsqueeze(-1)
@@ -664,4 +655,4 @@ def attentive_entropy(logits: torch.Tensor, domain_logits: torch.Tensor) -> torc
 
     Shapes: logits (B, K), domain_logits (B, 2) -> scalar.
     """
-    return ((1.0 + softmax_entropy(domain_logits)) * softmax_entropy(logits)).mean()
+    return ((1.0 + entropy(domain_logits, reduction="none")) * entropy(logits, reduction="none")).mean()

@@ -694,17 +694,3 @@ def train_one(method: str, source: str, target: str, overrides: dict | None = No
     _, dataset = resolve_store(source, "train", backbone, root)
     cfg = C.resolve(method, dataset, overrides, source=source, target=target, **given)
     return train([cfg], console, progress, overwrite=overwrite)[0]
-
-
-def run_demo(console, features_root: str = "features", out: str = "runs/demo") -> list[dict]:
-    """The demo's training part: source-only and CIA from kitchen K1 to K2 on the demo stores."""
-    finals = []
-    for method in ("source_only", "cia"):
-        final = train_one(method, "K1", "K2", console=console, features_root=features_root, out=out,
-                          backbone="i3d", overwrite=True)
-        finals.append(final)
-        console.print(f"{method:12s} K1 -> K2: target top-1 {final['target_top1']:.1f}% "
-                      f"(mean of the evaluations at steps {', '.join(map(str, final['final_steps']))}), "
-                      f"per modality " + ", ".join(f"{m} {v:.1f}%" for m, v in final["per_modality"].items()))
-    return finals
-

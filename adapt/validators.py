@@ -26,6 +26,9 @@ Natural logarithms throughout.  Each function takes numpy arrays and returns a f
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+from adapt.losses import entropy
 
 NAMES = ("source_val", "entropy", "im", "snd", "dev")
 CITATIONS = {
@@ -40,8 +43,8 @@ SND_TEMPERATURE = 0.05  # Saito et al. sec. 3.2
 
 
 def _entropy_rows(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1.0)
-    return -(p * np.log(p)).sum(axis=-1)
+    """Each row's entropy (:func:`adapt.losses.entropy` of probabilities, float64, eps 1e-12)."""
+    return entropy(torch.from_numpy(np.asarray(p, dtype=np.float64)), "none", probs=True, eps=1e-12).numpy()
 
 
 def accuracy(p: np.ndarray, labels: np.ndarray) -> float:

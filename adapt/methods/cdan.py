@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adapt import parts
+from adapt import losses, parts
 from adapt.config import positive
 from adapt.method import Method, MethodSettings, facts, term
 
@@ -114,7 +114,8 @@ class CDAN(Method):
             g = out["verb"].softmax(-1)
             out["disc_cdan"] = self.disc_cdan(self.conditioned(f, g.detach()), ctx.grl["cdan"], ctx.key, salt=96)
             if self.cfg.entropy_conditioning:  # H(g) with its gradient reversed (loss.py:33)
-                out["cdan_entropy"] = parts.grad_reverse(-(g * torch.log(g + 1e-5)).sum(-1), ctx.grl["cdan"])
+                out["cdan_entropy"] = parts.grad_reverse(losses.entropy(g, "none", probs=True, eps=1e-5),
+                                                         ctx.grl["cdan"])
         return out
 
     @term("w_cdan")

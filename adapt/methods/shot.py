@@ -40,15 +40,12 @@ S = "tim-learn/SHOT object/"
 E100 = {"when": {"dataset": "epic100"}}
 
 
-def entropy(p: torch.Tensor) -> torch.Tensor:
-    """SHOT's ``H(p) = -sum_k p_k log(p_k + 1e-5)`` (loss.py:9-14), per row: (..., K) -> (...)."""
-    return -(p * torch.log(p + 1e-5)).sum(-1)
-
-
 def information_maximisation(logits: torch.Tensor) -> torch.Tensor:
-    """``mean_i H(p_i) - H(mean_i p_i)`` (IT:196-204): confident, and diverse over the batch."""
+    """``mean_i H(p_i) - H(mean_i p_i)`` (IT:196-204): confident, and diverse over the batch, with SHOT's
+    ``H(p) = -sum_k p_k log(p_k + 1e-5)`` (loss.py:9-14)."""
     p = logits.softmax(-1)
-    return entropy(p).mean() - entropy(p.mean(0))
+    return (losses.entropy(p, "none", probs=True, eps=1e-5).mean()
+            - losses.entropy(p.mean(0), "none", probs=True, eps=1e-5))
 
 
 def smoothed_ce(logits: torch.Tensor, labels: torch.Tensor, eps: float) -> torch.Tensor:
