@@ -102,6 +102,51 @@ class Context:
             setattr(self, k, batch.get(k))
 
 
+class RunView:
+    """What :meth:`Method.before_step` sees of the run, and may do to it (never the trainer itself).
+
+    * ``step`` (about to be trained), ``K`` (runs stacked), ``stage1_steps``, ``epoch_steps``, ``start`` (the
+      first step this process trains: ``stage1_steps`` when a saved source stage was restored);
+    * ``predict(domain)``: every run's softmax ``verb`` (and ``noun``) scores (K, N, classes) and video features
+      ``feat`` (K, N, D) on each clip of ``"target"`` or of the held-out source clips (``"held_out"``, with
+      ``held_out_labels``), the evaluation's protocol (views averaged, no dropout);
+    * ``set_state(name, k, values)``: run k's entry of the method's state (:meth:`Method.initial_state`);
+    * ``weights(k)`` / ``load_weights(k, weights)``: run k's parameters, copied out or put back."""
+
+    def __init__(self, training, step: int):
+        self._t = training
+        self.step, self.K = step, training.K
+        self.stage1_steps, self.epoch_steps = training.sched.stage1_steps, training.sched.epoch_steps
+        self.start = training.start
+
+    @property
+    def held_out_labels(self):
+        return self._t.val_labels if self._t.val_dom is not None else None
+
+    def predict(self, domain: str = "target") -> dict:
+        t = self._t
+        if domain == "target":
+            return t.evaluate(t.pair.target, None, t.feature_fn, t.norm_t)
+        if domain == "held_out":
+            if t.val_dom is None:
+                raise UserError("no held-out source clips (set source_holdout or source_val)")
+            return t.evaluate(t.val_dom, t.val_rows, t.feature_fn, t.norm_s)
+        raise ValueError(f"domain {domain!r}: 'target' or 'held_out'")
+
+    def set_state(self, name: str, k: int, values: torch.Tensor) -> None:
+        state = self._t.state[name]
+        state[k] = values.to(state.device, state.dtype)
+
+    def weights(self, k: int) -> dict:
+        return self._t._heads(k)
+
+    def load_weights(self, k: int, weights: dict) -> None:
+        with torch.no_grad():
+            params = self._t.params()
+            for name, value in weights.items():
+                params[name][k].copy_(value.to(params[name].device))
+
+
 @dataclass(frozen=True)
 class Phase:
     """One pass of an update: ``loss(terms, weights)`` is minimised, then the optimisers of ``groups`` (names of
@@ -206,8 +251,9 @@ class Method(VideoModel):
         the state as it was; the trainer writes them in place after the step's passes."""
         return {}
 
-    def before_step(self, trainer, step: int) -> None:
-        """Called before each step with the trainer (its ``state``, ``evaluate``, ``pair``, ``schedule``)."""
+    def before_step(self, run: "RunView") -> None:
+        """Called before each step with a view of the run (:class:`RunView`: the step, the schedule's stages, the
+        predictions on a domain, the state and the weights of each of the K stacked runs)."""
 
     # ---- data ---------------------------------------------------------------------------------------------
 

@@ -107,7 +107,7 @@ def _train(cfgs, console, progress, pair, timings, device, folders) -> list:
     evals, clock = set(t.sched.eval_steps), _Clock(timings, device)
     try:
         for step in range(t.start, t.sched.stop):
-            t.template.before_step(t, step)  # the method's own hook (SHOT's source model and pseudo-labels)
+            t.template.before_step(M.RunView(t, step))  # the method's own hook (SHOT's source model, pseudo-labels)
             if step == t.sched.stage1_steps and t.method.source_stage:
                 t.save_source_stage()
             clock.start()

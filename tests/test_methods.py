@@ -18,7 +18,7 @@ from adapt import losses, methods
 from adapt import train as T
 from adapt.data import EpochSampler, draw_batch
 from adapt.datasets import EPIC55_BASE, EPIC100_BASE
-from adapt.method import Context, Method, load
+from adapt.method import Context, Method, RunView, load
 from adapt.model import Inputs
 from adapt.schedule import Schedule
 from featstore.synthetic import make_pair
@@ -646,7 +646,7 @@ def test_shot_is_source_free_freezes_its_hypothesis_and_saves_its_source_stage_o
         if step == 6:
             t.save_source_stage()
             source_heads = t._heads(0)
-        t.template.before_step(t, step)
+        t.template.before_step(RunView(t, step))
         inputs = t.batch(step)
         if step >= 6:  # the target stage: no source clip in the batch, pseudo-labels from the clustering
             assert inputs["batch"]["idx_s"].numel() == 0 and inputs["x"]["rgb"].shape[1] == 8

@@ -134,6 +134,9 @@ class SHOT(Method):
     source_stage = True
     target_stage_settings = ("pseudo_every", "cluster_threshold")
 
+    def build(self, inputs):
+        self._best = {}  # source_pick=best: run -> (held-out accuracy, weights) of its best source model so far
+
     @classmethod
     def batches(cls, stage, source, target):
         return (source, 0) if stage == 1 else (0, target)
@@ -182,41 +185,35 @@ class SHOT(Method):
 
     _target_phase = Phase("target", ("features",))
 
-    def before_step(self, trainer, step):
+    def before_step(self, run):
         """``source_pick=best``: the held-out source accuracy every tenth of the source stage, and at its end the
-        best model restored.  Then the pseudo-labels of every target clip, for each run, at the first target step
-        and every epoch."""
-        sched = trainer.sched
-        if self.cfg.source_pick == "best" and trainer.val_dom is not None and trainer.start < sched.stage1_steps:
-            self._keep_best_source(trainer, step)
-        every = self.cfg.pseudo_every or sched.epoch_steps
-        if step < sched.stage1_steps or (step - sched.stage1_steps) % every:
+        best model put back.  Then the pseudo-labels of every target clip, for each run, at the first target step
+        and every target epoch (``pseudo_every`` steps)."""
+        if self.cfg.source_pick == "best" and run.held_out_labels is not None and run.start < run.stage1_steps:
+            self._keep_best_source(run)
+        every = self.cfg.pseudo_every or run.epoch_steps
+        if run.step < run.stage1_steps or (run.step - run.stage1_steps) % every:
             return
-        scores = trainer.evaluate(trainer.pair.target, None, trainer.feature_fn, trainer.norm_t)
-        for k in range(trainer.K):
+        scores = run.predict("target")
+        for k in range(run.K):
             feat = scores["feat"][k].double().cpu().numpy()
             for task in ("verb", "noun"):
-                if f"pseudo_{task}" in trainer.state:
+                if task in scores:
                     labels = cluster_labels(scores[task][k].double().cpu().numpy(), feat, self.cfg.cluster_threshold)
-                    trainer.state[f"pseudo_{task}"][k] = torch.from_numpy(labels).to(trainer.state[f"pseudo_{task}"])
+                    run.set_state(f"pseudo_{task}", k, torch.from_numpy(labels))
 
-    def _keep_best_source(self, trainer, step):
+    def _keep_best_source(self, run):
         """SHOT's check of the source model (image_source.py train_source): after every tenth of the stage, the
         accuracy on the held-out source clips; the best (ties: the later) is kept and, when the stage ends, put
         back before the target stage starts (and before the source stage is saved)."""
-        stage1 = trainer.sched.stage1_steps
-        interval = max(1, stage1 // 10)
-        if step == 0 or step > stage1 or (step % interval and step != stage1):
+        interval = max(1, run.stage1_steps // 10)
+        if run.step == 0 or run.step > run.stage1_steps or (run.step % interval and run.step != run.stage1_steps):
             return
-        scores = trainer.evaluate(trainer.val_dom, trainer.val_rows, norm=trainer.norm_s)["verb"]
-        best = trainer.__dict__.setdefault("_best_source", {})
-        for k in range(trainer.K):
-            acc = float((scores[k].argmax(-1).cpu().numpy() == trainer.val_labels).mean())
-            if k not in best or acc >= best[k][0]:
-                best[k] = (acc, trainer._heads(k))
-        if step == stage1:
-            with torch.no_grad():
-                params = trainer.params()
-                for k, (_, heads) in best.items():
-                    for name, value in heads.items():
-                        params[name][k].copy_(value.to(params[name].device))
+        scores = run.predict("held_out")["verb"]
+        for k in range(run.K):
+            acc = float((scores[k].argmax(-1).cpu().numpy() == run.held_out_labels).mean())
+            if k not in self._best or acc >= self._best[k][0]:
+                self._best[k] = (acc, run.weights(k))
+        if run.step == run.stage1_steps:
+            for k, (_, weights) in self._best.items():
+                run.load_weights(k, weights)
