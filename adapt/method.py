@@ -1,28 +1,55 @@
 """What a method is: the contract between a method file and the one training loop.
 
 A method is a subclass of :class:`Method` in one file (``adapt/methods/<name>.py``, or a file of your own given to
-``adapt train --method path/to/my_method.py``).  It holds, beside its paper and its facts:
+``adapt train --method path/to/my_method.py``).  The base class *is* the video model every method shares
+(:class:`adapt.model.VideoModel`) with its classification term: source-only.
 
-* ``Settings``: a dataclass of its own settings (loss weights, reversal scales, temperatures, ...) with their
-  defaults; it extends its parent's ``Settings``.  ``adapt train --settings`` shows them apart from the run's
-  settings (:class:`adapt.config.RunSettings`), and ``--set``, sweep specs and grids name them like any other.
-* ``facts``: the preset, as a table of facts (setting, value, the reference file:line or equation), applied over the
-  dataset's base (``adapt/datasets.py``); ``differences``: where a frozen-feature run differs, and why.
+**What every method may define** (most define three or four of them):
+
+* ``Settings``: a dataclass of its own settings (loss weights, reversal scales, temperatures) with their defaults,
+  extending its parent's; ``--set``, sweep specs and grids name them like any other setting;
+* ``facts``: its preset, a table of rows (setting, value, the reference's file:line or equation[, where it applies,
+  the code's or the paper's form]) applied over the dataset's base; given whole (a subclass building on its parent's
+  preset includes it: ``facts(*TA3N.facts, ...)``, or restricted: :func:`adapt.facts.where`); ``differences``: where
+  a frozen-feature run differs, and why; ``title``, ``citation``, ``composition``: its paper;
 * ``build(inputs)``: the heads it adds, from the shared parts (:mod:`adapt.parts`); ``forward(x, ctx)``: the video
-  model's outputs (:class:`adapt.model.VideoModel`) plus what its heads compute.  The base class *is* the video
-  model with no head: source-only.
-* its loss terms: methods decorated with :func:`term`, each a function of the outputs and the step's
-  :class:`Context`, with the setting that weighs it and the stages it acts in.  The loss of a step is
-  ``sum_t w_t(stage) L_t`` in the order the terms are declared (a parent's first).
-* optionally: ``reversals`` (the gradient-reversal levels it uses and the settings that scale them), the state it
-  keeps (``initial_state`` and ``writes``: memory banks), its own update (``phases``: MCD's three steps;
-  ``parameter_groups``), a hook before each step (``before_step``: SHOT's pseudo-labels), its data needs
-  (``uses_target_labels``, ``per_domain_statistics``, ``arrange``: MM-SADA's correspondence pairs, ``check``),
-  and ``source_stage`` (stage 1 trains on the source alone, is saved once and reused by every target run).
+  model's outputs (``super().forward``) plus its heads';
+* its loss terms: functions decorated with :func:`term` (the setting that weighs each, the stages it acts in); the
+  loss of a step is ``sum_t w_t(stage) L_t`` in the order the terms are declared, a parent's first;
+* ``reversals``: its gradient-reversal levels and the settings that scale them (added to its parent's).
+
+**What a term reads.**  ``out``, the forward's outputs, always has (``B`` = ``ctx.b_s`` source rows, then the
+target's; ``s`` a stream: a modality, or modalities fused, e.g. ``rgb+flow+audio``):
+
+================  =====================================================================================
+``verb``          fused verb logits (B, verbs)
+``noun``          fused noun logits (B, nouns); None without noun classes (the EPIC-55 splits)
+``verb_m``        {s: verb logits (B, verbs)}; ``noun_m`` the same for nouns (values None without nouns)
+``video``         {s: the video feature v (B, V)} before dropout (what discriminators read)
+``video_drop``    {s: dropout(v)}, what the classifier saw
+``frame``         {s: frame features (B, T, D)}: one per window / segment the heads see
+================  =====================================================================================
+
+plus what the method's own ``forward`` adds (DANN ``disc``, ``disc_video``; TA3N ``disc_frame``,
+``disc_relation``; MM-SADA ``corr``; CIA / M3EM ``consensus``; ...).  ``ctx`` (:class:`Context`) has the step's
+``b_s``, labels ``y_s`` / ``n_s``, clip indices ``idx_s`` / ``idx_t``, the reversal coefficients ``grl[level]``, the
+method's ``state``, the dropout ``key`` and the ``stage``.
+
+**Special shapes, each with its one user** (a reader following that method finds them in its file):
+
+* a state kept across steps: ``initial_state`` and ``writes`` (Kim et al.'s memory banks, written after the step);
+* an update of its own: ``phases`` and ``parameter_groups`` (MCD's three steps, SHOT's frozen classifier);
+* stages of their own: ``batches`` (the clips each stage draws), ``source_stage`` (stage 1 on the source alone,
+  saved once and reused), ``before_step(run)`` with a :class:`RunView` (SHOT's pseudo-labels and source pick);
+* data: ``arrange`` (how the drawn clips pair up: MM-SADA's correspondence negatives), ``uses_target_labels``
+  (target-only), ``per_domain_statistics`` (AdaBN), ``check`` (settings it cannot train with, before the run);
+* the video model's steps (:mod:`adapt.model`): ``build_inputs`` / ``read_inputs`` (CIA's and M3EM's MC and SC),
+  ``relations`` (TA3N's domain attention), ``classify`` (MCD's reversal before its classifiers).
 
 The trainer (:mod:`adapt.train`) knows no method by name: it builds K models of the class, stacks them, and runs
 each step as ``forward -> terms -> weighted sum -> backward -> update -> writes``.  Everything here must stay
-functional under ``torch.func.vmap`` (no ``.item()``, no data-dependent shapes; random numbers from ``ctx.key``).
+functional under ``torch.func.vmap`` (no ``.item()``, no data-dependent shapes; random numbers from ``ctx.key``):
+:mod:`adapt.method_check` tests a method of your own for that before it trains.
 """
 
 from __future__ import annotations
@@ -185,7 +212,6 @@ class Method(VideoModel):
     uses_target_labels: ClassVar[bool] = False  # the target store's labels are loaded and given as y_t, n_t
     per_domain_statistics: ClassVar[bool] = False  # inputs standardised with each domain's own statistics (AdaBN)
     source_stage: ClassVar[bool] = False       # stage 1 sees only source clips; saved once, reused by target runs
-    target_stage_settings: ClassVar[tuple] = ()  # settings that act in stage 2 only (besides its terms' weights)
 
     def __init_subclass__(cls, **kw):
         """A subclass's tables extend its parent's the way dataclasses do: ``Settings`` by inheritance, loss

@@ -93,7 +93,6 @@ class VideoModel(nn.Module):
     """The shared streams (see the module docstring), built from the run's settings ``cfg`` and the stores'
     :class:`Inputs`."""
 
-    classifier_layer = nn.Linear     # the classifiers' layer (SHOT: parts.WeightNormLinear)
 
     def __init__(self, cfg, inputs: Inputs):
         super().__init__()
@@ -116,7 +115,7 @@ class VideoModel(nn.Module):
                                       for s in S})
         self.frame_dim = D
         self.video_dim = cfg.trn_dim if self.use_trn else D
-        self.classifier = nn.ModuleDict({s: Heads(self.video_dim, inputs.verbs, inputs.nouns, self.classifier_layer)
+        self.classifier = nn.ModuleDict({s: Heads(self.video_dim, inputs.verbs, inputs.nouns)
                                          for s in S})
         self.fusion_weights = {s: (cfg.audio_weight if g == ("audio",) else 1.0) for s, g in zip(S, self.groups)}
 

@@ -17,6 +17,7 @@ optimisers).  The step's pieces and their reasons are in :mod:`adapt.step`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import json
 import time
@@ -235,7 +236,8 @@ class Training:
         code), verified on reuse (:mod:`adapt.cache`)."""
         import hashlib
         cfg, sched, src = self.cfg, self.sched, self.pair.source
-        later = {t.weight for t in self.method.terms() if t.stage1 is None} | set(self.method.target_stage_settings)
+        later = {t.weight for t in self.method.terms() if t.stage1 is None} | {  # what acts in stage 2 only
+            f.name for f in dataclasses.fields(self.cfg) if f.metadata.get("stage") == 2}
         store = provenance.store_identities({"source": src.path})["source"]
         code = provenance.code(self.method)
         out = []

@@ -30,11 +30,13 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from adapt import losses, parts
 from adapt.config import non_negative, one_of, positive, probability
 from adapt.method import Method, MethodSettings, Phase, facts, term
+from adapt.model import Heads
 
 S = "tim-learn/SHOT object/"
 E100 = {"when": {"dataset": "epic100"}}
@@ -124,17 +126,20 @@ class SHOT(Method):
         label_smoothing: float = probability(0.0)  # eps of the source stage's cross-entropy
         w_im: float = 0.0            # ent_par: information maximisation on the target
         w_pseudo: float = 0.0        # cls_par: CE on the clustered pseudo-labels
-        pseudo_every: Optional[int] = positive(None)  # target steps between pseudo-label refreshes; none: an epoch
-        cluster_threshold: int = non_negative(0)  # a class keeps its centroid when predicted more often than this
+        pseudo_every: Optional[int] = positive(None, stage=2)  # target steps between pseudo-label refreshes;
+                                     # none: an epoch
+        cluster_threshold: int = non_negative(0, stage=2)  # a class keeps its centroid when predicted more often
         source_pick: str = one_of("last", "best")  # the source model kept: the last (what SHOT's code saves), or
                                      # the best on the held-out source clips, checked every tenth of the stage
                                      # (what its code means to keep: image_source.py train_source)
 
-    classifier_layer = parts.WeightNormLinear
     source_stage = True
-    target_stage_settings = ("pseudo_every", "cluster_threshold")
 
     def build(self, inputs):
+        """The hypothesis: a weight-normalised classifier per stream (network.py:95-97), in place of the video
+        model's linear one."""
+        self.classifier = nn.ModuleDict({s: Heads(self.video_dim, inputs.verbs, inputs.nouns, parts.WeightNormLinear)
+                                         for s in self.streams})
         self._best = {}  # source_pick=best: run -> (held-out accuracy, weights) of its best source model so far
 
     @classmethod
