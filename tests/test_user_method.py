@@ -85,3 +85,77 @@ def test_a_users_method_that_does_not_load_is_one_line(folder):
     (folder / "clash.py").write_text("from adapt.methods.dann import DANN\nclass X(DANN):\n    name = 'dann'\n")
     res = CliRunner().invoke(app, ["methods", "clash.py"])
     assert res.exit_code == 2 and "its name 'dann' is a built-in method's" in res.output
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the second example: a state of its own (ATDOC-NA's memory bank) and a term from stage 2
+
+
+@pytest.fixture
+def atdoc(folder):
+    (folder / "my_atdoc.py").write_text(example("my_atdoc.py"))
+    return folder
+
+
+def test_the_second_readme_example_runs_as_written(atdoc):
+    runner = CliRunner()
+    outputs = []
+    for line in example("atdoc commands").splitlines():
+        cmd = shlex.split(line.split("#")[0])
+        res = runner.invoke(app, cmd[1:])
+        assert res.exit_code == 0, (line, res.output)
+        outputs.append(res.output)
+    methods, train = outputs
+    assert "| na | w_na | no (from stage 2) |" in methods and "checked:" in methods
+    final = json.loads((atdoc / "runs" / "atdoc_K1-K2_s0" / "final.json").read_text())
+    assert final["method"] == "atdoc" and final["invalid"] == []
+
+
+def test_the_second_example_writes_its_bank_and_its_term_is_the_hand_computed_one(atdoc):
+    import torch
+    import torch.nn.functional as F
+
+    from adapt import config as C
+    from adapt import train as T
+    from adapt.data import DomainPair
+    from adapt.method import Context, load
+    cls = load(str(atdoc / "my_atdoc.py"))
+    cfg = C.resolve(str(atdoc / "my_atdoc.py"), "demo", {"steps": 6, "stage1_steps": 2, "batch_source": 4,
+                                                         "batch_target": 4, "validators": False},
+                    source="K1", target="K2", features_root="features/demo", seed=3)
+    cfg2 = C.resolve(str(atdoc / "my_atdoc.py"), "demo", {"steps": 6, "stage1_steps": 2, "batch_source": 4,
+                                                          "batch_target": 4, "validators": False},
+                     source="K1", target="K2", features_root="features/demo", seed=4)
+    device = torch.device("cpu")
+    t = T.Training([cfg, cfg2], DomainPair(cfg, device), device)
+    before = {k: v.clone() for k, v in t.state.items()}
+    for step in range(3):
+        inputs = t.batch(step)
+        t.step(step, inputs)
+    t.close()
+    idx = inputs["batch"]["idx_t"]                                   # (K, B_t): each run its own clips
+    for k in range(2):
+        rows = idx[k]
+        assert not torch.equal(t.state["feat"][k][rows], before["feat"][k][rows])   # written
+        assert torch.allclose(t.state["feat"][k][rows].norm(dim=-1), torch.ones(len(rows)), atol=1e-5)
+    # the term on a small case against the paper's computation written out here
+    from adapt.model import Inputs
+    model = cls(cfg, Inputs(("rgb", "flow"), {"rgb": (16,), "flow": (16,)}, 4, 0, 1))
+    g = torch.Generator().manual_seed(0)
+    bank_f = F.normalize(torch.randn(10, 2 * model.video_dim, generator=g), dim=-1)
+    bank_p = torch.rand(10, 4, generator=g)
+    out = {"video": {s: torch.randn(5, model.video_dim, generator=g) for s in model.streams},
+           "verb": torch.randn(5, 4, generator=g)}
+    ctx = Context(torch.tensor(0), {}, 2, {"feat": bank_f, "pred": bank_p},
+                  {"idx_t": torch.tensor([1, 7, 3])})
+    got = model.na(out, ctx)
+    f = F.normalize(torch.cat([out["video"][s][2:] for s in model.streams], -1), dim=-1)
+    total, weights = 0.0, 0.0
+    for i, row in enumerate([1, 7, 3]):
+        sims = [(float(f[i] @ bank_f[j]), j) for j in range(10) if j != row]
+        near = [j for _, j in sorted(sims, reverse=True)[:5]]
+        mean = bank_p[near].mean(0)
+        w, y = float(mean.max()), int(mean.argmax())
+        total += w * float(F.cross_entropy(out["verb"][2 + i][None], torch.tensor([y])))
+        weights += w
+    assert abs(float(got) - total / weights) < 1e-5
