@@ -306,7 +306,7 @@ def demo_cmd(
     with the demo settings, then train source-only and CIA from K1 to K2 on them."""
     import time
 
-    from adapt.train import train_one
+    from adapt.trainer import train_one
     from extract.commands import extract_demo_stores, parse_checkpoints
     t0 = time.perf_counter()
     extract_demo_stores(features, parse_checkpoints(checkpoint), console, device=device, batch_size=batch_size,

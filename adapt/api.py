@@ -1,13 +1,13 @@
-"""The Python API, for notebooks and scripts: ``adapt.train``, ``adapt.sweep`` and ``adapt.report`` take the CLI's
+"""The Python API, for notebooks and scripts: ``adapt.trainer``, ``adapt.sweeps`` and ``adapt.reports`` take the CLI's
 arguments and return the results as objects (tables as pandas DataFrames); a mistake is raised as
 :class:`AdaptError`, the one-line error the CLI prints.
 
     import adapt
-    run = adapt.train("dann", source="K1", target="K2", features_root="features/demo", steps=150, w_adv=0.5)
+    run = adapt.trainer("dann", source="K1", target="K2", features_root="features/demo", steps=150, w_adv=0.5)
     run.top1, run.invalid, run.metrics.tail()          # the number, its marks, the curve (DataFrame)
-    res = adapt.sweep("my_sweep.toml")                 # or a dict with the spec's keys
+    res = adapt.sweeps("my_sweep.toml")                 # or a dict with the spec's keys
     res.table                                          # one row per run (DataFrame)
-    rep = adapt.report(["runs/my_sweep"], select="all")
+    rep = adapt.reports(["runs/my_sweep"], select="all")
     rep.tables[0], rep.selection                       # the papers' table, the validators' choices
 """
 

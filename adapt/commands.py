@@ -1,5 +1,5 @@
 """The adaptation stage's commands (methods, train, import-features, sweep, report): the CLI layer over
-:mod:`adapt.train`, :mod:`adapt.sweep`, :mod:`adapt.report` and :mod:`adapt.importer`, registered by ``cli.py``."""
+:mod:`adapt.trainer`, :mod:`adapt.sweeps`, :mod:`adapt.reports` and :mod:`adapt.importer`, registered by ``cli.py``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from adapt.sweep import MAX_STACK
+from adapt.sweeps import MAX_STACK
 from featstore.errors import UserError
 
 
@@ -83,11 +83,14 @@ def register(command, console):
                                                                 "owner, and the schedule that will run."),
         quiet: bool = typer.Option(False, help="No progress bar."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a complete run in the same folder."),
+        log: Optional[str] = typer.Option(None, "--log", help="Live trackers: tensorboard, mlflow, wandb (comma-"
+                                                              "separated), auto (TensorBoard when installed: the "
+                                                              "default) or none."),
     ):
         """Train adaptation heads on cached features and report target accuracy as the papers do."""
         from adapt import config as C
         from adapt.data import parse_bytes
-        from adapt.train import train
+        from adapt.trainer import train
         from featstore.paths import locate
         if memory_budget is not None:
             parse_bytes(memory_budget)
@@ -99,7 +102,10 @@ def register(command, console):
             raise UserError(f"--modalities {modalities!r}: names no modality (e.g. rgb,flow)")
         given = dict(backbone=backbone, seed=seed, steps=steps, features_root=features_root, out=out, device=device,
                      eval=eval, challenge=challenge, memory_budget=memory_budget, modalities=mods or None)
-        cfg = C.resolve(method, base, C.parse_sets(set_), source=source, target=target, **given)
+        sets = C.parse_sets(set_)
+        if log is not None:
+            sets["log"] = log
+        cfg = C.resolve(method, base, sets, source=source, target=target, **given)
         console.print(f"dataset base: {C.base_name(base)} ({why})", highlight=False, soft_wrap=True)
         if settings:
             print(C.settings_text(cfg))
@@ -161,13 +167,34 @@ def register(command, console):
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the groups and what would be trained."),
         metric: str = typer.Option("target_top1", help="Metric of the final table."),
         quiet: bool = typer.Option(False, help="No progress bars."),
+        log: Optional[str] = typer.Option(None, "--log", help="Live trackers of every run: tensorboard, mlflow, "
+                                                              "wandb, auto or none (default: the spec's log, else "
+                                                              "auto)."),
+        slurm: Optional[str] = typer.Option(None, "--slurm", help="Submit the groups to train as a Slurm job array: "
+                                                                  "partition=P,time=MIN,gpus_per_node=N,cpus_per_task"
+                                                                  "=N,mem_gb=N (or local); run again to resubmit what "
+                                                                  "is missing."),
+        status: bool = typer.Option(False, "--status", help="Per group: queued, running, done or failed; merges the "
+                                                            "results when every run is complete."),
     ):
         """Train a grid of methods x pairs x settings x seeds, stacked; resumable; one results table."""
         from adapt import config as C
-        from adapt import report as R
-        from adapt.sweep import run_sweep
+        from adapt import reports as R
+        from adapt.sweeps import run_sweep
+        sets = C.parse_sets(set_)
+        if log is not None:
+            sets["log"] = log
+        if slurm is not None or status:
+            from adapt import slurm as SL
+            from adapt.sweeps import load_spec
+            loaded = load_spec(spec)
+            if status:
+                SL.status(loaded, str(spec), out, sets, console)
+            else:
+                SL.submit(loaded, str(spec), out, sets, SL.parse(slurm), console, max_stack)
+            return
         res = run_sweep(spec, console, max_stack=max_stack, progress=not quiet, out=out,
-                        extra_set=C.parse_sets(set_), redo=redo, dry_run=dry_run)
+                        extra_set=sets, redo=redo, dry_run=dry_run)
         if res.files:
             console.print(f"results: {', '.join(str(f) for f in res.files)}")
             if res.rows:
@@ -183,7 +210,7 @@ def register(command, console):
             if missing:
                 console.print(f"[yellow]{missing} run(s) have no results (no final.json)[/yellow]")
         if res.failed:
-            from adapt.train import TrainingError
+            from adapt.trainer import TrainingError
             names = [n for stack, _ in res.failed for n in stack]
             raise TrainingError(f"{len(names)} run(s) stopped: {', '.join(names)} (see above); the others are "
                                 f"complete")
@@ -222,7 +249,7 @@ def register(command, console):
                                                                     "oracle's."),
     ):
         """Result tables (mean ± std over seeds per domain pair), accuracy curves and t-SNE plots."""
-        from adapt.report import write_report
+        from adapt.reports import write_report
         if not runs and tsne is None:
             raise UserError("give run folders (or results.jsonl files), or --tsne RUN")
         if runs:

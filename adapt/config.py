@@ -31,6 +31,7 @@ import math
 import typing
 from dataclasses import dataclass, field, fields
 
+from adapt import tracking
 from featstore.errors import UserError
 from featstore.settings import coerce, kind_of, split_items
 
@@ -85,6 +86,11 @@ class RunSettings:
     form: str = one_of("code", "paper")  # where a paper and its released code differ (adapt/methods)
     allow_overlap: bool = False      # train although the target or evaluation store shares clips with the source
                                      # (refused otherwise; every output marks such a run)
+    # trackers (adapt/tracking.py): where the curves go live; they change no number
+    log: list = listed(["auto"])     # tensorboard, mlflow, wandb; auto: tensorboard when installed; none
+    experiment: str = ""             # the trackers' experiment / project (a sweep's name); empty: "adapt"
+    mlflow_uri: str = ""             # MLflow tracking URI; empty: a local store, <out>/mlruns
+    wandb_mode: str = one_of("offline", "online")  # W&B without a network by default
     dataset: str = ""                # whose base the run starts from (adapt/datasets.py): epic100 | mmsada | demo |
                                      # custom (= mmsada's); set from --dataset or the source store
     # schedule (MM-SADA code: stage 1 = 3K steps, stage 2 = 6K steps restored from it; batch 64 + 64)
@@ -184,7 +190,7 @@ class ConfigBase:
         """Everything except the seed and the loss weights' values: runs with equal keys can be trained stacked
         (a zero weight removes a term, and its head, so which terms act is part of the key)."""
         d = self.to_dict()
-        for k in ("seed", "out", "tag", "memory_budget", *self.weight_settings()):
+        for k in ("seed", "out", "tag", "memory_budget", "log", "experiment", *self.weight_settings()):
             d.pop(k, None)
         d["active_terms"] = [self.active_terms(1), self.active_terms(2)]
         return json.dumps(d, sort_keys=True, default=str)
@@ -322,6 +328,7 @@ def check(cfg) -> None:
     if cfg.memory_budget is not None:
         from adapt.data import parse_bytes
         parse_bytes(cfg.memory_budget)
+    tracking.chosen(cfg.log)  # an unknown tracker, before anything is read
 
 
 def resolve(method, dataset: str, overrides: dict | None = None, **given):

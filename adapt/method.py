@@ -46,7 +46,7 @@ method's ``state``, the dropout ``key`` and the ``stage``.
 * the video model's steps (:mod:`adapt.model`): ``build_inputs`` / ``read_inputs`` (CIA's and M3EM's MC and SC),
   ``relations`` (TA3N's domain attention), ``classify`` (MCD's reversal before its classifiers).
 
-The trainer (:mod:`adapt.train`) knows no method by name: it builds K models of the class, stacks them, and runs
+The trainer (:mod:`adapt.trainer`) knows no method by name: it builds K models of the class, stacks them, and runs
 each step as ``forward -> terms -> weighted sum -> backward -> update -> writes``.  Everything here must stay
 functional under ``torch.func.vmap`` (no ``.item()``, no data-dependent shapes; random numbers from ``ctx.key``):
 :mod:`adapt.method_check` tests a method of your own for that before it trains.

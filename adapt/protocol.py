@@ -11,7 +11,7 @@ The challenge tunes on the validation splits and tests once:
 3. ``protocol.json`` records, per method, the grid point chosen, the rule, the tuning score, the final scores and
    the ``test.json`` files.
 
-The spec is a sweep spec (:mod:`adapt.sweep`) without ``pairs``: the protocol sets them.
+The spec is a sweep spec (:mod:`adapt.sweeps`) without ``pairs``: the protocol sets them.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def run_protocol(spec: dict | str | Path, out: str | Path | None = None, select:
     """Tune, choose, train and predict; returns the protocol record written to ``<out>/protocol.json``."""
     from adapt import selection as S
     from adapt.metrics import write_atomic
-    from adapt.sweep import load_spec, run_sweep
+    from adapt.sweeps import load_spec, run_sweep
 
     if select == "all":
         raise UserError("--select all: the protocol chooses by one rule (oracle or a validator)")
@@ -113,7 +113,7 @@ def run_protocol(spec: dict | str | Path, out: str | Path | None = None, select:
 def _check_first(base: dict, select: str, where: str) -> None:
     """What would refuse the protocol after hours of tuning, refused before it: a validator the tuning runs will
     not compute, and any store of the protocol (tuning, training, the test split) that is missing."""
-    from adapt.sweep import expand
+    from adapt.sweeps import expand
     from featstore.paths import resolve_store
     from featstore.store import is_store
     runs = expand({**base, "name": "tune", "pairs": [list(TUNE)]}, f"{where} (tune)")

@@ -143,6 +143,8 @@ class _MLflow:
         import mlflow
         self.mlflow = mlflow
         uri = settings.get("mlflow_uri") or (out / "mlruns").resolve().as_uri()
+        if uri.startswith("file:"):  # MLflow 3 keeps its file store but asks to be told that it is wanted
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         name = group or "adapt"
         exp = self.client.get_experiment_by_name(name)
@@ -193,8 +195,11 @@ class _Wandb:
         for k in ("target_top1", "verb_top1", "noun_top1", "action_top1"):
             if k in final:
                 self.run.summary[f"final/{k}"] = final[k]
-        for f in files:
-            self.run.save(str(f), base_path=str(f.parent), policy="now")
+        if files:
+            art = self.wandb.Artifact(f"{self.run.name}-files".replace("+", "-"), type="run-files")
+            for f in files:
+                art.add_file(str(f))
+            self.run.log_artifact(art)
         self.run.finish()
 
     def close(self):

@@ -41,7 +41,7 @@ def _bench(k, steps, pooled, method, channels, n, classes, units, repeats, devic
 
     from adapt import config as C
     from adapt.data import DomainPair
-    from adapt.train import train
+    from adapt.trainer import train
 
     def sync():
         if dev.type == "cuda":

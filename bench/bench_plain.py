@@ -3,7 +3,7 @@
 For TA3N-size heads (EPIC-100 layout: RGB, flow and audio of 5 segments concatenated to 3072, batch 32 + 32),
 source-only on the same model, and CIA's MC + SC heads on I3D 7x7 maps, on one CPU thread:
 
-* the project's step (``adapt.train.Training.step`` with its batch gathered by ``Training.batch``), timed over the
+* the project's step (``adapt.trainer.Training.step`` with its batch gathered by ``Training.batch``), timed over the
   steps after a warm-up;
 * a plain loop a reviewer would write: the same composition as ``nn.Module``\\ s with ``nn.Dropout``, an autograd
   reversal, ``torch.optim.SGD`` / ``Adam`` and the batch indexed from float16 tensors, no stacking, no vmap;
@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from adapt import config as C
 from adapt import parts
 from adapt.data import DomainPair
-from adapt.train import Training
+from adapt.trainer import Training
 from bench import peak_rss_mb
 from featstore.allocator import retain_freed_memory
 from featstore.synthetic import make_store

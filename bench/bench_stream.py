@@ -101,7 +101,7 @@ def quarter_budget(cfg, paths: dict) -> int:
 
 
 def _rate(cfg, pair) -> float:
-    from adapt.train import train
+    from adapt.trainer import train
     timings = {}
     train([cfg], progress=False, pair=pair, timings=timings, overwrite=True)
     return cfg.steps / (timings["data"] + timings["step"])
@@ -172,7 +172,7 @@ def peak_rss(root: Path, quick: bool) -> dict:
 import json, threading, time, torch
 from adapt import config as C
 from adapt.data import DomainPair
-from adapt.train import train
+from adapt.trainer import train
 from bench.bench_stream import quarter_budget
 from featstore.store import FeatureStore
 from featstore.synthetic import make_store

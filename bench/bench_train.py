@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from adapt import config as C
-from adapt.train import train
+from adapt.trainer import train
 from featstore.synthetic import make_store
 
 METHODS = ["source_only", "adabn", "mmd", "mcd", "dann", "pseudo_label", "mmsada", "contrastive", "ta3n", "m3em",
@@ -91,7 +91,7 @@ def peak_memory(paths, device, spatial=False) -> dict:
 import json, threading, time, torch
 from adapt import config as C
 from adapt.data import DomainPair
-from adapt.train import train
+from adapt.trainer import train
 def rss():
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS"):

@@ -42,7 +42,7 @@ def epic100_layout(root: Path) -> dict:
 
 def main() -> None:
     from adapt import config as C
-    from adapt.train import train, train_one
+    from adapt.trainer import train, train_one
     ap = argparse.ArgumentParser(prog="python -m bench.compare_forms")
     ap.add_argument("--seeds", type=int, default=3)
     args = ap.parse_args()

@@ -63,7 +63,7 @@ def _digest(heads: dict) -> str:
 
 def record(path: str) -> None:
     from adapt import config as C
-    from adapt import train as T
+    from adapt import trainer as T
     from featstore.synthetic import make_pair
     torch.set_num_threads(1)
     results = {}

@@ -140,7 +140,7 @@ def test_a_really_full_filesystem(demo, tmp_path):
 
 @pytest.mark.parametrize("full", ["config.json", "metrics.jsonl", "heads.pt"])
 def test_full_disk_while_training_is_one_line_and_keeps_the_complete_run(tmp_path, monkeypatch, full):
-    from adapt import train as T
+    from adapt import trainer as T
     root = make_pair(tmp_path / "feat", "i3d", spatial=False, n=24, channels=16)
     b = root / "i3d"
     args = ["train", "--method", "source_only", "--source", b / "S_train.zarr", "--target", b / "T_train.zarr",

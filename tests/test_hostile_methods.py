@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from adapt import config as C
-from adapt import train as T
+from adapt import trainer as T
 from adapt.method import load
 from adapt.method_check import MethodError, check
 from cli import app

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from adapt import config as C
 from adapt.importer import import_features
-from adapt.train import train
+from adapt.trainer import train
 from cli import app
 from featstore import manifests as M
 from featstore.errors import UserError

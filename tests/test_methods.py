@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from adapt import config as C
 from adapt import losses, methods
-from adapt import train as T
+from adapt import trainer as T
 from adapt.data import EpochSampler, draw_batch
 from adapt.datasets import EPIC55_BASE, EPIC100_BASE
 from adapt.method import Context, Method, RunView, load

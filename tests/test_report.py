@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from adapt import config as C
 from adapt import plots as P
-from adapt import report as R
+from adapt import reports as R
 from adapt import results
-from adapt.train import train
+from adapt.trainer import train
 from cli import app
 from featstore.errors import UserError
 from featstore.synthetic import make_pair

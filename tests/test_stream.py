@@ -13,7 +13,7 @@ import torch
 
 from adapt import config as C
 from adapt import data as D
-from adapt.train import train
+from adapt.trainer import train
 from featstore.errors import UserError
 from featstore.convert import convert_store
 from featstore.store import FeatureStore

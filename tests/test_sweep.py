@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from adapt import sweep as S
-from adapt import train as T
+from adapt import sweeps as S
+from adapt import trainer as T
 from cli import app
 from featstore.errors import UserError
 from featstore.synthetic import make_pair
@@ -147,7 +147,7 @@ def test_grouping_stacks_seeds_and_weights_only(tmp_path):
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Record the stacks that reach adapt.train.train (names per call), training them for real."""
+    """Record the stacks that reach adapt.trainer.train (names per call), training them for real."""
     seen = []
     real = T.train
 
@@ -340,7 +340,7 @@ def test_report_select_on_a_sweep_with_held_out_source_clips(root, tmp_path):
 def test_the_sweep_stacks_only_where_a_probe_finds_it_faster(monkeypatch, cost, want):
     """The stack size comes from a short probe of the group on this machine: K runs stacked against one alone."""
     import types
-    from adapt import train as T
+    from adapt import trainer as T
 
     clock = [0.0]  # the probe's steps advance a clock of their own: no timing race on a busy machine
 

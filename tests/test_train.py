@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from adapt import config as C
 from adapt.methods import REGISTRY as METHODS
-from adapt import train as T
-from adapt.train import TrainingError, train
+from adapt import trainer as T
+from adapt.trainer import TrainingError, train
 from cli import app
 from featstore.errors import UserError
 from featstore.synthetic import make_pair, make_store
@@ -187,7 +187,7 @@ def test_non_finite_loss_stops_naming_step_and_term(i3d_root, tmp_path):
 
 
 def test_full_disk_leaves_no_complete_looking_result(i3d_root, tmp_path, monkeypatch):
-    import adapt.train as T
+    import adapt.trainer as T
 
     real = T._write
 
@@ -345,7 +345,7 @@ def test_two_sweeps_into_one_out(i3d_root, tmp_path):
     import fcntl
     import os
 
-    from adapt import sweep as S
+    from adapt import sweeps as S
     b = Path(i3d_root) / "i3d"
     spec = {"methods": ["source_only"], "pairs": [[str(b / "S_train.zarr"), str(b / "T_train.zarr"),
                                                    str(b / "T_test.zarr")]], "seeds": [0], "out": str(tmp_path),

@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 from adapt import config as C
 from adapt import metrics, provenance
-from adapt import report as R
-from adapt import sweep as S
-from adapt import train as T
+from adapt import reports as R
+from adapt import sweeps as S
+from adapt import trainer as T
 from cli import app
 from featstore.errors import UserError
 from featstore.identity import identity, overlap

@@ -116,7 +116,7 @@ def test_the_second_example_writes_its_bank_and_its_term_is_the_hand_computed_on
     import torch.nn.functional as F
 
     from adapt import config as C
-    from adapt import train as T
+    from adapt import trainer as T
     from adapt.data import DomainPair
     from adapt.method import Context, load
     cls = load(str(atdoc / "my_atdoc.py"))

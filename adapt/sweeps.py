@@ -29,12 +29,12 @@ keys with more than one value appear), so its folder ``out/<method>_<S>-<T>_s<se
 
 Runs are grouped by stores and architecture (``architecture_key`` of :mod:`adapt.config`, which includes which loss
 terms act: a zero weight removes a head and skips a loss term, so it changes the stacked model) and each group is trained in
-stacks of at most ``--max-stack`` runs with one :func:`adapt.train.train` call.  A run whose ``final.json`` exists
+stacks of at most ``--max-stack`` runs with one :func:`adapt.trainer.train` call.  A run whose ``final.json`` exists
 (and whose ``config.json`` matches the sweep's settings) is skipped, so an interrupted sweep resumes where it
 stopped.  With ``WORLD_SIZE > 1`` (``torchrun --nproc_per_node N --no-python adapt sweep SPEC``) rank ``r``
 trains the groups ``g`` with ``g % N == r`` and rank 0 merges the results after a barrier.  The results:
 ``out/results.jsonl`` and ``out/results.csv`` (one row per run: its ``final.json`` and grid point), and the table
-of :mod:`adapt.report`.
+of :mod:`adapt.reports`.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from adapt.results import invalid_marks, pair_label, read_final
 from featstore.errors import UserError
 from featstore.store import is_store
 
-SPEC_KEYS = {"name", "methods", "pairs", "seeds", "backbone", "features_root", "out", "dataset", "device",
+SPEC_KEYS = {"name", "methods", "pairs", "seeds", "backbone", "features_root", "out", "dataset", "device", "log",
              "modalities", "set", "grid", "per_method"}
 METHOD_KEYS = {"set", "grid"}
 MAX_STACK = 16
@@ -121,7 +121,7 @@ class Run:
 
     @property
     def name(self) -> str:
-        from adapt.train import run_name
+        from adapt.trainer import run_name
         return run_name(self.cfg)
 
     @property
@@ -215,6 +215,10 @@ def expand(spec: dict, where: str = "spec", out: str | None = None, extra_set: d
     if "modalities" in spec:
         mods = spec["modalities"]
         given["modalities"] = [m for m in (mods.split(",") if isinstance(mods, str) else mods) if m]
+    if "log" in spec:  # the trackers every run logs to (adapt/tracking.py)
+        log = spec["log"]
+        given["log"] = [m.strip() for m in (log.split(",") if isinstance(log, str) else log) if m.strip()]
+    given["experiment"] = str(spec.get("name") or "")  # a tracker's experiment: the sweep
     configs = {m: C.config_class(c) for m, c in classes.items()}
     base = dict(_table(spec, "set", where))
     cli_set = dict(extra_set or {})
@@ -294,7 +298,7 @@ def chunks(items: list, size: int) -> list[list]:
 # ------------------------------------------------------------------------------------------------------------
 # completion (resume)
 
-_IGNORED = {"out", "device", "memory_budget"}
+_IGNORED = {"out", "device", "memory_budget", "log", "experiment", "mlflow_uri", "wandb_mode"}  # change no number
 
 
 def is_complete(run: Run) -> tuple[bool, str]:
@@ -359,14 +363,14 @@ class SweepResult:
 
 
 @contextlib.contextmanager
-def _output_lock(out_dir: Path, rank: int, world: int, dry_run: bool):
+def _output_lock(out_dir: Path, rank: int, world: int, dry_run: bool, name: str | None = None):
     """One sweep (one per rank under torchrun) writes into ``out_dir`` at a time; a second one stops in one line."""
     from adapt.runs import hold_lock, release_lock
     if dry_run:
         yield
         return
     made = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # the folders this sweep creates
-    fd = hold_lock(out_dir / (f".sweep-rank{rank}.lock" if world > 1 else ".sweep.lock"),
+    fd = hold_lock(out_dir / (name or (f".sweep-rank{rank}.lock" if world > 1 else ".sweep.lock")),
                    f"{out_dir}: another sweep is writing into this folder now (its lock is held); wait for it to "
                    f"finish (this sweep then resumes from its complete runs) or give another --out")
     try:
@@ -388,15 +392,19 @@ def _dist():
 
 def run_sweep(spec: dict | str | Path, console=None, max_stack: int | None = None, progress: bool = True,
               out: str | None = None, extra_set: dict | None = None, redo: bool = False, dry_run: bool = False,
-              rank: int | None = None, world: int | None = None, where: str | None = None) -> SweepResult:
+              rank: int | None = None, world: int | None = None, where: str | None = None,
+              only_groups: list | None = None) -> SweepResult:
     """Expand, skip the complete runs, train the rest group by group (stacked), write the results files.
+
+    ``only_groups``: train only these groups (indices of the spec's groups; a Slurm array task's, adapt.slurm) and
+    write no results files (the sweep's status or its next run merges them).
 
     Rank ``r`` of ``world`` processes trains the groups ``g`` with ``g % world == r`` (the groups of the whole
     spec, complete or not, so every rank partitions alike); rank 0 writes the results.  ``rank``/``world`` default
     to torchrun's RANK/WORLD_SIZE, with a gloo process group whose barrier makes rank 0 wait for the others."""
     from rich.markup import escape
 
-    from adapt import train as T
+    from adapt import trainer as T
     from adapt.data import DomainPair
     from adapt.method import load as load_method
     from featstore.devices import resolve_device
@@ -422,10 +430,11 @@ def run_sweep(spec: dict | str | Path, console=None, max_stack: int | None = Non
     local = int(os.environ.get("LOCAL_RANK", rank))
 
     out_dir = Path(runs[0].cfg.out) if runs else Path(out or "runs/sweep")
-    with _output_lock(out_dir, rank, world, dry_run):  # before reading which runs are complete
+    lock = f".sweep-group{'-'.join(map(str, only_groups))}.lock" if only_groups is not None else None
+    with _output_lock(out_dir, rank, world, dry_run, lock):  # before reading which runs are complete
         skipped, todo_groups = [], []
         for gi, g in enumerate(groups):
-            if gi % world != rank:
+            if gi % world != rank or (only_groups is not None and gi not in only_groups):
                 continue
             todo = []
             for r in g.runs:
@@ -497,7 +506,7 @@ def run_sweep(spec: dict | str | Path, console=None, max_stack: int | None = Non
         if dist is not None:
             dist.barrier()
         rows, files = [], []
-        if rank == 0:
+        if rank == 0 and only_groups is None:
             rows = collect_rows(runs)
             files = write_results(rows, Path(runs[0].cfg.out) if runs else Path(out or "runs/sweep"))
         if dist is not None:
@@ -515,7 +524,7 @@ def stack_size(todo: list, pair, max_stack: int, device) -> tuple[int, str]:
     a step alone (K runs stacked share one step's overhead, but on a CPU their arithmetic is K times a run's: heads
     of TA3N's size gain little, and under memory or core pressure stacking can cost).  Groups too small to repay the
     probe (fewer than ``PROBE_MIN_WORK`` run-steps) are stacked unprobed."""
-    from adapt.train import Training
+    from adapt.trainer import Training
     k = min(len(todo), max_stack)
     if k == 1:
         return 1, "one run"

@@ -29,7 +29,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from adapt import config as C
 from adapt import method as M
-from adapt import cache, method_check, metrics, provenance, rng
+from adapt import cache, method_check, metrics, provenance, rng, tracking
 from adapt import step as S
 from adapt.data import (DomainPair, EpochSampler, Gatherer, Prefetcher, averaged_over_views, draw_batch, load_domain,
                         read_part, standardisation)
@@ -46,7 +46,7 @@ from featstore.store import FeatureStore
 # settings a source stage does not depend on: the target's and the evaluation's
 SOURCE_STAGE_IGNORES = {"target", "eval", "challenge", "out", "tag", "memory_budget", "device", "validators",
                         "validator_clips", "source_val", "eval_every", "eval_batch", "last_evals", "last_eval_every",
-                        "batch_target", "steps", "epochs"}
+                        "batch_target", "steps", "epochs", "log", "experiment", "mlflow_uri", "wandb_mode"}
 
 
 class TrainingError(UserError):
@@ -98,10 +98,13 @@ def _train(cfgs, console, progress, pair, timings, device, folders) -> list:
     t = Training(cfgs, pair or DomainPair(cfgs[0], device), device, console)
     dirs = [f.work for f in folders]  # written there, renamed into place when complete
     t.write_configs(dirs)
+    t.open_trackers(folders)
     for k, rows in enumerate(getattr(t, "restored_history", [])):  # a restored source stage's evaluations
         t.history[k] = list(rows)
         for row in rows:
             _append(dirs[k] / "metrics.jsonl", json.dumps(row))
+            if t.trackers:
+                t.trackers[k].evaluation(row["step"], row)
     bar = _progress(console, progress)
     task = bar.add_task(f"{t.method.name} {t.cfg.source}->{t.cfg.target} x{t.K}", total=t.sched.stop,
                         completed=t.start) if bar else None
@@ -166,6 +169,9 @@ class Training:
         self.history = [[] for _ in cfgs]
         self.term_names = [t.name for t in self.method.terms()]
         self.first_bad = torch.full((self.K, len(self.term_names)), -1, dtype=torch.int64, device=device)
+        self.loss_sum = torch.zeros((self.K, len(self.term_names)), device=device)  # since the last evaluation
+        self.loss_steps = 0
+        self.trackers: list = []  # one adapt.tracking.Run per run, opened with its folder
         self.last_scores = None
         self.best: dict = {}  # run -> validator -> (step, value) of its best checkpoint so far
         self.collapse: dict = {}  # run -> the evaluations at which its predictions had collapsed to one class
@@ -400,6 +406,8 @@ class Training:
             if writes is None:  # the first pass's: its terms are the step's, its writes read the state as it was
                 writes = phase_writes
                 bad = ~torch.isfinite(terms.detach())
+                self.loss_sum += torch.where(bad, torch.zeros_like(terms), terms.detach())  # for the evaluation's row
+                self.loss_steps += 1
                 self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step),
                                              self.first_bad)
         S.apply_writes(self.state, writes)  # in place, once every pass has read the state
@@ -453,6 +461,7 @@ class Training:
                                                f"divisions and square roots, and the learning rate)")
             raise TrainingError(f"{text} (check the features and the learning rate)")
         sc = self.last_scores = self.evaluate()
+        loss_means = (self.loss_sum / max(1, self.loss_steps)).tolist()
         checks = self.validate() if self.cfg.validators else None
         ev = self.pair.eval
         for k in range(self.K):
@@ -460,6 +469,8 @@ class Training:
             row["per_modality"] = {s: metrics.accuracy(sc[f"verb_{s}"][k], ev.verb) for s in self.streams}
             if self.nouns:
                 row.update(metrics.epic100(sc["verb"][k], sc["noun"][k], ev.verb, ev.noun))
+            if self.loss_steps:  # each loss term's mean over the steps since the last evaluation
+                row["loss"] = {t: round(v, 6) for t, v in zip(self.term_names, loss_means[k])}
             if checks is not None:
                 row["validators"] = checks[k]
                 if not (self.method.source_stage and step <= self.sched.stage1_steps):  # a source model is no choice
@@ -470,6 +481,10 @@ class Training:
             self.history[k].append(row)
             _append(dirs[k] / "metrics.jsonl", json.dumps(row))
             self._warn_collapse(k)
+            if self.trackers:
+                self.trackers[k].evaluation(step, row)
+        self.loss_sum.zero_()
+        self.loss_steps = 0
 
     def _warn_collapse(self, k: int) -> None:
         """Say once, in one line, when run k's predictions have collapsed (:func:`adapt.metrics.collapsed`): for
@@ -561,9 +576,25 @@ class Training:
             self._challenge = (dom, self.evaluate(dom))
         return self._challenge
 
+    def open_trackers(self, folders: list) -> None:
+        """Each run's live trackers (:mod:`adapt.tracking`: TensorBoard by default when installed, MLflow, W&B),
+        with its settings; a tracker asked for but not installed is said in one line."""
+        names = tracking.chosen(self.cfg.log)
+        line = tracking.missing_line(names)
+        if line and self.console is not None:
+            self.console.print(line, highlight=False, markup=False, soft_wrap=True)
+        self.trackers = []
+        for k, (c, folder) in enumerate(zip(self.cfgs, folders)):
+            tags = {"method": self.method.name, "pair": f"{Path(str(c.source)).stem}->{Path(str(c.target)).stem}",
+                    "seed": c.seed, "grid": c.tag or "-"}
+            self.trackers.append(tracking.Run(names, self.names[k], folder.work, Path(c.out), c.to_dict(),
+                                              c.experiment or None, tags))
+
     def close(self) -> None:
         if self.prefetch:
             self.prefetch.close()
+        for tr in self.trackers:
+            tr.close()
 
     def finish(self, k: int, folder: RunFolder) -> dict:
         """Run ``k``'s final.json (the mean of the evaluations at the final steps) and heads.pt, written into its
@@ -607,6 +638,8 @@ class Training:
                 dom, sc = self._challenge_scores()
                 metrics.write_challenge_json(d / "test.json", dom.ids, sc["verb"][k], sc["noun"][k])
             _write(d / "final.json", json.dumps(final, indent=1))  # last: marks the run complete
+            if self.trackers:  # the trackers' last words, while the run is still in its working folder
+                self.trackers[k].finish(final, [d / "final.json", d / "config.json", d / "metrics.jsonl"])
             folder.commit()
         except OSError as e:
             raise UserError(f"{folder.path}: could not write the results ({e.strerror or e}); "
