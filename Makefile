@@ -12,7 +12,7 @@ DEVICE  ?= auto
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[extract]'
+	$(BIN)/pip install --quiet -e '.[extract,trackers,slurm]'
 	touch $(STAMP)
 
 manifests: $(STAMP)
