@@ -333,6 +333,9 @@ class DomainPair:
         self.modalities = modalities
         self.backbone = cfg.backbone
         self._segments(cfg, stores["source"])
+        if cfg.temporal == "trn" and self.heads_units <= 1:  # e.g. the EPIC-100 base on I3D stores
+            self.notes.append(f"temporal=trn: the heads see one {cfg.backbone} unit a clip here, so there is no TRN "
+                              f"(the video feature is the clip's own); TRN needs TBN segments (--backbone tbn)")
         streamed, self.memory_line = self._memory_plan(cfg, device, stores)
         form = cfg.feature_form
         self.source = load_domain(src, cfg.source, modalities, device, cfg.spatial, labels=True,

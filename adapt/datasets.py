@@ -71,7 +71,9 @@ EPIC100_BASE = facts(
     ("epochs", 30, TA + "script_test_ta3n.sh:124"),
     ("stage1_steps", 0, TA + "main.py:203-212 (one stage)"),
     ("batch_source", 128, TA + "script_test_ta3n.sh:79"),
-    ("batch_target", None, TA + "script_test_ta3n.sh:80 (bS_2 = bS x num_target / num_source = 207)"),
+    ("batch_target", 207, TA + "script_test_ta3n.sh:40-41, 80 (bS_2 = 128 x num_target / num_source with the "
+                              "full splits' sizes written in the script, 26115 and 16115: 207 whatever the stores; "
+                              "on a subset its epoch is the shorter of the two loaders, main.py:329)"),
     ("eval_every", None, TA + "main.py:226 (once an epoch: 126 steps on EPIC-100's splits)"),
     ("last_evals", 1, TA + "script_test_ta3n.sh:147 (checkpoint.pth.tar: the last epoch)"),
     ("optimizer", "sgd", TA + "main.py:97"),

@@ -323,3 +323,19 @@ def test_the_cli_says_which_schedule_runs(root, tmp_path):
                                  str(tmp_path), "--settings"])
     assert r.exit_code == 0, r.output
     assert "the first 20 steps of a 40-step schedule (stop_after" in r.output
+
+
+def test_the_epic100_base_draws_ta3n_scripts_207_target_clips_whatever_the_stores():
+    """TA3N's scripts compute the target batch from the full splits' sizes they write down: 207 on a subset too,
+    where an epoch is then the shorter loader's pass (main.py:329)."""
+    from adapt.schedule import Schedule
+    cfg = C.resolve("source_only", "epic100")
+    assert cfg.batch_target == 207 and cfg.batch_source == 128
+    s = Schedule.of(cfg, 800, 800, load_method("source_only"))
+    assert (s.batch_target, s.epoch_steps, s.steps) == (207, 4, 120)   # min(ceil(800/128), ceil(800/207)) x 30
+    assert Schedule.of(cfg, 16115, 26115, load_method("source_only")).epoch_steps == 126  # the full splits
+
+
+def load_method(name):
+    from adapt.method import load
+    return load(name)

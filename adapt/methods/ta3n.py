@@ -55,8 +55,11 @@ class TA3N(DANN):
         (None, "domain CE: mean over all rows, S then T", TA + "main.py:577-589"),
     )
     differences = (
-        "The code pads the last, short source batch of an epoch (115 of 128) and drops a 127th target batch; here "
-        "every step has full batches drawn epoch by epoch without replacement.",
+        "The code pads the last, short source batch of an epoch (115 of 128) and drops a 127th target batch, and "
+        "shuffles each loader anew every epoch (on a subset whose target runs out first, the source clips an "
+        "epoch did not reach are skipped); here every step has full batches drawn without replacement in one "
+        "running order per domain.  Its reversal warm-up counts p by the source loader's length within an epoch; "
+        "here by the steps (the same at every epoch's boundary).",
         "Model selection: the code tests the last epoch's model; the reported figure here is the last evaluation.",
     )
 
