@@ -17,6 +17,9 @@ step; it runs in place on int32 tensors, whose products wrap modulo 2**32 as the
 a few passes over memory. Because only elementwise integer ops are used, the same key gives the same bits whether
 the function is called alone or under ``vmap`` with other keys.
 
+The narrow draws (a p = 0.5 mask takes one bit of each 32-bit hash) are a micro-optimisation: a K = 8 stacked
+dropout of 8 x 128 x 512 takes 1.2 ms against 2.1 ms for one draw per element (bench/README.md).
+
 Keys are int64 tensors (a scalar per run; a batched scalar under vmap).  Derive
 sub-keys with :func:`fold`, e.g. ``fold(run_key, step)`` per optimisation step
 and ``fold(step_key, layer_id)`` per dropout layer, so that no two layers or

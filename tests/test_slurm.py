@@ -121,3 +121,26 @@ def test_slurm_options_are_checked(tmp_path):
         SL.parse("nodes=2")
     with pytest.raises(UserError, match="time='soon': expected a whole number"):
         SL.parse("time=soon")
+
+
+def test_a_preempted_task_is_requeued_and_goes_on_from_its_complete_runs(cluster, tmp_path):
+    kind, env, why = cluster
+    if kind != "slurm":
+        pytest.skip(f"needs the Slurm cluster: {why}")
+    root = make_pair(tmp_path / "feat", "i3d", spatial=False, n=24, channels=8)
+    spec = spec_file(tmp_path, root, tmp_path / "preempted")
+    text = spec.read_text().replace('methods = ["source_only", "dann"]', 'methods = ["dann"]')
+    spec.write_text(text)
+    SL.submit(S.load_spec(spec), str(spec), None, {}, SL.parse("partition=debug,time=30,cpus_per_task=1"),
+              max_stack=1)
+    record = SL._read(tmp_path / "preempted")
+    job = record["groups"]["0"]["job"]
+    finals = [tmp_path / "preempted" / r / "final.json" for r in record["groups"]["0"]["runs"]]
+    wait_for(lambda: any(f.is_file() for f in finals), "the task's first complete run")
+    # what Slurm sends before preempting or at the time limit (submitit asks for USR2 90 s before)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=60)
+    wait_for(lambda: all(f.is_file() for f in finals) and SL._state(record, 0) == "finished", "the requeued task's end")
+    logs = " ".join(p.read_text(errors="replace") for p in (tmp_path / "preempted" / ".slurm").glob("*_log.*"))
+    assert "requeu" in logs.lower(), logs[-2000:]
+    status = SL.status(S.load_spec(spec), str(spec), None, {})
+    assert status["groups"] == {0: "done"} and status["files"]
