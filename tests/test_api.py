@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import adapt
-from featstore.synthetic import make_store
+from tests.test_user_method import demo_layout
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -22,10 +22,7 @@ def example(name: str) -> str:
 
 @pytest.fixture
 def folder(tmp_path, monkeypatch):
-    base = tmp_path / "features" / "demo" / "i3d"
-    shape = {"rgb": (16,), "flow": (16,)}
-    for name, n, dom in (("K1_train", 24, 1), ("K1_test", 12, 1), ("K2_train", 24, 2), ("K2_test", 12, 2)):
-        make_store(base / f"{name}.zarr", n, 4, 3, shape, 1.0, seed=hash(name) % 97, domain=dom)
+    demo_layout(tmp_path)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import zlib
 from pathlib import Path
 
 import pytest
@@ -25,16 +26,21 @@ def example(name: str) -> str:
     return m.group(1)
 
 
-@pytest.fixture
-def folder(tmp_path, monkeypatch):
-    """A temporary working folder with the example's files and demo-kitchen stores (synthetic features in the
-    demo's layout: features/demo/i3d/{K1,K2}_{train,test}.zarr)."""
-    (tmp_path / "my_method.py").write_text(example("my_method.py"))
-    (tmp_path / "my_sweep.toml").write_text(example("my_sweep.toml"))
-    base = tmp_path / "features" / "demo" / "i3d"
+def demo_layout(folder: Path) -> None:
+    """Demo-kitchen stores of synthetic features in the demo's layout: features/demo/i3d/{K1,K2}_{train,test}.zarr
+    (the same features in every process)."""
+    base = folder / "features" / "demo" / "i3d"
     shape = {"rgb": (16,), "flow": (16,)}
     for name, n, dom in (("K1_train", 24, 1), ("K1_test", 12, 1), ("K2_train", 24, 2), ("K2_test", 12, 2)):
-        make_store(base / f"{name}.zarr", n, 4, 3, shape, 1.0, seed=hash(name) % 97, domain=dom)
+        make_store(base / f"{name}.zarr", n, 4, 3, shape, 1.0, seed=zlib.crc32(name.encode()) % 97, domain=dom)
+
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch):
+    """A temporary working folder with the example's files and demo-kitchen stores."""
+    (tmp_path / "my_method.py").write_text(example("my_method.py"))
+    (tmp_path / "my_sweep.toml").write_text(example("my_sweep.toml"))
+    demo_layout(tmp_path)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
