@@ -139,7 +139,13 @@ def test_a_preempted_task_is_requeued_and_goes_on_from_its_complete_runs(cluster
     wait_for(lambda: any(f.is_file() for f in finals), "the task's first complete run")
     # what Slurm sends before preempting or at the time limit (submitit asks for USR2 90 s before)
     subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=60)
-    wait_for(lambda: all(f.is_file() for f in finals) and SL._state(record, 0) == "finished", "the requeued task's end")
+
+    def requeued():  # back in the queue, held until a begin time Slurm sets (about two minutes): start it now
+        line = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True, text=True).stdout
+        if "PENDING" in line and "BeginTime" in line:
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True, timeout=60)
+        return all(f.is_file() for f in finals) and SL._state(record, 0) == "finished"
+    wait_for(requeued, "the requeued task's end")
     logs = " ".join(p.read_text(errors="replace") for p in (tmp_path / "preempted" / ".slurm").glob("*_log.*"))
     assert "requeu" in logs.lower(), logs[-2000:]
     status = SL.status(S.load_spec(spec), str(spec), None, {})
