@@ -52,7 +52,8 @@ def register(command, console):
             from adapt.method_check import check
             check(cls)  # one line and exit 2 when it cannot train
             print("\nchecked: its terms' weights are its settings, and a forward and backward of 2 stacked runs on "
-                  "random inputs (torch.func.vmap, as a sweep stacks them) give a finite number per term")
+                  "random inputs (torch.func.vmap, as a sweep stacks them) give a finite number per term (here RGB "
+                  "and flow inputs; `adapt train` checks it again with its stores' modalities and shapes)")
 
     @command("train")
     def train_cmd(

@@ -19,9 +19,9 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from featstore.errors import UserError
 
-# a maximal input: three modalities (RGB and flow as maps), verb and noun classes, five temporal units
-CHECK_INPUTS = dict(modalities=("rgb", "flow", "audio"), shapes={"rgb": (8, 3, 3), "flow": (8, 3, 3),
-                                                                  "audio": (8,)}, verbs=4, nouns=3, units=5)
+# without stores (adapt methods FILE): the common case, RGB and flow (maps when kept), verb classes, five units
+CHECK_INPUTS = dict(modalities=("rgb", "flow"), shapes={"rgb": (8, 3, 3), "flow": (8, 3, 3)}, verbs=4, nouns=0,
+                    units=5)
 SMALL = dict(embed_dim=16, trn_dim=8, sc_dim=8, disc_hidden=8, cdan_hidden=8, random_dim=16, proj_dim=8)
 VMAP_RULE = ("a method's parts must work under torch.func.vmap, which stacks runs: no .item() / float(tensor) / "
              "bool(tensor), no boolean-mask indexing, no shapes that depend on values (use torch.where and "
@@ -53,10 +53,28 @@ def check_declarations(cls) -> None:
 
 
 def _inputs(cfg):
-    """CHECK_INPUTS, with RGB and flow as maps when the run keeps them (``spatial``), else pooled as stored."""
+    """What the run's stores will give the heads, read from their attributes only (modalities shared by source and
+    target, each unit's shape, the class counts, the units a clip), with random values in the check; without stores
+    (``adapt methods FILE``) CHECK_INPUTS: RGB and flow, verb classes, five units.  Maps are kept when the run keeps
+    them (``spatial``), else pooled as the loader pools them."""
     from adapt.model import Inputs
-    shapes = {m: (s if cfg.spatial else s[:1]) for m, s in CHECK_INPUTS["shapes"].items()}
-    return Inputs(**{**CHECK_INPUTS, "shapes": shapes})
+    from featstore.paths import resolve_store, store_attrs
+    try:
+        attrs = [store_attrs(resolve_store(name, "train", cfg.backbone, cfg.features_root)[0])
+                 for name in (cfg.source, cfg.target)]
+    except UserError:
+        attrs = []
+    if len(attrs) == 2 and all(attrs):
+        src, tgt = attrs
+        mods = [m for m in (cfg.modalities or src["modalities"]) if m in src["modalities"] and m in tgt["modalities"]]
+        shapes = {m: tuple(src["window_shapes"][m][1:]) for m in mods}
+        units = 1 if cfg.backbone == "i3d" else min(cfg.segments, int(src["window_shapes"][mods[0]][0]))
+        verbs, nouns = int(src.get("verb_classes") or 4), int(src.get("noun_classes") or 0)
+    else:
+        mods, shapes = list(CHECK_INPUTS["modalities"]), dict(CHECK_INPUTS["shapes"])
+        units, verbs, nouns = CHECK_INPUTS["units"], CHECK_INPUTS["verbs"], CHECK_INPUTS["nouns"]
+    shapes = {m: (s if cfg.spatial else s[:1]) for m, s in shapes.items()}
+    return Inputs(tuple(mods), shapes, verbs, nouns, units)
 
 
 def _small(cfg):
@@ -110,10 +128,12 @@ def _run(cls, cfg) -> None:
     params, buffers = stack_module_state(models)
     g = torch.Generator().manual_seed(0)
     x = {m: torch.randn(K, 2 * B, inputs.units, *inputs.shapes[m], generator=g) for m in inputs.modalities}
-    batch = {"y_s": torch.randint(0, inputs.verbs, (K, B), generator=g), "n_s": torch.randint(0, inputs.nouns, (K, B),
-             generator=g), "y_t": torch.randint(0, inputs.verbs, (K, B), generator=g),
-             "n_t": torch.randint(0, inputs.nouns, (K, B), generator=g),
+    batch = {"y_s": torch.randint(0, inputs.verbs, (K, B), generator=g),
+             "y_t": torch.randint(0, inputs.verbs, (K, B), generator=g),
              "idx_s": torch.arange(B).repeat(K, 1), "idx_t": torch.arange(B).repeat(K, 1)}
+    if inputs.nouns:
+        batch.update(n_s=torch.randint(0, inputs.nouns, (K, B), generator=g),
+                     n_t=torch.randint(0, inputs.nouns, (K, B), generator=g))
     state = {k: torch.stack([v] * K) for k, v in models[0].initial_state(8, 8, torch.device("cpu")).items()}
     keys = torch.tensor([rng.fold_int(s, 0) for s in range(K)], dtype=torch.int64)
     for stage in (1, 2):
