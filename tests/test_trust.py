@@ -339,3 +339,53 @@ def test_the_epic100_base_draws_ta3n_scripts_207_target_clips_whatever_the_store
 def load_method(name):
     from adapt.method import load
     return load(name)
+
+
+def test_compositions_follow_their_references():
+    """CDAN 1:1 (thuml/CDAN), DANN's paper form without the EPIC-100 base's schedule on top of Ganin's annealing,
+    SHOT's 90/10 source split, its last source model and its zero classifier bias."""
+    cdan = C.resolve("cdan", "mmsada")
+    assert (cdan.w_cls, cdan.w_cdan, cdan.beta_cdan) == (1.0, 1.0, 1.0)
+    paper = C.resolve("dann", "epic100", {"form": "paper"})
+    assert (paper.lr_epochs, paper.lr_steps, paper.grl_p0, paper.clip_grad_norm, paper.nesterov) == \
+        ([], [], 0.0, None, False)
+    assert (paper.lr_anneal, paper.stage1_steps, paper.w_video_adv, paper.beta_video) == (10.0, 0, 1.0, 1.0)
+    shot = C.resolve("shot", "mmsada")
+    assert (shot.source_holdout, shot.source_pick) == (0.1, "last")
+    from adapt.method import load
+    from adapt.model import Inputs
+    model = load("shot")(shot, Inputs(("rgb", "flow"), {"rgb": (8,), "flow": (8,)}, 4, 0, 1))
+    for s in model.streams:
+        assert torch.count_nonzero(model.classifier[s].verb.bias) == 0
+        assert type(model.classifier[s].verb).__name__ == "WeightNormLinear"
+
+
+def test_shot_source_pick_best_puts_back_its_best_held_out_source_model(root, tmp_path, monkeypatch):
+    from adapt.data import DomainPair
+    from adapt.method import RunView
+    cfg = C.resolve("shot", "mmsada", {**TINY, "steps": 14, "stage1_steps": 10, "source_pick": "best"},
+                    out=str(tmp_path), **stores(root))
+    device = torch.device("cpu")
+    t = T.Training([cfg], DomainPair(cfg, device), device)
+    labels = t.val_labels
+    accuracy = {1: 0.2, 2: 0.5, 3: 0.9, 4: 0.4, 5: 0.9, 6: 0.1, 7: 0.3, 8: 0.3, 9: 0.2, 10: 0.6}  # best: step 5
+    seen = {}
+    real = RunView.predict
+
+    def predict(self, domain="target"):
+        if domain != "held_out":
+            return real(self, domain)
+        right = int(round(accuracy[self.step] * len(labels)))
+        pred = np.where(np.arange(len(labels)) < right, labels, (labels + 1) % 4)
+        seen[self.step] = self.weights(0)
+        return {"verb": torch.nn.functional.one_hot(torch.as_tensor(pred), 4).float()[None]}
+    monkeypatch.setattr(RunView, "predict", predict)
+    for step in range(11):
+        t.template.before_step(RunView(t, step))
+        if step < 10:
+            t.step(step, t.batch(step))
+    t.close()
+    assert sorted(seen) == list(range(1, 11))             # a check every tenth of the source stage
+    now = t._heads(0)
+    assert all(torch.equal(now[k], seen[5][k]) for k in now)  # the best (ties: the later) put back
+    assert not all(torch.equal(now[k], seen[10][k]) for k in now)
