@@ -453,6 +453,8 @@ def run_sweep(spec: dict | str | Path, console=None, max_stack: int | None = Non
         if missing and not dry_run:  # before hours of training, not when the pair's turn comes
             raise UserError(f"{len(missing)} feature store(s) of the sweep are missing: {', '.join(missing)} "
                             f"(extract them first: `adapt extract`, or `adapt demo` for the demo kitchens)")
+        if not dry_run:  # a pair whose target or evaluation store shares clips with its source, before any training
+            overlapping_pairs([r for _, _, t in todo_groups for r in t])
         who = f"rank {rank}/{world}: " if world > 1 else ""
         if console is not None:
             name = escape(str(spec.get("name") or where))
@@ -571,6 +573,23 @@ def missing_stores(runs: list[Run]) -> list[str]:
                 if not is_store(path):
                     missing.append(str(path))
     return missing
+
+
+def overlapping_pairs(runs: list[Run]) -> None:
+    """Refuse, in one line, a pair of the sweep whose target or evaluation store shares clips with its source
+    (adapt.data.shared_clips; allowed per run with ``allow_overlap``)."""
+    from adapt.data import evaluation_store, shared_clips
+    from featstore.paths import resolve_store
+    seen = set()
+    for r in runs:
+        c = r.cfg
+        key = (c.source, c.target, c.eval, c.backbone, c.features_root, c.allow_overlap)
+        if key in seen:
+            continue
+        seen.add(key)
+        src = resolve_store(c.source, "train", c.backbone, c.features_root)[0]
+        shared_clips(src, {"target": resolve_store(c.target, "train", c.backbone, c.features_root)[0],
+                           "eval": evaluation_store(c)}, c.allow_overlap)
 
 
 def _init_dist():

@@ -389,3 +389,14 @@ def test_shot_source_pick_best_puts_back_its_best_held_out_source_model(root, tm
     now = t._heads(0)
     assert all(torch.equal(now[k], seen[5][k]) for k in now)  # the best (ties: the later) put back
     assert not all(torch.equal(now[k], seen[10][k]) for k in now)
+
+
+def test_a_sweep_refuses_a_pair_evaluated_on_a_copy_of_its_source_before_training_anything(root, tmp_path):
+    s, t, e = stores(root).values()
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(t, copy)  # the second pair (T -> S) evaluated on a copy of its own source
+    spec = {"methods": ["source_only"], "pairs": [[s, t, e], [t, s, str(copy)]], "seeds": [0],
+            "out": str(tmp_path / "o"), "set": dict(TINY)}
+    with pytest.raises(UserError, match=r"the eval store shares 24 clips with the source store"):
+        S.run_sweep(spec, None, progress=False)
+    assert not list((tmp_path / "o").glob("source_only_*")) if (tmp_path / "o").exists() else True
